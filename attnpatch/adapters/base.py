@@ -1,0 +1,64 @@
+"""What every adapter provides: the attention sites of a model and how to route them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+# Families whose tiny configs run in the test suite (anything else routed the same way also works).
+SUPPORTED_FAMILIES = (
+    "transformers decoders: Llama, Mistral, Qwen2, Qwen3, Gemma2, Phi3 (and other Llama-family models "
+    "that route attention through AttentionInterface); transformers encoders: ViT, CLIP (text and "
+    "vision towers), SigLIP; VLMs: Llava (vision tower and language model); diffusers: "
+    "DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel"
+)
+
+
+@dataclass
+class AttentionSite:
+    """One attention module of a model, with the geometry methods need."""
+
+    path: str  # module path in the model, e.g. "model.layers.3.self_attn"
+    module: nn.Module
+    tower: str  # path of the stack of layers it belongs to, e.g. "model.layers"
+    layer: int  # index within that stack
+    num_layers: int  # layers in that stack
+    kind: str  # "decoder", "encoder" or "diffusion"
+    causal: bool
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    cross: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.tower}[{self.layer}]"
+
+
+def split_layer_path(path: str) -> tuple[str, int] | None:
+    """'model.layers.3.self_attn' -> ('model.layers', 3): the innermost numbered container."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[:i]), int(parts[i])
+    return None
+
+
+class Adapter:
+    """Knows one model library: where attention modules are and how to route them to attnpatch."""
+
+    name: str
+
+    def applies_to(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def sites(self, model: nn.Module) -> list[AttentionSite]:
+        raise NotImplementedError
+
+    def install(self, site: AttentionSite, handler) -> None:
+        """Route the site's attention through `handler(call) -> output`."""
+        raise NotImplementedError
+
+    def uninstall(self, site: AttentionSite) -> None:
+        raise NotImplementedError

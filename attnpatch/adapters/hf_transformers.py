@@ -1,0 +1,163 @@
+"""Adapter for transformers models that route attention through `AttentionInterface`.
+
+Routing is per module: a patched attention module gets a shallow copy of its config whose
+`_attn_implementation` is "attnpatch", so only the patched modules call attnpatch's attention
+function while masks, caches and every other module keep the model's own implementation.
+Unpatching puts the original config object back, which restores the model bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+from torch import nn
+
+from ..cache import state_layer_for
+from ..call import AttentionCall, normalise_mask
+from .base import Adapter, AttentionSite, split_layer_path
+
+ATTENTION_NAME = "attnpatch"
+METHOD_ATTR = "_attnpatch_method"
+CACHE_ATTR = "_attnpatch_cache_layer"
+ORIGINAL_CONFIG_ATTR = "_attnpatch_original_config"
+HOOKS_ATTR = "_attnpatch_hooks"
+
+_routes_cache: dict[type, bool] = {}
+
+
+def _routes_through_interface(cls: type) -> bool:
+    """Whether the module's forward picks its attention function from AttentionInterface."""
+    if cls not in _routes_cache:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _routes_cache[cls] = "ALL_ATTENTION_FUNCTIONS" in source
+    return _routes_cache[cls]
+
+
+def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    method = module.__dict__.get(METHOD_ATTR)
+    if method is None:
+        raise RuntimeError(
+            f"{type(module).__name__} is routed to attnpatch but carries no method; "
+            "was it copied out of a patched model? Call attnpatch.unpatch_model on the model."
+        )
+    is_causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
+    call = AttentionCall(
+        module=module,
+        query=query,
+        key=key,
+        value=value,
+        mask=normalise_mask(attention_mask, key.shape[-2]),
+        causal=causal,
+        scaling=query.shape[-1] ** -0.5 if scaling is None else float(scaling),
+        softcap=kwargs.get("softcap"),
+        dropout=float(dropout or 0.0),
+        training=module.training,
+        cache_layer=module.__dict__.get(CACHE_ATTR),
+    )
+    out = method.attention(call)  # (B, Hq, Lq, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention_function() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _attention_function)
+
+
+def _capture_cache(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    layer = None
+    if cache is not None and hasattr(cache, "layers"):
+        layer = state_layer_for(cache, module.layer_idx)
+    module.__dict__[CACHE_ATTR] = layer
+
+
+def _release_cache(module, args, kwargs, output):
+    module.__dict__.pop(CACHE_ATTR, None)
+
+
+class TransformersAdapter(Adapter):
+    name = "transformers"
+
+    def applies_to(self, model: nn.Module) -> bool:
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:  # pragma: no cover
+            return False
+        return isinstance(model, PreTrainedModel)
+
+    def sites(self, model: nn.Module) -> list[AttentionSite]:
+        found = []
+        for path, module in model.named_modules():
+            config = getattr(module, "config", None)
+            if config is None or not hasattr(config, "_attn_implementation"):
+                continue
+            has_projections = all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj")) or hasattr(
+                module, "qkv_proj"
+            )
+            if not has_projections or not _routes_through_interface(type(module)):
+                continue
+            split = split_layer_path(path)
+            if split is None:
+                continue
+            found.append((path, module, config, *split))
+        counts: dict[str, int] = {}
+        for _, _, _, tower, layer in found:
+            counts[tower] = max(counts.get(tower, 0), layer + 1)
+        sites = []
+        for path, module, config, tower, layer in found:
+            num_heads = getattr(module, "num_heads", None) or config.num_attention_heads
+            head_dim = getattr(module, "head_dim", None) or config.hidden_size // num_heads
+            num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+            # CLIP's text tower is causal through a call-time flag, not the module attribute
+            causal = bool(getattr(module, "is_causal", False)) or (
+                "text_model" in tower and getattr(config, "model_type", "").startswith("clip")
+            )
+            kind = "decoder" if getattr(module, "is_causal", False) else "encoder"
+            sites.append(
+                AttentionSite(
+                    path=path,
+                    module=module,
+                    tower=tower,
+                    layer=layer,
+                    num_layers=counts[tower],
+                    kind=kind,
+                    causal=causal,
+                    num_heads=int(num_heads),
+                    num_kv_heads=int(num_kv_heads),
+                    head_dim=int(head_dim),
+                )
+            )
+        return sites
+
+    def install(self, site: AttentionSite, method) -> None:
+        _register_attention_function()
+        module = site.module
+        original = module.config
+        routed = copy.copy(original)
+        # set the private field directly: the public setter would also rewrite shared sub-configs
+        routed.__dict__["_attn_implementation_internal"] = ATTENTION_NAME
+        module.__dict__[ORIGINAL_CONFIG_ATTR] = original
+        module.__dict__[METHOD_ATTR] = method
+        module.config = routed
+        hooks = []
+        if method.uses_state() and hasattr(module, "layer_idx"):
+            hooks.append(module.register_forward_pre_hook(_capture_cache, with_kwargs=True))
+            hooks.append(module.register_forward_hook(_release_cache, with_kwargs=True, always_call=True))
+        module.__dict__[HOOKS_ATTR] = hooks
+
+    def uninstall(self, site: AttentionSite) -> None:
+        module = site.module
+        for hook in module.__dict__.pop(HOOKS_ATTR, []):
+            hook.remove()
+        original = module.__dict__.pop(ORIGINAL_CONFIG_ATTR, None)
+        if original is not None:
+            module.config = original
+        module.__dict__.pop(METHOD_ATTR, None)
+        module.__dict__.pop(CACHE_ATTR, None)
+

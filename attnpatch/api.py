@@ -1,0 +1,264 @@
+"""patch_model / unpatch_model / save_patched / load_patched."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .adapters import Adapter, AttentionSite, find_adapter
+from .config import PatchConfig
+from .errors import PatchError
+from .registry import Method, get_method, resolve_params
+
+RECORD_ATTR = "_attnpatch_record"
+INTERVENTIONS_ATTR = "_attnpatch_interventions"  # on each patched module: {intervention: method name}
+CONFIG_FILE = "attnpatch_config.json"
+PARAMS_FILE = "attnpatch_params.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class _AppliedPatch:
+    config: PatchConfig
+    adapter: Adapter
+    placements: list[tuple[AttentionSite, Method]] = field(default_factory=list)
+
+
+def _records(model: nn.Module) -> list[_AppliedPatch]:
+    return model.__dict__.setdefault(RECORD_ATTR, [])
+
+
+def patched_configs(model: nn.Module) -> list[PatchConfig]:
+    """The configs applied to this model, in order (empty when it is not patched)."""
+    return [record.config for record in model.__dict__.get(RECORD_ATTR, [])]
+
+
+def is_patched(model: nn.Module) -> bool:
+    return bool(model.__dict__.get(RECORD_ATTR))
+
+
+def _select_sites(sites: list[AttentionSite], config: PatchConfig) -> list[AttentionSite]:
+    towers = sorted({s.tower for s in sites})
+    if config.towers is not None:
+        sites = [s for s in sites if any(t in s.tower for t in config.towers)]
+        if not sites:
+            raise PatchError(f"towers={config.towers} matches no attention stack; this model has: {towers}")
+    if not config.include_cross_attention:
+        self_sites = [s for s in sites if not s.cross]
+        if not self_sites:
+            raise PatchError("every selected attention module is cross-attention; pass include_cross_attention=True")
+        sites = self_sites
+    if config.layers == "all":
+        return sites
+    chosen = []
+    for tower in sorted({s.tower for s in sites}):
+        in_tower = [s for s in sites if s.tower == tower]
+        depth = in_tower[0].num_layers
+        wanted = set()
+        for index in config.layers:
+            if not -depth <= index < depth:
+                raise PatchError(
+                    f"layer {index} is out of range for {tower}, which has {depth} layers (valid: {-depth}..{depth - 1}); "
+                    "use towers=[...] to patch one stack of a multi-tower model"
+                )
+            wanted.add(index % depth)
+        chosen += [s for s in in_tower if s.layer in wanted]
+    return chosen
+
+
+def _plan(model: nn.Module, config: PatchConfig) -> tuple[Adapter, list[tuple[AttentionSite, Method]]]:
+    method_cls = get_method(config.method)
+    adapter, sites = find_adapter(model)
+    sites = _select_sites(sites, config)
+    plan = []
+    for site in sites:
+        if site.kind not in method_cls.model_kinds:
+            raise PatchError(
+                f"method {config.method!r} supports {list(method_cls.model_kinds)} models, but {site.label} is a "
+                f"{site.kind} attention"
+            )
+        taken = site.module.__dict__.get(INTERVENTIONS_ATTR, {})
+        clash = sorted(set(taken) & set(method_cls.interventions))
+        if clash:
+            holders = sorted({taken[c] for c in clash})
+            raise PatchError(
+                f"{site.label} is already patched with {holders} ({', '.join(clash)}); methods that intervene the same "
+                "way cannot be stacked on one module. Call unpatch_model(model) first, choose other layers, or "
+                "stack methods that intervene differently (e.g. a cache method on a structurally pruned model)."
+            )
+        params = config.params_for_layer(site.layer, site.num_layers)
+        if config.layer_params:
+            params = resolve_params(config.method, params)
+        method = method_cls(site, **params)
+        method.check_site(site)
+        plan.append((site, method))
+    return adapter, plan
+
+
+def _remove(adapter: Adapter, site: AttentionSite, method: Method) -> None:
+    adapter.uninstall(site)
+    method.detach(site.module)
+    taken = site.module.__dict__.get(INTERVENTIONS_ATTR, {})
+    for intervention in method.interventions:
+        taken.pop(intervention, None)
+    if not taken:
+        site.module.__dict__.pop(INTERVENTIONS_ATTR, None)
+
+
+def patch_model(
+    model: nn.Module,
+    method_or_config: str | PatchConfig | dict,
+    *,
+    layers: str | list[int] = "all",
+    layer_params: dict | None = None,
+    towers: list[str] | str | None = None,
+    include_cross_attention: bool = False,
+    **params,
+) -> nn.Module:
+    """Patch the model's attention in place and return it.
+
+    `method_or_config` is a method name (parameters as keyword arguments), a PatchConfig, or its
+    dict form. Everything is validated before the model is touched, and if applying fails midway
+    every change already made is undone, so a failed patch leaves the model exactly as it was.
+    """
+    if isinstance(method_or_config, (PatchConfig, dict)):
+        if params or layer_params or towers is not None or layers != "all" or include_cross_attention:
+            raise PatchError("pass either a PatchConfig (or dict) or a method name with keyword arguments, not both")
+        config = method_or_config if isinstance(method_or_config, PatchConfig) else PatchConfig.from_dict(method_or_config)
+    elif isinstance(method_or_config, str):
+        config = PatchConfig(method_or_config, params, layers, layer_params or {}, towers, include_cross_attention)
+    else:
+        raise PatchError(f"method_or_config must be a method name, PatchConfig or dict, got {type(method_or_config).__name__}")
+    config = config.validated()
+    adapter, plan = _plan(model, config)
+
+    record = _AppliedPatch(config, adapter)
+    try:
+        for site, method in plan:
+            record.placements.append((site, method))
+            method.attach(site.module)
+            adapter.install(site, method)
+            taken = site.module.__dict__.setdefault(INTERVENTIONS_ATTR, {})
+            for intervention in method.interventions:
+                taken[intervention] = method.name
+    except BaseException:
+        for site, method in reversed(record.placements):
+            _remove(adapter, site, method)
+        raise
+    _records(model).append(record)
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Undo every patch: modules, configs, processors and parameters as they were before patching."""
+    records = model.__dict__.pop(RECORD_ATTR, [])
+    for record in reversed(records):
+        for site, method in reversed(record.placements):
+            _remove(record.adapter, site, method)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters attnpatch added to the model (feature maps, gates, ...), by state_dict name."""
+    return {name: p for name, p in model.named_parameters() if _is_attnpatch_key(name)}
+
+
+def _is_attnpatch_key(name: str) -> bool:
+    return name.startswith("attnpatch_") or ".attnpatch_" in name
+
+
+@contextlib.contextmanager
+def _attnpatch_modules_detached(model: nn.Module):
+    """Temporarily take attnpatch's submodules out of the model (the same objects go back)."""
+    taken = []
+    for module in model.modules():
+        for name in [n for n in module._modules if n.startswith("attnpatch_")]:
+            taken.append((module, name, module._modules.pop(name)))
+    try:
+        yield
+    finally:
+        for module, name, child in taken:
+            module._modules[name] = child
+
+
+def _library(model: nn.Module) -> str:
+    adapter, _ = find_adapter(model)
+    return adapter.name
+
+
+def save_patched(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> Path:
+    """A plain HF checkpoint of the base model + attnpatch_config.json + attnpatch parameters.
+
+    The checkpoint loads with plain transformers/diffusers (unpatched); `load_patched` re-applies
+    the patches and their parameters so outputs are identical.
+    """
+    from safetensors.torch import save_file
+
+    if not is_patched(model):
+        raise PatchError("the model is not patched; use model.save_pretrained for a plain checkpoint")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    extra = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if _is_attnpatch_key(k)}
+    with _attnpatch_modules_detached(model):
+        model.save_pretrained(path, **save_kwargs)
+    if extra:
+        save_file(extra, str(path / PARAMS_FILE))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "library": _library(model),
+        "model_class": type(model).__name__,
+        "patches": [c.to_dict() for c in patched_configs(model)],
+        "parameters_file": PARAMS_FILE if extra else None,
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def _resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_id)))
+
+
+def load_patched(path_or_id: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
+    """Load a checkpoint written by `save_patched` (a local folder or a hub id) with its patches."""
+    from safetensors.torch import load_file
+
+    path = _resolve_checkpoint(path_or_id)
+    manifest_file = path / CONFIG_FILE
+    if not manifest_file.exists():
+        raise PatchError(f"{path} has no {CONFIG_FILE}; it was not written by save_patched")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise PatchError(f"{manifest_file} has format {manifest['format_version']}; this attnpatch reads up to {FORMAT_VERSION}")
+    library, class_name = manifest["library"], manifest["model_class"]
+    if library == "transformers":
+        import transformers as lib
+    elif library == "diffusers":
+        import diffusers as lib
+    else:
+        raise PatchError(f"{manifest_file} names unknown library {library!r}")
+    model_cls = getattr(lib, class_name, None)
+    if model_cls is None:
+        raise PatchError(f"{library} has no class {class_name!r}; is the installed {library} too old?")
+    model = model_cls.from_pretrained(str(path), **from_pretrained_kwargs)
+    for patch in manifest["patches"]:
+        patch_model(model, PatchConfig.from_dict(patch))
+    params_file = manifest.get("parameters_file")
+    if params_file:
+        state = load_file(str(path / params_file))
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise PatchError(f"{params_file} holds parameters the re-applied patches do not have: {result.unexpected_keys[:5]}")
+        missing = [k for k in result.missing_keys if _is_attnpatch_key(k)]
+        if missing:
+            raise PatchError(f"{params_file} lacks attnpatch parameters: {missing[:5]}")
+    return model

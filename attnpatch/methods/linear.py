@@ -1,0 +1,94 @@
+"""`linear`: kernel linear attention with a choice of feature maps."""
+
+from __future__ import annotations
+
+from ..errors import PatchError
+from ..ops.linear import (
+    EluFeatureMap,
+    HedgehogFeatureMap,
+    PerformerFeatureMap,
+    ReluFeatureMap,
+    TaylorFeatureMap,
+    bidirectional_linear_attention,
+    causal_linear_attention,
+)
+from ..registry import Method, ParamSpec, register_method
+
+FEATURE_MAPS = ("elu", "relu", "performer", "hedgehog", "taylor")
+
+
+@register_method
+class LinearAttention(Method):
+    name = "linear"
+    family = "linearized"
+    summary = (
+        "softmax(QK^T)V replaced by phi(Q)(phi(K)^T V) / phi(Q)(phi(K)^T 1). Causal prefill runs in chunks in "
+        "O(n); decoding keeps a fixed-size state (S, z) in the cache instead of growing K/V. Bidirectional "
+        "for encoders and diffusion models."
+    )
+    params = (
+        ParamSpec("feature_map", str, "elu", "phi: elu (elu+1), relu, performer (FAVOR+ random features), "
+                  "hedgehog (learnable, identity-initialised), taylor (2nd-order exp expansion)",
+                  choices=FEATURE_MAPS),
+        ParamSpec("chunk_size", int, 64, "tokens per chunk of the causal prefill", low=1, high=4096),
+        ParamSpec("num_features", int, None, "performer: random features per head (default 2 x head_dim)",
+                  low=1, high=65536, optional=True),
+        ParamSpec("seed", int, 0, "performer: seed of the random projection (layer index is added)", low=0),
+    )
+    trainable = True
+    trainable_note = "only with feature_map='hedgehog' (per-head W and b on q and k)"
+    uses_state_cache = True
+
+    @classmethod
+    def check_params(cls, params):
+        if params["num_features"] is not None and params["feature_map"] != "performer":
+            raise PatchError("parameter 'num_features' of method 'linear' only applies to feature_map='performer'")
+
+    @property
+    def is_trainable(self) -> bool:
+        return self.config["feature_map"] == "hedgehog"
+
+    def attach(self, module):
+        site, kind = self.site, self.config["feature_map"]
+        reference = next(module.parameters(), None)
+        device = None if reference is None else reference.device
+        dtype = None if reference is None else reference.dtype
+        scaling = site.head_dim**-0.5
+        if kind == "hedgehog":
+            module.attnpatch_feature_map_q = HedgehogFeatureMap(site.num_heads, site.head_dim, dtype, device)
+            module.attnpatch_feature_map_k = HedgehogFeatureMap(site.num_kv_heads, site.head_dim, dtype, device)
+            return
+        if kind == "elu":
+            fmap = EluFeatureMap()
+        elif kind == "relu":
+            fmap = ReluFeatureMap()
+        elif kind == "taylor":
+            fmap = TaylorFeatureMap(site.head_dim, scaling)
+        else:
+            features = self.config["num_features"] or 2 * site.head_dim
+            fmap = PerformerFeatureMap(site.head_dim, scaling, features, self.config["seed"] + site.layer)
+        # one module shared by q and k (registered once, so its buffers are saved once)
+        module.attnpatch_feature_map = fmap.to(device) if device is not None else fmap
+
+    def attention(self, call):
+        module = call.module
+        shared = module._modules.get("attnpatch_feature_map")
+        fmap_q = shared or module.attnpatch_feature_map_q
+        fmap_k = shared or module.attnpatch_feature_map_k
+        fq = fmap_q(call.query, is_query=True)
+        fk = fmap_k(call.key, is_query=False)
+        key_valid = call.key_valid()
+        if not call.causal:
+            return bidirectional_linear_attention(fq, fk, call.value, key_valid=key_valid)
+        layer = call.cache_layer
+        out, state = causal_linear_attention(
+            fq,
+            fk,
+            call.value,
+            state=None if layer is None else layer.state,
+            key_valid=key_valid,
+            chunk_size=self.config["chunk_size"],
+        )
+        if layer is not None:
+            layer.state = state
+        return out

@@ -1,0 +1,203 @@
+"""Method registry: every attention variant registers a `Method` subclass under a name."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import PatchError
+
+# Ways a method may intervene (design.md). Two methods can share a module only when the sets of
+# interventions they use are disjoint, e.g. a KV-cache method on a head-pruned model.
+INTERVENTIONS = ("attention", "cache", "structure", "parameters", "tokens")
+MODEL_KINDS = ("decoder", "encoder", "diffusion")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One method parameter: type, default and valid range, validated with clear errors."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple | None = None
+    optional: bool = False  # None is accepted (means "not set")
+
+    def range_text(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind is bool:
+            return "True or False"
+        if self.low is None and self.high is None:
+            return "any " + self.kind.__name__
+        lo = "-inf" if self.low is None else _fmt(self.low)
+        hi = "inf" if self.high is None else _fmt(self.high)
+        left = "(" if self.low is None or self.low_open else "["
+        right = ")" if self.high is None or self.high_open else "]"
+        return f"{self.kind.__name__} in {left}{lo}, {hi}{right}"
+
+    def validate(self, value: Any, method: str) -> Any:
+        where = f"parameter {self.name!r} of method {method!r}"
+        if value is None:
+            if self.optional:
+                return None
+            raise PatchError(f"{where} must be set: {self.range_text()}")
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise PatchError(f"{where} must be True or False, got {value!r}")
+            return value
+        if self.kind is int:
+            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+                raise PatchError(f"{where} must be an integer ({self.range_text()}), got {value!r}")
+            value = int(value)
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PatchError(f"{where} must be a number ({self.range_text()}), got {value!r}")
+            value = float(value)
+        elif self.kind is str and not isinstance(value, str):
+            raise PatchError(f"{where} must be a string ({self.range_text()}), got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise PatchError(f"{where} is {value!r}; valid values: {self.range_text()}")
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise PatchError(f"{where} is {value!r}, out of range: {self.range_text()}")
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            raise PatchError(f"{where} is {value!r}, out of range: {self.range_text()}")
+        return value
+
+    def describe(self) -> dict:
+        return {"name": self.name, "type": self.kind.__name__, "default": self.default,
+                "range": self.range_text(), "help": self.help}
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and math.isfinite(x) else str(x)
+
+
+class Method:
+    """Base class. A method knows the math of one attention variant and nothing of model families.
+
+    Subclasses set the class attributes and implement `attention` (and `attach`/`detach` when they
+    add parameters to the attention module). One instance is created per patched attention module.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    summary: ClassVar[str]
+    model_kinds: ClassVar[tuple[str, ...]] = MODEL_KINDS
+    interventions: ClassVar[frozenset[str]] = frozenset({"attention"})
+    params: ClassVar[tuple[ParamSpec, ...]] = ()
+    trainable: ClassVar[bool] = False
+    trainable_note: ClassVar[str] = ""
+    # True when decoding keeps its own state in the cache instead of growing K/V (see cache.py)
+    uses_state_cache: ClassVar[bool] = False
+
+    def __init__(self, site, **params):
+        self.site = site
+        self.config = params
+
+    # --- hooks a subclass may override
+    @classmethod
+    def check_params(cls, params: dict) -> None:
+        """Cross-parameter checks (ranges of single parameters are checked by ParamSpec)."""
+
+    def check_site(self, site) -> None:
+        """Raise PatchError if this method cannot run on this attention module."""
+
+    def attach(self, module) -> None:
+        """Add trainable parameters or buffers to the attention module (names start with attnpatch_)."""
+
+    def detach(self, module) -> None:
+        for name in [n for n in module._modules if n.startswith("attnpatch_")]:
+            del module._modules[name]
+
+    def uses_state(self) -> bool:
+        return self.uses_state_cache
+
+    def attention(self, call) -> Any:
+        raise NotImplementedError
+
+    @property
+    def is_trainable(self) -> bool:
+        return self.trainable
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    missing = [a for a in ("name", "family", "summary") if not hasattr(cls, a)]
+    if missing:
+        raise TypeError(f"{cls.__name__} must define {missing}")
+    unknown = set(cls.interventions) - set(INTERVENTIONS)
+    if unknown:
+        raise TypeError(f"{cls.__name__} declares unknown interventions {sorted(unknown)}; known: {INTERVENTIONS}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    _load_builtin_methods()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise PatchError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def resolve_params(method: str, params: dict) -> dict:
+    """Defaults filled in, every value validated; unknown names rejected with the known ones listed."""
+    cls = get_method(method)
+    specs = {p.name: p for p in cls.params}
+    unknown = sorted(set(params) - set(specs))
+    if unknown:
+        known = ", ".join(specs) or "none"
+        raise PatchError(f"method {method!r} has no parameter(s) {unknown}; its parameters: {known}")
+    resolved = {name: spec.validate(params.get(name, spec.default), method) for name, spec in specs.items()}
+    cls.check_params(resolved)
+    return resolved
+
+
+@dataclass
+class MethodInfo:
+    name: str
+    family: str
+    summary: str
+    model_kinds: tuple[str, ...]
+    trainable: bool
+    trainable_note: str
+    interventions: tuple[str, ...]
+    params: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def list_methods() -> list[MethodInfo]:
+    """Every registered method with its family, model kinds, trainability and parameters."""
+    _load_builtin_methods()
+    return [
+        MethodInfo(
+            name=cls.name,
+            family=cls.family,
+            summary=cls.summary,
+            model_kinds=tuple(cls.model_kinds),
+            trainable=cls.trainable,
+            trainable_note=cls.trainable_note,
+            interventions=tuple(sorted(cls.interventions)),
+            params=[p.describe() for p in cls.params],
+        )
+        for _, cls in sorted(_REGISTRY.items())
+    ]
+
+
+def _load_builtin_methods() -> None:
+    from . import methods  # noqa: F401  (registers on import)

@@ -1,0 +1,180 @@
+"""Public API: bad input, stacking rules, failed-patch rollback, PatchConfig, save/load, CLI."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import tiny_models as tm
+from attnpatch import (
+    Method,
+    PatchConfig,
+    PatchError,
+    UnsupportedModelError,
+    is_patched,
+    list_methods,
+    load_patched,
+    patch_model,
+    patched_configs,
+    register_method,
+    save_patched,
+    trainable_parameters,
+    unpatch_model,
+)
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_unknown_method_lists_known():
+    with pytest.raises(PatchError, match=r"unknown method 'lineer'; known methods: .*linear.*sliding_window.*softmax"):
+        patch_model(tm.build("llama"), "lineer")
+
+
+def test_out_of_range_and_unknown_params_name_the_fix():
+    model = tm.build("llama")
+    with pytest.raises(PatchError, match=r"'window' of method 'sliding_window' is 0, out of range: int in \[1, inf\)"):
+        patch_model(model, "sliding_window", window=0)
+    with pytest.raises(PatchError, match=r"one of 'elu', 'relu', 'performer', 'hedgehog', 'taylor'"):
+        patch_model(model, "linear", feature_map="cosine")
+    with pytest.raises(PatchError, match=r"has no parameter\(s\) \['windw'\]; its parameters: window, sinks"):
+        patch_model(model, "sliding_window", windw=3)
+    with pytest.raises(PatchError, match="must be an integer"):
+        patch_model(model, "sliding_window", window="big")
+    with pytest.raises(PatchError, match=r"layer 7 is out of range for model.layers, which has 3 layers"):
+        patch_model(model, "linear", layers=[7])
+    with pytest.raises(PatchError, match="matches no attention stack; this model has"):
+        patch_model(model, "linear", towers=["vision"])
+    assert not is_patched(model)
+
+
+def test_unsupported_model_names_supported_families():
+    with pytest.raises(UnsupportedModelError, match="Supported families: transformers decoders: Llama"):
+        patch_model(nn.Sequential(nn.Linear(4, 4)), "linear")
+    from transformers import ResNetConfig, ResNetModel
+
+    resnet = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="basic"))
+    with pytest.raises(UnsupportedModelError, match="none of its modules routes attention"):
+        patch_model(resnet, "linear")
+
+
+def test_patch_twice_is_refused_but_disjoint_layers_stack():
+    model = tm.build("llama")
+    patch_model(model, "linear", layers=[0])
+    with pytest.raises(PatchError, match=r"model.layers\[0\] is already patched with \['linear'\] \(attention\)"):
+        patch_model(model, "sliding_window")
+    patch_model(model, "sliding_window", window=4, layers=[1, 2])  # other layers: allowed
+    assert [c.method for c in patched_configs(model)] == ["linear", "sliding_window"]
+    unpatch_model(model)
+    assert not is_patched(model)
+
+
+def test_failed_patch_leaves_model_untouched():
+    calls = []
+
+    @register_method
+    class FailsOnSecondLayer(Method):
+        name = "_test_fails_midway"
+        family = "test"
+        summary = "adds a parameter, then fails on layer 1"
+
+        def attach(self, module):
+            calls.append(self.site.layer)
+            module.attnpatch_gate = nn.Linear(2, 2)
+            if self.site.layer == 1:
+                raise RuntimeError("boom")
+
+    model = tm.build("llama")
+    before_out, before_state = tm.run("llama", model), snapshot(model)
+    configs = [layer.self_attn.config for layer in model.model.layers]
+    with pytest.raises(RuntimeError, match="boom"):
+        patch_model(model, "_test_fails_midway")
+    assert calls == [0, 1]
+    assert not is_patched(model)
+    assert list(model.state_dict()) == list(before_state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before_state.items())
+    assert [layer.self_attn.config for layer in model.model.layers] == configs
+    assert all(not any(k.startswith("_attnpatch") for k in layer.self_attn.__dict__) for layer in model.model.layers)
+    assert torch.equal(tm.run("llama", model), before_out)
+
+
+def test_patch_config_json_round_trip_and_validation():
+    config = PatchConfig("sliding_window", {"window": 64}, layers=[0, -1], layer_params={0: {"sinks": 4}},
+                         towers=["language_model"]).validated()
+    assert config.params == {"window": 64, "sinks": 0, "block_size": 128}
+    again = PatchConfig.from_json(config.to_json())
+    assert again == config
+    assert json.loads(config.to_json())["layer_params"] == {"0": {"sinks": 4}}
+    with pytest.raises(PatchError, match="overrides layer 2, which layers=\\[0, -1\\] does not select"):
+        PatchConfig("linear", layers=[0, -1], layer_params={2: {"chunk_size": 8}}).validated()
+    with pytest.raises(PatchError, match="unknown patch config field"):
+        PatchConfig.from_dict({"method": "linear", "layer": 3})
+    with pytest.raises(PatchError, match="only applies to feature_map='performer'"):
+        PatchConfig("linear", {"num_features": 8}).validated()
+
+
+def test_list_methods_describes_everything():
+    methods = {m.name: m for m in list_methods()}
+    assert {"softmax", "linear", "sliding_window"} <= set(methods)
+    linear = methods["linear"]
+    assert linear.family == "linearized" and linear.trainable and "decoder" in linear.model_kinds
+    window = next(p for p in methods["sliding_window"].params if p["name"] == "window")
+    assert window == {"name": "window", "type": "int", "default": 256, "range": "int in [1, inf)",
+                      "help": "keys in the local window"}
+
+
+@pytest.mark.parametrize("name,params", [("llama", {"feature_map": "hedgehog"}), ("llama", {"feature_map": "performer"}),
+                                         ("dit", {"feature_map": "hedgehog"}), ("clip", {"feature_map": "elu"})])
+def test_save_load_round_trip(tmp_path, name, params):
+    model = tm.build(name)
+    patch_model(model, "linear", **params)
+    with torch.no_grad():  # move trained parameters away from their init so the test can fail
+        for p in trainable_parameters(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    expected = tm.run(name, model)
+    save_patched(model, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "attnpatch_config.json").exists()
+    reloaded = load_patched(tmp_path / "ckpt").eval()
+    assert torch.equal(tm.run(name, reloaded), expected)
+    assert [c.to_dict() for c in patched_configs(reloaded)] == [c.to_dict() for c in patched_configs(model)]
+    if name in tm.DIFFUSERS:
+        return
+    # the checkpoint itself is a plain HF checkpoint: plain transformers loads it, unpatched
+    plain = type(model).from_pretrained(tmp_path / "ckpt").eval()
+    unpatch_model(model)
+    assert not any("attnpatch" in k for k in plain.state_dict())
+    assert torch.equal(tm.run(name, plain), tm.run(name, model))
+
+
+def test_hedgehog_parameters_train_and_base_is_untouched():
+    model = tm.build("llama")
+    patch_model(model, "linear", feature_map="hedgehog")
+    params = trainable_parameters(model)
+    assert len(params) == 4 * 3  # q and k maps (weight, bias) in 3 layers
+    assert all(k.startswith("model.layers.") and ".self_attn.attnpatch_feature_map_" in k for k in params)
+    ids, _ = tm.text_batch()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+
+
+def test_cli_list_and_patch(tmp_path, capsys):
+    from attnpatch.cli import main
+
+    assert main(["list"]) == 0
+    assert "sliding_window" in capsys.readouterr().out
+    model = tm.build("llama")
+    model.save_pretrained(tmp_path / "tiny")
+    assert main(["patch", "--model", str(tmp_path / "tiny"), "--method", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "known methods" in capsys.readouterr().err
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+                            ).save_pretrained(tmp_path / "tiny")
+    assert main(["patch", "--model", str(tmp_path / "tiny"), "--method", "sliding_window", "--param", "window=4",
+                 "--param", "sinks=1", "--out", str(tmp_path / "out")]) == 0
+    reloaded = load_patched(tmp_path / "out")
+    assert patched_configs(reloaded)[0].params["window"] == 4

@@ -1,0 +1,152 @@
+"""Ops against naive O(n^2) references."""
+
+import pytest
+import torch
+
+from attnpatch.ops.linear import (
+    EluFeatureMap,
+    HedgehogFeatureMap,
+    PerformerFeatureMap,
+    ReluFeatureMap,
+    TaylorFeatureMap,
+    bidirectional_linear_attention,
+    causal_linear_attention,
+    naive_linear_attention,
+)
+from attnpatch.ops.reference import naive_attention, window_mask
+from attnpatch.ops.sliding import sliding_window_attention
+
+B, HQ, HKV, D = 2, 4, 2, 8
+
+
+def qkv(lq, lk=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lk = lq if lk is None else lk
+    return (torch.randn(B, HQ, lq, D, generator=g), torch.randn(B, HKV, lk, D, generator=g),
+            torch.randn(B, HKV, lk, D, generator=g))
+
+
+FEATURE_MAPS = {
+    "elu": lambda: EluFeatureMap(),
+    "relu": lambda: ReluFeatureMap(),
+    "taylor": lambda: TaylorFeatureMap(D, D**-0.5),
+    "performer": lambda: PerformerFeatureMap(D, D**-0.5, 32, seed=1),
+    "hedgehog": lambda: HedgehogFeatureMap(HQ, D),
+}
+
+
+def features(name, q, k):
+    fmap = FEATURE_MAPS[name]()
+    if name == "hedgehog":  # separate maps for the query heads and the kv heads
+        with torch.no_grad():
+            fmap.weight.add_(0.1 * torch.randn_like(fmap.weight))
+        fk_map = HedgehogFeatureMap(HKV, D)
+        return fmap(q, True), fk_map(k, False)
+    return fmap(q, True), fmap(k, False)
+
+
+@pytest.mark.parametrize("name", list(FEATURE_MAPS))
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_causal_linear_equals_masked_quadratic(name, chunk):
+    q, k, v = qkv(37)
+    fq, fk = features(name, q, k)
+    out, _ = causal_linear_attention(fq, fk, v, chunk_size=chunk)
+    ref = naive_linear_attention(fq, fk, v, causal=True)
+    assert torch.allclose(out.double(), ref, atol=1e-4, rtol=1e-4), (out.double() - ref).abs().max()
+
+
+@pytest.mark.parametrize("name", ["elu", "hedgehog"])
+def test_causal_linear_padding_prefix_and_state_continuation(name):
+    q, k, v = qkv(20, 29)
+    fq, fk = features(name, q, k)
+    valid = torch.ones(B, 29, dtype=torch.bool)
+    valid[0, :4] = False
+    full, state = causal_linear_attention(fq, fk, v, key_valid=valid, chunk_size=7)
+    ref = naive_linear_attention(fq, fk, v, causal=True, key_valid=valid)
+    assert torch.allclose(full.double(), ref, atol=1e-4)
+    # the same keys fed as a 9-key prefix then 20 steps one at a time
+    _, st = causal_linear_attention(fq[:, :, :0], fk[:, :, :9], v[:, :, :9], key_valid=valid[:, :9])
+    steps = []
+    for i in range(20):
+        o, st = causal_linear_attention(fq[:, :, i:i + 1], fk[:, :, 9 + i:10 + i], v[:, :, 9 + i:10 + i], state=st)
+        steps.append(o)
+    assert torch.allclose(torch.cat(steps, dim=-2), full, atol=1e-5)
+    assert torch.allclose(st.kv, state.kv, atol=1e-4)
+    assert st.kv.shape == (B, HKV, fk.shape[-1], D)  # fixed size, independent of length
+
+
+@pytest.mark.parametrize("name", list(FEATURE_MAPS))
+def test_bidirectional_linear_equals_quadratic(name):
+    q, k, v = qkv(11, 17)
+    fq, fk = features(name, q, k)
+    valid = torch.ones(B, 17, dtype=torch.bool)
+    valid[1, -3:] = False
+    out = bidirectional_linear_attention(fq, fk, v, key_valid=valid)
+    ref = naive_linear_attention(fq, fk, v, causal=False, key_valid=valid)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+def test_taylor_kernel_is_second_order_exp():
+    q, k, _ = qkv(6)
+    fmap = TaylorFeatureMap(D, D**-0.5)
+    s = (q @ k[:, :1].transpose(-1, -2)) * D**-0.5
+    got = fmap(q, True) @ fmap(k[:, :1], False).transpose(-1, -2)
+    assert torch.allclose(got, 1 + s + s**2 / 2, atol=1e-5)
+    assert fmap(q, True).shape[-1] == fmap.feature_dim(D) == 1 + D + D * (D + 1) // 2
+
+
+def test_performer_estimates_softmax_kernel():
+    g = torch.Generator().manual_seed(0)
+    q, k = 0.5 * torch.randn(1, 1, 64, D, generator=g), 0.5 * torch.randn(1, 1, 64, D, generator=g)
+    fmap = PerformerFeatureMap(D, D**-0.5, 16384, seed=0)
+    fq, fk = fmap(q, False), fmap(k, False)  # no query stabiliser: compare raw kernel values
+    est = fq @ fk.transpose(-1, -2)
+    exact = torch.exp((q @ k.transpose(-1, -2)) * D**-0.5)
+    assert ((est - exact).abs() / exact).mean() < 0.03  # unbiased: error falls as features grow
+
+
+def test_hedgehog_identity_init():
+    fmap = HedgehogFeatureMap(HQ, D)
+    x = torch.randn(B, HQ, 3, D)
+    expected = torch.cat([torch.softmax(x, -1), torch.softmax(-x, -1)], -1)
+    assert torch.allclose(fmap(x, True), expected, atol=1e-6)
+    assert fmap.weight.requires_grad
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window,sinks", [(1, 0), (5, 0), (5, 3), (8, 2), (1000, 0)])
+@pytest.mark.parametrize("lq,lk", [(33, 33), (7, 40), (1, 40)])
+def test_sliding_window_equals_masked_dense(causal, window, sinks, lq, lk):
+    if not causal and lq != lk:
+        pytest.skip("bidirectional attention has no cache offset")
+    q, k, v = qkv(lq, lk)
+    pad = torch.ones(B, 1, lq, lk, dtype=torch.bool)
+    pad[0, ..., :3] = False  # left padding on sequence 0
+    out = sliding_window_attention(q, k, v, pad, window=window, sinks=sinks, causal=causal, block_size=6)
+    ref = naive_attention(q, k, v, pad, causal=causal, window=window, sinks=sinks)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+
+def test_sliding_window_softcap_and_full_window_is_dense():
+    q, k, v = qkv(21)
+    out = sliding_window_attention(q, k, v, None, window=3, sinks=1, causal=True, softcap=2.0, block_size=4)
+    ref = naive_attention(q, k, v, None, causal=True, window=3, sinks=1, softcap=2.0)
+    assert torch.allclose(out, ref, atol=1e-5)
+    dense = naive_attention(q, k, v, None, causal=True)
+    assert torch.allclose(sliding_window_attention(q, k, v, None, window=21, causal=True), dense, atol=1e-5)
+
+
+def test_window_mask_definition():
+    m = window_mask(6, 6, window=2, sinks=1, causal=True, device="cpu")
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 0, 1, 1, 0, 0],
+                             [1, 0, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(m, expected)
+    bi = window_mask(4, 4, window=2, sinks=0, causal=False, device="cpu")
+    assert torch.equal(bi, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool))
+
+
+def test_naive_attention_matches_sdpa():
+    q, k, v = qkv(9)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    assert torch.allclose(naive_attention(q, k, v, causal=True), sdpa, atol=1e-6)
