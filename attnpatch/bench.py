@@ -140,14 +140,19 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(model, input_ids: torch.Tensor, window: int = 1024, max_tokens: int | None = None,
-               desc: str = "perplexity", progress: bool = True) -> PerplexityResult:
+               desc: str = "perplexity", progress: bool = True, warmup: bool = True) -> PerplexityResult:
     """Perplexity over consecutive non-overlapping windows of `window` tokens (each window starts
-    fresh, so every method sees the same contexts). input_ids: 1-D token ids."""
+    fresh, so every method sees the same contexts). input_ids: 1-D token ids.
+
+    With `warmup`, one unmeasured forward on the first window runs first, so one-time costs
+    (first-touch memory, lazy initialisation) are not charged to whichever method runs first."""
     ids = input_ids.reshape(-1)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     starts = list(range(0, max(1, ids.numel() - 1), window))
     device = next(model.parameters()).device
+    if warmup:
+        model(input_ids=ids[:window].to(device)[None], use_cache=False)
     total_nll, counted = 0.0, 0
     with peak_memory() as mem:
         t0 = time.perf_counter()
@@ -218,8 +223,9 @@ def compare(model, input_ids: torch.Tensor, specs: list[str], window: int = 1024
         finally:
             if config is not None:
                 unpatch_model(model)
-        rows.append({"method": describe(config), "perplexity": res.perplexity, "tokens": res.tokens,
-                     "tokens_per_s": res.tokens_per_second, "peak_mb": res.peak_bytes / 2**20, "seconds": res.seconds})
+        rows.append({"method": spec if config is not None else "dense", "config": describe(config),
+                     "perplexity": res.perplexity, "tokens": res.tokens, "tokens_per_s": res.tokens_per_second,
+                     "peak_mb": res.peak_bytes / 2**20, "seconds": res.seconds})
     dense = next((r for r in rows if r["method"] == "dense"), None)
     for row in rows:
         row["speed_vs_dense"] = row["tokens_per_s"] / dense["tokens_per_s"] if dense else float("nan")
@@ -227,9 +233,10 @@ def compare(model, input_ids: torch.Tensor, specs: list[str], window: int = 1024
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'method':<44} {'perplexity':>11} {'tokens/s':>9} {'vs dense':>9} {'peak MB':>8}"
+    width = max(len("method"), *(len(r["method"]) for r in rows))
+    head = f"{'method':<{width}} {'perplexity':>11} {'tokens/s':>9} {'vs dense':>9} {'peak MB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['method']:<44} {r['perplexity']:>11.2f} {r['tokens_per_s']:>9.0f} "
+        lines.append(f"{r['method']:<{width}} {r['perplexity']:>11.2f} {r['tokens_per_s']:>9.0f} "
                      f"{r['speed_vs_dense']:>8.2f}x {r['peak_mb']:>8.0f}")
     return "\n".join(lines)

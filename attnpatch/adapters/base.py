@@ -45,6 +45,14 @@ def split_layer_path(path: str) -> tuple[str, int] | None:
     return None
 
 
+def tower_depths(placements) -> dict[str, int]:
+    """{tower: number of layers} from (tower, layer index) pairs."""
+    depths: dict[str, int] = {}
+    for tower, layer in placements:
+        depths[tower] = max(depths.get(tower, 0), layer + 1)
+    return depths
+
+
 class Adapter:
     """Knows one model library: where attention modules are and how to route them to attnpatch."""
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..call import AttentionCall, normalise_mask
-from .base import Adapter, AttentionSite, split_layer_path
+from .base import Adapter, AttentionSite, split_layer_path, tower_depths
 
 _active_method: contextvars.ContextVar = contextvars.ContextVar("attnpatch_diffusers_method", default=None)
 _wrapper_classes: dict[type, type] = {}
@@ -113,9 +113,7 @@ class DiffusersAdapter(Adapter):
             if split is None:
                 continue
             found.append((path, module, *split))
-        counts: dict[str, int] = {}
-        for _, _, tower, layer in found:
-            counts[tower] = max(counts.get(tower, 0), layer + 1)
+        counts = tower_depths((tower, layer) for *_, tower, layer in found)
         sites = []
         for path, module, tower, layer in found:
             heads = int(module.heads)

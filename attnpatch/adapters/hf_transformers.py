@@ -15,7 +15,7 @@ from torch import nn
 
 from ..cache import state_layer_for
 from ..call import AttentionCall, normalise_mask
-from .base import Adapter, AttentionSite, split_layer_path
+from .base import Adapter, AttentionSite, split_layer_path, tower_depths
 
 ATTENTION_NAME = "attnpatch"
 METHOD_ATTR = "_attnpatch_method"
@@ -106,9 +106,7 @@ class TransformersAdapter(Adapter):
             if split is None:
                 continue
             found.append((path, module, config, *split))
-        counts: dict[str, int] = {}
-        for _, _, _, tower, layer in found:
-            counts[tower] = max(counts.get(tower, 0), layer + 1)
+        counts = tower_depths((tower, layer) for *_, tower, layer in found)
         sites = []
         for path, module, config, tower, layer in found:
             num_heads = getattr(module, "num_heads", None) or config.num_attention_heads
