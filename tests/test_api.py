@@ -178,3 +178,28 @@ def test_cli_list_and_patch(tmp_path, capsys):
                  "--param", "sinks=1", "--out", str(tmp_path / "out")]) == 0
     reloaded = load_patched(tmp_path / "out")
     assert patched_configs(reloaded)[0].params["window"] == 4
+
+
+def test_cli_compare_main_job_on_tiny_model(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from attnpatch.cli import main
+
+    words = {f"w{i}": i for i in range(tm.V)}
+    words["[UNK]"] = 1
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tm.build("llama").save_pretrained(tmp_path / "tiny")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(tmp_path / "tiny")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % tm.V}" for i in range(300)))
+    rc = main(["compare", "--model", str(tmp_path / "tiny"), "--data", str(text), "--max-tokens", "96", "--window", "32",
+               "--methods", "dense", "sliding_window:window=4,sinks=1", "linear", "--json", str(tmp_path / "rows.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "sliding_window:window=4,sinks=1" in out and "vs dense" in out
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "sliding_window:window=4,sinks=1", "linear"]
+    assert rows[0]["speed_vs_dense"] == 1.0 and all(r["tokens"] == 3 * 31 for r in rows)  # 3 windows, 31 predictions each
+    assert len({round(r["perplexity"], 6) for r in rows}) == 3  # the methods really differ
