@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attnpatch import patch_model, unpatch_model
-from attnpatch.bench import load_text, perplexity
+from attnpatch.evaluation import load_text, windowed_perplexity
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2"
 
@@ -35,7 +35,7 @@ def test_smollm2_patch_quality_and_restore(smollm2, wikitext_ids):
     ids = wikitext_ids
     with torch.no_grad():
         dense_logits = model(input_ids=ids[None, :256]).logits
-    dense = perplexity(model, ids, window=512, progress=False).perplexity
+    dense = windowed_perplexity(model, ids, max_length=512, progress=False).perplexity
     assert 5 < dense < 60, dense  # a working 135M LM on WikiText-2
 
     patch_model(model, "softmax")
@@ -44,15 +44,15 @@ def test_smollm2_patch_quality_and_restore(smollm2, wikitext_ids):
     unpatch_model(model)
 
     patch_model(model, "sliding_window", window=512, sinks=4)  # window covers the whole 512 window
-    full_window = perplexity(model, ids, window=512, progress=False).perplexity
+    full_window = windowed_perplexity(model, ids, max_length=512, progress=False).perplexity
     unpatch_model(model)
     assert abs(full_window - dense) / dense < 1e-4
 
     patch_model(model, "sliding_window", window=64, sinks=4)
-    narrow = perplexity(model, ids, window=512, progress=False).perplexity
+    narrow = windowed_perplexity(model, ids, max_length=512, progress=False).perplexity
     unpatch_model(model)
     patch_model(model, "linear")
-    linear = perplexity(model, ids, window=512, progress=False).perplexity
+    linear = windowed_perplexity(model, ids, max_length=512, progress=False).perplexity
     unpatch_model(model)
     assert dense < narrow < linear  # less context hurts; untrained linear attention hurts most
 

@@ -165,3 +165,23 @@ def run(name: str, model, seed: int = 3, left_pad: int = 0):
 
 
 ALL_MODELS = [*DECODERS, "vit", "clip", "siglip", "llava", *DIFFUSERS]
+
+
+def word(i: int) -> str:
+    """The tiny tokenizer's word for id i (letters only, so digits stay separate tokens)."""
+    return "w" + chr(97 + i // 26) + chr(97 + i % 26)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary: digits 0-9, [UNK], and word(14..96)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2}
+    vocab.update({str(d): 3 + d for d in range(10)})
+    vocab["[UNK]"] = 13
+    vocab.update({word(i): i for i in range(14, V)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                                   unk_token="[UNK]")

@@ -1,0 +1,318 @@
+"""The before-vs-after grid: every method setting x every metric, dense always measured in the same
+run, written as results.json (with versions, hardware, threads, seed), report.md and plots."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..api import patch_model, unpatch_model
+from ..bench import parse_method_spec
+from . import lm_tasks, retrieval, speed, vision
+from .data import load_text
+from .perplexity import decoding_perplexity, windowed_perplexity
+
+TEXT_METRICS = ("ppl", "decode_ppl", "lm_eval", "passkey", "needle", "speed")
+VISION_METRICS = ("vit", "clip", "dit")
+METRICS = TEXT_METRICS + VISION_METRICS
+
+
+@dataclass
+class EvalSettings:
+    data: str | None = None  # perplexity text: None = WikiText-2 test if found, else fallback
+    ppl_tokens: int | None = 16384
+    ppl_window: int = 1024
+    ppl_stride: int | None = None
+    decode_tokens: int = 512
+    lm_eval_tasks: list[str] = field(default_factory=lambda: list(lm_tasks.LOCAL_TASKS))
+    lm_eval_limit: int | None = 200
+    task_items: int = 200
+    task_text: str | None = None  # source of the local tasks: None = WikiText-2 valid if found
+    tasks_dir: str | None = None  # where local tasks are generated (default: <out>/tasks)
+    retrieval_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    retrieval_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    retrieval_samples: int = 1
+    speed_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    decode_prompt: int = 256
+    decode_new_tokens: int = 64
+    seed: int = 0
+
+
+def environment(seed: int) -> dict:
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "seed": seed,
+           "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    for package in ("attnpatch", "lm_eval", "diffusers", "peft", "accelerate"):
+        try:
+            env[package] = __import__(package).__version__
+        except Exception:
+            pass
+    return env
+
+
+class _Inputs:
+    """Inputs shared by every method, built once (so every method sees the same data)."""
+
+    def __init__(self, tokenizer, metrics, settings: EvalSettings, out_dir: Path, vision_inputs: dict | None):
+        self.settings = settings
+        self.vision = vision_inputs or {}
+        self.text_desc = None
+        if {"ppl", "decode_ppl"} & set(metrics):
+            text, self.text_desc = load_text(settings.data, "test")
+            self.ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        if "lm_eval" in metrics:
+            local = [t for t in settings.lm_eval_tasks if t in lm_tasks.LOCAL_TASKS]
+            self.tasks_dir = None
+            if local:
+                task_text, self.task_desc = load_text(settings.task_text, "valid")
+                self.tasks_dir = lm_tasks.prepare_local_tasks(settings.tasks_dir or out_dir / "tasks", task_text,
+                                                              settings.task_items, settings.seed)
+        self.cases = {}
+        for kind in ("passkey", "needle"):
+            if kind in metrics:
+                haystack = load_text(None, "valid")[0] if kind == "needle" else None
+                self.cases[kind] = retrieval.make_cases(tokenizer, kind, settings.retrieval_lengths,
+                                                        settings.retrieval_depths, settings.retrieval_samples,
+                                                        settings.seed, haystack)
+
+
+def _measure(metric, model, tokenizer, inputs: _Inputs, dense: dict, label: str, progress: bool):
+    s = inputs.settings
+    if metric == "ppl":
+        return windowed_perplexity(model, inputs.ids, s.ppl_window, s.ppl_stride, s.ppl_tokens, desc=f"{label} ppl",
+                                   progress=progress).as_dict()
+    if metric == "decode_ppl":
+        return decoding_perplexity(model, inputs.ids, s.decode_tokens, desc=f"{label} decode ppl",
+                                   progress=progress).as_dict()
+    if metric == "lm_eval":
+        return lm_tasks.run_lm_eval(model, tokenizer, s.lm_eval_tasks, include_path=inputs.tasks_dir,
+                                    limit=s.lm_eval_limit, seed=s.seed)
+    if metric in ("passkey", "needle"):
+        return retrieval.evaluate_retrieval(model, tokenizer, inputs.cases[metric], progress=progress).as_dict()
+    if metric == "speed":
+        return {"prefill": speed.prefill_latency(model, s.speed_lengths, seed=s.seed),
+                "decode": speed.decode_speed(model, s.decode_prompt, s.decode_new_tokens, s.seed)}
+    v = inputs.vision
+    if metric == "vit":
+        out = vision.classifier_outputs(model, v["pixel_values"])
+        dense.setdefault("vit", out)
+        return vision.compare_classifier(dense["vit"], out, v.get("labels"))
+    if metric == "clip":
+        out = vision.clip_outputs(model, v["pixel_values"], v["input_ids"], v.get("attention_mask"))
+        dense.setdefault("clip", out)
+        return vision.compare_clip(dense["clip"], out, v.get("labels"))
+    if metric == "dit":
+        out = vision.dit_outputs(model, v["sample"], v["timesteps"], **v.get("conditioning", {}))
+        dense.setdefault("dit", out)
+        return vision.compare_dit(dense["dit"], out)
+    raise ValueError(f"unknown metric {metric!r}; known metrics: {', '.join(METRICS)}")
+
+
+def run_grid(model, tokenizer, methods: list[str], metrics: list[str], settings: EvalSettings | None = None,
+             out_dir: str | Path = "eval/results/run", vision_inputs: dict | None = None, model_name: str = "",
+             progress: bool = True) -> dict:
+    """Measure every metric for dense and each method spec; write results.json, report.md, plots."""
+    settings = settings or EvalSettings()
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known metrics: {', '.join(METRICS)}")
+    specs = ["dense"] + [m for m in methods if m != "dense"]
+    configs = {spec: parse_method_spec(spec) for spec in specs}  # validate all before any work
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    inputs = _Inputs(tokenizer, metrics, settings, out_dir, vision_inputs)
+    results: dict = {spec: {} for spec in specs}
+    seconds: dict = {metric: {} for metric in metrics}
+    dense_outputs: dict = {}
+    for spec in tqdm(specs, desc="methods", disable=not progress):
+        if configs[spec] is not None:
+            patch_model(model, configs[spec])
+        try:
+            for metric in metrics:
+                t0 = time.perf_counter()
+                results[spec][metric] = _measure(metric, model, tokenizer, inputs, dense_outputs, spec, progress)
+                seconds[metric][spec] = time.perf_counter() - t0
+        finally:
+            if configs[spec] is not None:
+                unpatch_model(model)
+    report = {"model": model_name or type(model).__name__, "environment": environment(settings.seed),
+              "settings": asdict(settings), "text": inputs.text_desc, "methods": specs, "metrics": metrics,
+              "results": results, "seconds": seconds}
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (out_dir / "report.md").write_text(render_markdown(report))
+    make_plots(report, out_dir)
+    return report
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _ratio(value, base):
+    return value / base if base else float("nan")
+
+
+def render_markdown(report: dict) -> str:
+    r, specs = report["results"], report["methods"]
+    env = report["environment"]
+    lines = [f"# attnpatch before-vs-after: {report['model']}", "",
+             f"{env['date']} · torch {env['torch']} · transformers {env['transformers']} · {env['device']} "
+             f"({env.get('gpu', env['cpu'])}), {env['threads']} threads · seed {env['seed']}", ""]
+    if "ppl" in report["metrics"]:
+        s = report["settings"]
+        lines += [f"## Perplexity ({report['text']}; {s['ppl_window']}-token windows, stride "
+                  f"{s['ppl_stride'] or s['ppl_window']})", "", "| method | perplexity | vs dense | tokens | tokens/s |",
+                  "|---|---|---|---|---|"]
+        base = r["dense"]["ppl"]["perplexity"]
+        for spec in specs:
+            p = r[spec]["ppl"]
+            lines.append(f"| {spec} | {p['perplexity']:.2f} | {_ratio(p['perplexity'], base):.3f}x | {p['tokens']} | "
+                         f"{p['tokens_per_s']:.0f} |")
+        lines.append("")
+    if "decode_ppl" in report["metrics"]:
+        lines += ["## Decoding perplexity (token by token through the cache)", "",
+                  "| method | perplexity | KV bytes at end | KV vs dense | tokens/s |", "|---|---|---|---|---|"]
+        base = r["dense"]["decode_ppl"]["cache_bytes"]
+        for spec in specs:
+            p = r[spec]["decode_ppl"]
+            lines.append(f"| {spec} | {p['perplexity']:.2f} | {p['cache_bytes']:,} | {_ratio(p['cache_bytes'], base):.3f} | "
+                         f"{p['tokens_per_s']:.1f} |")
+        lines.append("")
+    if "lm_eval" in report["metrics"]:
+        tasks = [t for t in r["dense"]["lm_eval"] if not t.startswith("_")]
+        lines += ["## lm-eval tasks (accuracy; acc_norm where the task has it)", "",
+                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for spec in specs:
+            cells = []
+            for task in tasks:
+                m = r[spec]["lm_eval"].get(task, {})
+                cell = f"{m.get('acc', float('nan')):.3f}"
+                if "acc_norm" in m:
+                    cell += f" / {m['acc_norm']:.3f}"
+                cells.append(cell)
+            lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for kind in ("passkey", "needle"):
+        if kind in report["metrics"]:
+            lengths = list(r["dense"][kind]["grid"])
+            lines += [f"## {kind} retrieval (accuracy over depths {report['settings']['retrieval_depths']})", "",
+                      "| method | all | " + " | ".join(f"{length} tokens" for length in lengths) + " |",
+                      "|---|---|" + "---|" * len(lengths)]
+            for spec in specs:
+                g = r[spec][kind]["grid"]
+                cells = [f"{sum(g[length].values()) / len(g[length]):.2f}" for length in lengths]
+                lines.append(f"| {spec} | {r[spec][kind]['accuracy']:.2f} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if "speed" in report["metrics"]:
+        lengths = [row["tokens"] for row in r["dense"]["speed"]["prefill"]]
+        lines += ["## Speed and memory (ratios to dense measured in this run)", "",
+                  "| method | " + " | ".join(f"prefill {n} (s, vs dense)" for n in lengths) +
+                  " | decode tok/s (vs dense) | KV bytes (vs dense) |", "|---|" + "---|" * (len(lengths) + 2)]
+        dense = r["dense"]["speed"]
+        for spec in specs:
+            sp = r[spec]["speed"]
+            cells = [f"{row['seconds']:.3f} ({_ratio(row['seconds'], base['seconds']):.2f}x)"
+                     for row, base in zip(sp["prefill"], dense["prefill"])]
+            d, db = sp["decode"], dense["decode"]
+            cells.append(f"{d['decode_tokens_per_s']:.1f} ({_ratio(d['decode_tokens_per_s'], db['decode_tokens_per_s']):.2f}x)")
+            cells.append(f"{d['kv_bytes']:,} ({_ratio(d['kv_bytes'], db['kv_bytes']):.3f})")
+            lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for metric in VISION_METRICS:
+        if metric in report["metrics"]:
+            keys = list(r["dense"][metric])
+            lines += [f"## {metric} agreement with the dense model", "", "| method | " + " | ".join(keys) + " |",
+                      "|---|" + "---|" * len(keys)]
+            for spec in specs:
+                lines.append(f"| {spec} | " + " | ".join(f"{r[spec][metric][k]:.4g}" for k in keys) + " |")
+            lines.append("")
+    lines += ["## Time per metric (seconds, all methods)", "", "| metric | " + " | ".join(specs) + " |",
+              "|---|" + "---|" * len(specs)]
+    for metric, per in report["seconds"].items():
+        lines.append(f"| {metric} | " + " | ".join(f"{per.get(spec, float('nan')):.1f}" for spec in specs) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def make_plots(report: dict, out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    r, specs, written = report["results"], report["methods"], []
+    if "decode_ppl" in report["metrics"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        base = r["dense"]["decode_ppl"]["cache_bytes"]
+        for spec in specs:
+            p = r[spec]["decode_ppl"]
+            ax.scatter(p["cache_bytes"] / base, p["perplexity"], s=40)
+            ax.annotate(spec, (p["cache_bytes"] / base, p["perplexity"]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set_xlabel("KV-cache bytes / dense (measured)")
+        ax.set_ylabel("decoding perplexity")
+        ax.set_yscale("log")
+        ax.set_title("quality vs compression")
+        fig.tight_layout()
+        written.append(out_dir / "quality_vs_compression.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if "ppl" in report["metrics"]:
+        fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(specs)))
+        ax.barh(specs, [r[s]["ppl"]["perplexity"] for s in specs])
+        ax.set_xscale("log")
+        ax.set_xlabel("perplexity (log)")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        written.append(out_dir / "perplexity.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if "speed" in report["metrics"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for spec in specs:
+            rows = r[spec]["speed"]["prefill"]
+            ax.plot([x["tokens"] for x in rows], [x["seconds"] for x in rows], marker="o", label=spec)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("prefill seconds")
+        ax.set_title("latency vs length")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out_dir / "latency_vs_length.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    for kind in ("passkey", "needle"):
+        if kind not in report["metrics"]:
+            continue
+        fig, axes = plt.subplots(1, len(specs), figsize=(2.6 * len(specs) + 1, 2.8), squeeze=False)
+        for ax, spec in zip(axes[0], specs):
+            grid = r[spec][kind]["grid"]
+            lengths = list(grid)
+            depths = list(grid[lengths[0]])
+            data = [[grid[length][d] for length in lengths] for d in depths]
+            image = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), lengths, fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{float(d):.2f}" for d in depths], fontsize=7)
+            ax.set_title(spec, fontsize=7)
+            ax.set_xlabel("tokens", fontsize=7)
+        axes[0][0].set_ylabel("needle depth", fontsize=7)
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+        written.append(out_dir / f"{kind}_heatmap.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written

@@ -1,0 +1,67 @@
+"""Speed and memory: prefill latency across lengths, decode tokens/s, peak memory, KV-cache bytes.
+
+Timings take the best of `repeats` runs after a warm-up. KV bytes are read from the cache object
+itself (stored keys/values plus any recurrent state), not estimated from shapes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..cache import cache_nbytes
+from .memory import peak_memory
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _random_ids(model, length: int, seed: int) -> torch.Tensor:
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, max(11, vocab - 1), (1, length), generator=g)
+
+
+@torch.no_grad()
+def prefill_latency(model, lengths, repeats: int = 2, seed: int = 0) -> list[dict]:
+    """Seconds for one forward over `length` random tokens (no cache, last logits only)."""
+    device = next(model.parameters()).device
+    rows = []
+    model(input_ids=_random_ids(model, min(lengths), seed).to(device), use_cache=False, logits_to_keep=1)  # warm-up
+    for length in lengths:
+        ids = _random_ids(model, length, seed + length).to(device)
+        best = float("inf")
+        with peak_memory() as mem:
+            for _ in range(repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                _sync(device)
+                best = min(best, time.perf_counter() - t0)
+        rows.append({"tokens": length, "seconds": best, "tokens_per_s": length / best, "peak_mb": mem["bytes"] / 2**20})
+    return rows
+
+
+@torch.no_grad()
+def decode_speed(model, prompt_tokens: int = 256, new_tokens: int = 64, seed: int = 0) -> dict:
+    """Greedy decoding after a random prompt: decode tokens/s (prefill excluded), KV bytes, peak memory."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids = _random_ids(model, prompt_tokens, seed).to(device)
+    cache = DynamicCache(config=model.config)
+    with peak_memory() as mem:
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "decode_tokens_per_s": new_tokens / seconds,
+            "kv_bytes": cache_nbytes(cache), "peak_mb": mem["bytes"] / 2**20}

@@ -1,0 +1,173 @@
+"""Eval harness on tiny models: perplexity recipes against hand computation, decoding perplexity
+through the cache, lm-eval on local tasks end to end, retrieval grids, vision metrics, report."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import tiny_models as tm
+from attnpatch import patch_model
+from attnpatch.evaluation import decoding_perplexity, windowed_perplexity
+from attnpatch.evaluation import lm_tasks, retrieval, vision
+from attnpatch.evaluation.report import EvalSettings, run_grid
+
+TEXT = ("The river runs past the old mill and the town. The mill was built in 1820 by a local family. "
+        "It ground wheat for the valley for a hundred years. Later it became a museum of farm tools. "
+        "Visitors come every summer to see the great wheel turn. The museum is closed in the winter months. ") * 20
+
+
+def nll_by_hand(model, ids, begin, end, scored):
+    with torch.no_grad():
+        logits = model(input_ids=ids[None, begin:end]).logits[0]
+    return torch.nn.functional.cross_entropy(logits[-scored - 1:-1], ids[end - scored:end], reduction="sum").item()
+
+
+def test_windowed_perplexity_follows_the_strided_recipe():
+    model = tm.build("llama")
+    ids = torch.randint(3, tm.V, (100,), generator=torch.Generator().manual_seed(0))
+    res = windowed_perplexity(model, ids, max_length=40, stride=25, progress=False)
+    # windows [0,40) scores 39, [25,65) scores 25, [50,90) scores 25, [75,100) scores 10
+    expected = nll_by_hand(model, ids, 0, 40, 39) + nll_by_hand(model, ids, 25, 65, 25) + \
+        nll_by_hand(model, ids, 50, 90, 25) + nll_by_hand(model, ids, 75, 100, 10)
+    assert res.tokens == 99 and res.windows == 4
+    assert math.isclose(res.nll, expected / 99, rel_tol=1e-5)
+    independent = windowed_perplexity(model, ids, max_length=50, progress=False)
+    assert independent.tokens == 98  # two windows of 50 score 49 each
+
+
+@pytest.mark.parametrize("method", [None, "linear"])
+def test_decoding_perplexity_equals_prefill_for_exact_caches(method):
+    model = tm.build("llama")
+    if method:
+        patch_model(model, method)
+    ids = torch.randint(3, tm.V, (48,), generator=torch.Generator().manual_seed(1))
+    prefill = windowed_perplexity(model, ids, max_length=48, progress=False)
+    for start in (1, 16):
+        decoded = decoding_perplexity(model, ids, max_tokens=48, prefill=start, progress=False)
+        assert decoded.tokens == 47
+        assert math.isclose(decoded.perplexity, prefill.perplexity, rel_tol=1e-4)
+    # the cache held what it should: dense K/V for 48 tokens, or a constant-size linear state
+    cfg = model.config
+    dense_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 47 * 16 * 4  # the last token is only a target
+    assert (decoded.extra["cache_bytes"] == dense_bytes) == (method is None)
+    assert decoded.extra["cache_seq_length"] == 47
+
+
+def test_local_task_generation():
+    items = lm_tasks.make_cloze_items(TEXT, 5)
+    assert items and all(len(i["target"]) >= 3 and i["target"].isalpha() for i in items)
+    mc = lm_tasks.make_next_sentence_items(TEXT * 3 + " Another day began. Rain fell on the hills again today.", 5)
+    assert all(len(i["choices"]) == 4 and 0 <= i["label"] < 4 for i in mc)
+    assert lm_tasks._clean("a @-@ b , c ( d )") == "a-b, c (d)"
+
+
+def test_lm_eval_runs_local_tasks_end_to_end(tmp_path):
+    pytest.importorskip("lm_eval")
+    model, tok = tm.build("llama"), tm.tiny_tokenizer()
+    folder = lm_tasks.prepare_local_tasks(tmp_path / "tasks", TEXT, count=8)
+    assert (folder / "attnpatch_cloze.yaml").read_text().count(str(folder)) == 1
+    out = lm_tasks.run_lm_eval(model, tok, list(lm_tasks.LOCAL_TASKS), include_path=folder, limit=8, batch_size=4)
+    assert 0.0 <= out["attnpatch_cloze"]["acc"] <= 1.0
+    assert out["attnpatch_next_sentence"]["sample_len"] == 8
+    assert set(out["_seconds"]) == set(lm_tasks.LOCAL_TASKS)
+
+
+class DigitTokenizer:
+    """Counts characters as tokens, for checking prompt fitting without a real tokenizer."""
+
+    def __call__(self, text, return_tensors=None):
+        class Out:
+            input_ids = list(text)
+        return Out()
+
+
+def test_retrieval_prompts_fit_lengths_and_hide_the_answer():
+    tok = DigitTokenizer()
+    cases = retrieval.make_cases(tok, "passkey", [600, 1200], [0.0, 0.5, 1.0], samples=2, seed=3)
+    assert len(cases) == 12
+    for case in cases:
+        assert len(case.prompt) <= case.length and len(case.prompt) > case.length - 200
+        assert case.prompt.count(case.answer) == 2 and case.prompt.endswith("The pass key is")
+    early, late = cases[0].prompt.index(cases[0].answer), cases[4].prompt.index(cases[4].answer)
+    assert early < 300 < late  # depth 0 near the start, depth 1 near the end
+    needle = retrieval.make_cases(tok, "needle", [800], [0.5], haystack_text=TEXT)[0]
+    assert needle.answer in needle.prompt and "special magic number" in needle.prompt
+
+
+def test_retrieval_scoring_reads_the_first_number():
+    class Echo:  # "generates" the hidden key for one case and garbage for the other
+        def __init__(self, tok):
+            self.tok, self.p = tok, torch.nn.Parameter(torch.zeros(1))
+
+        def parameters(self):
+            return iter([self.p])
+
+        def generate(self, input_ids, **kw):
+            answer = " 12345." if input_ids.shape[1] % 2 else " no idea"
+            return torch.cat([input_ids, self.tok(answer, return_tensors="pt").input_ids], dim=1)
+
+    tok = tm.tiny_tokenizer()
+    cases = [retrieval.RetrievalCase(f"{tm.word(20)} {tm.word(21)} {tm.word(22)}", "12345", 3, 0.0, "passkey"),
+             retrieval.RetrievalCase(f"{tm.word(20)} {tm.word(21)}", "12345", 2, 1.0, "passkey")]
+    res = retrieval.evaluate_retrieval(Echo(tok), tok, cases, progress=False)
+    assert res.accuracy == 0.5 and res.grid == {2: {1.0: 0.0}, 3: {0.0: 1.0}}
+
+
+def test_vision_metrics():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    other = torch.tensor([[2.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    out = vision.compare_classifier(logits, other, torch.tensor([0, 1, 1]))
+    assert out == {"top1_agreement": pytest.approx(2 / 3), "accuracy": pytest.approx(1 / 3),
+                   "dense_accuracy": pytest.approx(2 / 3)}
+    dense = torch.ones(4, 4)
+    assert vision.compare_dit(dense, dense)["psnr_db"] == float("inf")
+    assert vision.compare_dit(dense, dense + 0.1)["psnr_db"] == pytest.approx(20.0)
+
+
+def test_report_grid_on_tiny_decoder(tmp_path):
+    model, tok = tm.build("llama"), tm.tiny_tokenizer()
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(" ".join(tm.word(14 + (i * 7) % (tm.V - 14)) for i in range(400)))
+    settings = EvalSettings(data=str(text_file), ppl_tokens=128, ppl_window=32, decode_tokens=24,
+                            lm_eval_limit=4, task_items=4, task_text=str(text_file),
+                            retrieval_lengths=[48, 64], retrieval_depths=[0.0, 1.0], speed_lengths=[16, 32],
+                            decode_prompt=8, decode_new_tokens=4)
+    metrics = ["ppl", "decode_ppl", "passkey", "speed"]
+    report = run_grid(model, tok, ["sliding_window:window=4,sinks=1", "linear"], metrics, settings, tmp_path / "out",
+                      progress=False)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["methods"] == ["dense", "sliding_window:window=4,sinks=1", "linear"]
+    assert saved["environment"]["threads"] >= 1 and saved["environment"]["seed"] == 0
+    r = report["results"]
+    assert r["dense"]["ppl"]["tokens"] == 4 * 31
+    assert r["linear"]["decode_ppl"]["cache_bytes"] < r["dense"]["decode_ppl"]["cache_bytes"]
+    assert set(r["dense"]["passkey"]["grid"]) == {"48", "64"}  # JSON-ready keys
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Decoding perplexity" in md and "| linear |" in md and "## Time per metric" in md
+    for plot in ("quality_vs_compression.png", "perplexity.png", "latency_vs_length.png", "passkey_heatmap.png"):
+        assert (tmp_path / "out" / plot).stat().st_size > 1000
+
+
+def test_report_grid_vision(tmp_path):
+    vit = tm.build("vit")
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    classifier = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=96, image_size=32, patch_size=8,
+                                                     num_labels=5)).eval()
+    del vit
+    inputs = {"pixel_values": tm.pixels(batch=6), "labels": torch.tensor([0, 1, 2, 3, 4, 0])}
+    report = run_grid(classifier, None, ["sliding_window:window=4096", "linear"], ["vit"], out_dir=tmp_path,
+                      vision_inputs=inputs, progress=False)
+    r = report["results"]
+    assert r["dense"]["vit"]["top1_agreement"] == 1.0
+    assert r["sliding_window:window=4096"]["vit"]["top1_agreement"] == 1.0  # full window is exact
+    dit = tm.build("dit")
+    g = torch.Generator().manual_seed(0)
+    inputs = {"sample": torch.randn(2, 4, 8, 8, generator=g), "timesteps": torch.tensor([900, 100]),
+              "conditioning": {"class_labels": torch.tensor([1, 2])}}
+    report = run_grid(dit, None, ["linear"], ["dit"], out_dir=tmp_path / "dit", vision_inputs=inputs, progress=False)
+    assert report["results"]["dense"]["dit"]["mse"] == 0.0 and report["results"]["linear"]["dit"]["mse"] > 0
