@@ -92,8 +92,106 @@ class RecurrentStateLayer(DynamicLayer):
             self._map_state(lambda t: t.to(self.device, non_blocking=True))
 
 
-def state_layer_for(cache: Cache, layer_idx: int) -> RecurrentStateLayer | None:
-    """The layer's RecurrentStateLayer, swapping in a fresh one for an empty dynamic layer.
+class CompressedKVLayer(DynamicLayer):
+    """Stores only the K/V entries a compression method keeps, per sequence and per kv head.
+
+    keys/values (B, Hkv, K, D) are the kept entries in their original order; `valid` (B, Hkv, K)
+    marks real entries (False for padding, and for spare slots of a sequence that keeps fewer
+    than another); `positions` (B, Hkv, K) int32 are their absolute positions (keys are stored
+    after RoPE, so positions are only needed for sink/recency rules); `scores` is the method's
+    running score where it keeps one (H2O). `budget` (B,) is the per-sequence size kept while
+    decoding, set at prefill. The layer reports the full sequence length, so positions of new
+    tokens and the masks of other layers are what they would be without compression.
+    """
+
+    is_croppable = False
+
+    def __init__(self, sliding_window: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.seen_tokens = 0
+        self.valid = self.positions = self.scores = self.budget = None
+        # set when it replaces a sliding-window layer: the method keeps applying the model's window
+        # and the layer reports that layer's mask geometry, so masks of other sliding layers stay right
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        b, h = key_states.shape[:2]
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.valid = torch.zeros(b, h, 0, dtype=torch.bool, device=key_states.device)
+        self.positions = torch.zeros(b, h, 0, dtype=torch.int32, device=key_states.device)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, n = key_states.shape[:3]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(b, h, n)], dim=-1)
+        new_positions = torch.arange(self.seen_tokens, self.seen_tokens + n, device=key_states.device, dtype=torch.int32)
+        self.positions = torch.cat([self.positions, new_positions.expand(b, h, n)], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, n)], dim=-1)
+        self.seen_tokens += n
+        return self.keys, self.values
+
+    def keep(self, index: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep only the entries at `index` (B, Hkv, K); the rest is freed."""
+        from .ops.kv_select import gather_tokens
+
+        self.keys = gather_tokens(self.keys, index).contiguous()
+        self.values = gather_tokens(self.values, index).contiguous()
+        self.positions = torch.gather(self.positions, -1, index)
+        if self.scores is not None:
+            self.scores = torch.gather(self.scores, -1, index)
+        self.valid = valid
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.sliding_window is None:
+            return self.seen_tokens + query_length, 0
+        offset = max(self.seen_tokens - self.sliding_window + 1, 0)
+        return min(self.seen_tokens, self.sliding_window - 1) + query_length, offset
+
+    @property
+    def stored_tokens(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.keys, self.values, self.valid, self.positions, self.scores, self.budget)
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+        self.valid = self.positions = self.scores = self.budget = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed KV cache cannot be rolled back: evicted entries are gone")
+
+    def _map(self, fn) -> None:
+        for name in ("keys", "values", "valid", "positions", "scores", "budget"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, fn(value))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+
+def state_layer_for(cache: Cache, layer_idx: int, layer_class: type = RecurrentStateLayer):
+    """The layer's attnpatch cache layer, swapping `layer_class` in for an empty dynamic layer.
 
     Returns None when the layer already holds keys (a cache filled before patching, or a static
     cache): the method then sees the full K/V and computes from them, which is still exact.
@@ -105,10 +203,15 @@ def state_layer_for(cache: Cache, layer_idx: int) -> RecurrentStateLayer | None:
     if layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
-    if isinstance(layer, RecurrentStateLayer):
+    if isinstance(layer, layer_class):
         return layer
-    if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.get_seq_length() == 0:
+    if layer.get_seq_length() != 0:
+        return None
+    if layer_class is RecurrentStateLayer and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
         layers[layer_idx] = RecurrentStateLayer(sliding_window=getattr(layer, "sliding_window", None))
+        return layers[layer_idx]
+    if layer_class is CompressedKVLayer and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
+        layers[layer_idx] = CompressedKVLayer(sliding_window=getattr(layer, "sliding_window", None))
         return layers[layer_idx]
     return None
 
@@ -117,7 +220,7 @@ def cache_nbytes(cache: Cache) -> int:
     """Bytes held by a cache: stored keys and values plus any recurrent state."""
     total = 0
     for layer in cache.layers:
-        if isinstance(layer, RecurrentStateLayer):
+        if isinstance(layer, (RecurrentStateLayer, CompressedKVLayer)):
             total += layer.nbytes
             continue
         for name in ("keys", "values"):

@@ -94,8 +94,10 @@ class Method:
     params: ClassVar[tuple[ParamSpec, ...]] = ()
     trainable: ClassVar[bool] = False
     trainable_note: ClassVar[str] = ""
-    # True when decoding keeps its own state in the cache instead of growing K/V (see cache.py)
+    # True when decoding keeps its own cache layer (see cache.py): a recurrent state, or
+    # compressed K/V; `cache_layer_class` names the layer
     uses_state_cache: ClassVar[bool] = False
+    cache_layer_class: ClassVar[type | None] = None
 
     def __init__(self, site, **params):
         self.site = site

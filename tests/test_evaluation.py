@@ -64,7 +64,6 @@ def test_local_task_generation():
 
 
 def test_lm_eval_runs_local_tasks_end_to_end(tmp_path):
-    pytest.importorskip("lm_eval")
     model, tok = tm.build("llama"), tm.tiny_tokenizer()
     folder = lm_tasks.prepare_local_tasks(tmp_path / "tasks", TEXT, count=8)
     assert (folder / "attnpatch_cloze.yaml").read_text().count(str(folder)) == 1

@@ -13,7 +13,7 @@ import inspect
 
 from torch import nn
 
-from ..cache import state_layer_for
+from ..cache import RecurrentStateLayer, state_layer_for
 from ..call import AttentionCall, normalise_mask
 from .base import Adapter, AttentionSite, split_layer_path, tower_depths
 
@@ -73,7 +73,9 @@ def _capture_cache(module, args, kwargs):
     cache = kwargs.get("past_key_values")
     layer = None
     if cache is not None and hasattr(cache, "layers"):
-        layer = state_layer_for(cache, module.layer_idx)
+        method = module.__dict__.get(METHOD_ATTR)
+        layer_class = getattr(method, "cache_layer_class", None) or RecurrentStateLayer
+        layer = state_layer_for(cache, module.layer_idx, layer_class)
     module.__dict__[CACHE_ATTR] = layer
 
 

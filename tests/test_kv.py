@@ -1,0 +1,207 @@
+"""KV-cache compression: selections against slow references, generate() on padded batches,
+measured cache bytes against the budget, and budget >= length equal to dense."""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import tiny_models as tm
+from attnpatch import cache_nbytes, patch_model, unpatch_model
+from attnpatch.cache import CompressedKVLayer
+from attnpatch.call import AttentionCall
+from attnpatch.registry import get_method, resolve_params
+
+B, HQ, HKV, D, L = 2, 4, 2, 8, 24
+PAD = 5  # sequence 0 is left-padded by 5 tokens
+METHODS = ["streaming", "h2o", "tova", "knorm", "snapkv", "pyramidkv"]
+
+
+class Site:
+    layer, num_layers, num_heads, num_kv_heads, head_dim = 0, 4, HQ, HKV, D
+
+
+def prefill_once(method: str, seed: int = 0, layer: int = 0, **params):
+    """Run one method's prefill on random q/k/v through a fresh CompressedKVLayer."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(B, HQ, L, D, generator=g), torch.randn(B, HKV, L, D, generator=g), torch.randn(B, HKV, L, D, generator=g)
+    cache = CompressedKVLayer()
+    keys, values = cache.update(k, v)
+    mask = torch.ones(B, 1, L, L, dtype=torch.bool).tril()
+    mask[0, :, :, :PAD] = False
+    site = Site()
+    site.layer = layer
+    instance = get_method(method)(site, **resolve_params(method, params))
+    call = AttentionCall(module=None, query=q, key=keys, value=values, mask=mask, causal=True, scaling=D**-0.5,
+                         cache_layer=cache)
+    instance.attention(call)
+    return cache, q, k
+
+
+def full_attention(q, k, b):
+    """(HQ, L, L) causal softmax attention of sequence b, padding excluded: the slow way."""
+    scores = torch.einsum("hqd,hkd->hqk", q[b].double(), k[b].repeat_interleave(HQ // HKV, 0).double()) * D**-0.5
+    allowed = torch.ones(L, L).tril().bool()
+    if b == 0:
+        allowed[:, :PAD] = False
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+    return torch.nan_to_num(weights)
+
+
+def reference_keep(scores, b, head, budget, sinks=0, recent=0):
+    """Kept positions of one (sequence, kv head): the first `sinks` real tokens and the `recent`
+    newest are forced, the rest of the budget goes to the best scores."""
+    positions = list(range(PAD if b == 0 else 0, L))
+    keep = min(budget, len(positions))
+    forced = positions[:sinks] + (positions[len(positions) - recent:] if recent else [])
+    forced = sorted(set(forced))[:keep]
+    rest = sorted((p for p in positions if p not in forced), key=lambda p: -float(scores[p]))
+    return sorted(forced + rest[: keep - len(forced)])
+
+
+def kept_positions(cache, b, head):
+    return sorted(cache.positions[b, head][cache.valid[b, head]].tolist())
+
+
+def group_sum(weights):  # (HQ, ...) -> (HKV, ...)
+    return weights.reshape(HKV, HQ // HKV, *weights.shape[1:]).sum(1)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("h2o", {"budget": 9, "recent_ratio": 0.34}),
+    ("h2o", {"compression": 0.5, "recent_ratio": 0.0}),
+    ("tova", {"budget": 7}),
+    ("knorm", {"budget": 6, "sinks": 2}),
+    ("snapkv", {"budget": 10, "window": 4, "kernel": 1}),
+    ("snapkv", {"budget": 10, "window": 4, "kernel": 5, "pooling": "max"}),
+    ("streaming", {"budget": 8, "sinks": 2}),
+])
+def test_prefill_selection_matches_slow_reference(method, params):
+    cache, q, k = prefill_once(method, **params)
+    config = resolve_params(method, params)
+    for b in range(B):
+        real = L - PAD if b == 0 else L
+        budget = config["budget"] or math.ceil(real * (1 - config["compression"]))
+        weights = full_attention(q, k, b)
+        for head in range(HKV):
+            if method == "h2o":
+                scores, recent = group_sum(weights.sum(1))[head], int(budget * config["recent_ratio"])
+            elif method == "tova":
+                scores, recent = group_sum(weights[:, -1])[head], 0
+            elif method == "knorm":
+                scores, recent = -k[b, head].double().norm(dim=-1), 0
+            elif method == "snapkv":
+                raw = group_sum(weights[:, -config["window"]:].sum(1))[head]
+                kern = config["kernel"]
+                pooled = []
+                first = PAD if b == 0 else 0
+                for i in range(L):  # 1-D pooling over real neighbours, the slow way
+                    span = raw[max(first, i - kern // 2): i + kern // 2 + 1] if i >= first else raw[i:i + 1]
+                    pooled.append(span.max() if config["pooling"] == "max" else span.mean())
+                scores, recent = torch.stack(pooled), config["window"]
+            else:
+                scores, recent = torch.zeros(L), budget - config["sinks"]
+            expected = reference_keep(scores, b, head, budget, config["sinks"], recent)
+            assert kept_positions(cache, b, head) == expected, (method, b, head)
+    # stored entries shrink to the largest per-sequence budget
+    assert cache.keys.shape[2] == max(config["budget"] or 0, max(
+        math.ceil(n * (1 - config["compression"])) for n in (L - PAD, L)) if config["budget"] is None else 0)
+
+
+def test_pyramidkv_budgets_decrease_with_depth():
+    kept = []
+    for layer in range(4):
+        cache, _, _ = prefill_once("pyramidkv", layer=layer, budget=8, window=2, spread=0.5)
+        kept.append(int(cache.valid[1, 0].sum()))
+    assert kept == [12, 9, 7, 4] and sum(kept) / 4 == pytest.approx(8, abs=0.1)
+
+
+def _generate(model, method=None, new_tokens=6, **params):
+    if method:
+        patch_model(model, method, **params)
+    ids, mask = tm.text_batch(length=20, left_pad=4)
+    cache = DynamicCache(config=model.config)
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    if method:
+        unpatch_model(model)
+    return out, cache
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_padded_batch_budget_and_bytes(method):
+    model = tm.build("llama")
+    dense, dense_cache = _generate(model)
+    full, _ = _generate(model, method, budget=64)  # budget >= length: dense, up to float rounding
+    assert torch.equal(full.sequences, dense.sequences)  # (SDPA's GQA kernels differ in the last bits)
+    assert max((a - b).abs().max().item() for a, b in zip(full.scores, dense.scores)) <= 1e-4
+    extra = {"window": 3} if method in ("snapkv", "pyramidkv") else {}
+    out, cache = _generate(model, method, budget=8, **extra)
+    cfg = model.config
+    grows = method in ("snapkv", "pyramidkv")
+    for i, layer in enumerate(cache.layers):
+        assert isinstance(layer, CompressedKVLayer)
+        expected = (layer.budget.max().item() if grows else 8)
+        if not grows:
+            assert layer.valid[:, 0].sum(-1).tolist() == [8, 8]  # per sequence, padding never kept
+        assert layer.keys.shape == (2, cfg.num_key_value_heads, expected, 16)
+    kv_bytes = sum(l.keys.numel() * 4 + l.values.numel() * 4 for l in cache.layers)
+    assert cache_nbytes(cache) >= kv_bytes and cache_nbytes(cache) < 1.1 * kv_bytes  # + small metadata
+    if not grows:
+        assert kv_bytes == 2 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 8 * 16 * 4
+    assert out.sequences.shape == dense.sequences.shape
+
+
+@pytest.mark.parametrize("method", ["streaming", "h2o", "snapkv"])
+def test_padded_sequence_equals_running_alone(method):
+    """Selection is per sequence: the padded row generates what it generates without padding."""
+    model = tm.build("llama")
+    patch_model(model, method, budget=6, **({"window": 2} if method == "snapkv" else {}))
+    ids, mask = tm.text_batch(length=20, left_pad=4)
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    alone = model.generate(ids[:1, 4:], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(batch[0, 4:], alone[0])
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma2", "phi3"])
+def test_every_decoder_family(name):
+    model = tm.build(name)
+    dense, _ = _generate(model)
+    for method in ("h2o", "snapkv"):
+        full, _ = _generate(model, method, budget=64)
+        assert torch.equal(full.sequences, dense.sequences), (name, method)
+        _, cache = _generate(model, method, budget=5, **({"window": 2} if method == "snapkv" else {}))
+        assert all(isinstance(l, CompressedKVLayer) for l in cache.layers)
+
+
+def test_llava_language_model():
+    model = tm.build("llava")
+    patch_model(model, "snapkv", budget=6, window=2, towers="language_model")
+    cfg = model.config
+    n_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    ids = torch.cat([torch.full((2, n_image), cfg.image_token_id), torch.randint(3, tm.V - 2, (2, 5))], dim=1)
+    cache = DynamicCache(config=cfg)
+    model.generate(input_ids=ids, pixel_values=tm.pixels(), past_key_values=cache, max_new_tokens=3,
+                   do_sample=False, pad_token_id=0)
+    assert all(l.keys.shape[2] == 6 + 2 for l in cache.layers)  # budget after prefill, then 2 decode steps
+
+
+def test_kv_methods_refuse_encoders_and_bad_budgets():
+    from attnpatch import PatchError
+
+    with pytest.raises(PatchError, match=r"supports \['decoder'\] models"):
+        patch_model(tm.build("vit"), "h2o")
+    with pytest.raises(PatchError, match="out of range"):
+        patch_model(tm.build("llama"), "snapkv", compression=1.0)
+    with pytest.raises(PatchError, match="needs budget > sinks"):
+        patch_model(tm.build("llama"), "streaming", budget=4, sinks=4)
+
+
+def test_kv_stacks_on_nothing_else_that_touches_attention():
+    from attnpatch import PatchError
+
+    model = tm.build("llama")
+    patch_model(model, "h2o", budget=8)
+    with pytest.raises(PatchError, match="already patched"):
+        patch_model(model, "linear")
