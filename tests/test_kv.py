@@ -205,3 +205,46 @@ def test_kv_stacks_on_nothing_else_that_touches_attention():
     patch_model(model, "h2o", budget=8)
     with pytest.raises(PatchError, match="already patched"):
         patch_model(model, "linear")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantize_matches_naive_per_group_loop(bits):
+    from attnpatch.ops.quant import dequantize, quantize
+
+    x = torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(bits)) * 3
+    levels = 2**bits - 1
+    for axis, group in (("tokens", 4), ("channels", 4)):
+        got = dequantize(quantize(x, bits, group, axis))
+        expected = torch.empty_like(x)
+        for h in range(2):
+            for i in range(0, 16 if axis == "tokens" else 8, group):
+                for j in range(8 if axis == "tokens" else 16):
+                    block = x[0, h, i:i + group, j] if axis == "tokens" else x[0, h, j, i:i + group]
+                    lo = block.min().half().float()
+                    scale = ((block.max() - block.min()) / levels).clamp_min(1e-8).half().float()
+                    value = torch.round((block - lo) / scale).clamp(0, levels) * scale + lo
+                    if axis == "tokens":
+                        expected[0, h, i:i + group, j] = value
+                    else:
+                        expected[0, h, j, i:i + group] = value
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert (got - x).abs().max() <= (x.max() - x.min()) / levels / 2 + 1e-2
+
+
+def test_kv_quant_generate_bytes_and_exact_when_nothing_is_quantised():
+    model = tm.build("llama")
+    dense, dense_cache = _generate(model, new_tokens=12)
+    full, _ = _generate(model, "kv_quant", new_tokens=12, residual=64, group=8)
+    assert torch.equal(full.sequences, dense.sequences)
+    out, cache = _generate(model, "kv_quant", new_tokens=12, bits=4, group=8, residual=8, sinks=4)
+    layer = cache.layers[0]
+    seen = 20 + 11  # prompt + fed generated tokens
+    quantised = (seen - 4 - 8) // 8 * 8
+    assert layer.quant_keys.codes.shape[2] == quantised and layer.keys.shape[2] == seen - 4 - quantised
+    b, h, d = 2, model.config.num_key_value_heads, 16
+    full_precision = 2 * b * h * (4 + seen - 4 - quantised) * d * 4
+    codes = 2 * b * h * quantised * d * 4 // 8
+    key_stats = 2 * b * h * (quantised // 8) * d * 2  # scale + minimum, float16, per channel and group
+    value_stats = 2 * b * h * quantised * (d // 8) * 2  # per token and channel group
+    assert layer.nbytes == full_precision + codes + key_stats + value_stats
+    assert cache_nbytes(cache) < 0.7 * cache_nbytes(dense_cache)

@@ -75,7 +75,7 @@ def _capture_cache(module, args, kwargs):
     if cache is not None and hasattr(cache, "layers"):
         method = module.__dict__.get(METHOD_ATTR)
         layer_class = getattr(method, "cache_layer_class", None) or RecurrentStateLayer
-        layer = state_layer_for(cache, module.layer_idx, layer_class)
+        layer = state_layer_for(cache, module.layer_idx, layer_class, getattr(method, "new_cache_layer", None))
     module.__dict__[CACHE_ATTR] = layer
 
 

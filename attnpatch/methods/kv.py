@@ -261,6 +261,47 @@ class PyramidKV(SnapKV):
         return torch.clamp(torch.round(base * factor).long(), min=1)
 
 
+@register_method
+class KVQuant(Method):
+    name = "kv_quant"
+    family = "kv-compressed"
+    summary = ("Quantised KV cache (KIVI-style): keys per channel over token groups, values per token over channel "
+               "groups, at 2/4/8 bits packed with float16 scales; the first `sinks` tokens and the newest "
+               "`residual` stay in full precision. Attention itself is exact over the dequantised entries.")
+    model_kinds = ("decoder",)
+    interventions = frozenset({"attention", "cache"})
+    uses_state_cache = True
+    params = (
+        ParamSpec("bits", int, 4, "bits per quantised key/value element", choices=(2, 4, 8)),
+        ParamSpec("group", int, 32, "tokens per key group / channels per value group", low=1),
+        ParamSpec("residual", int, 64, "newest tokens kept in full precision", low=0),
+        ParamSpec("sinks", int, 4, "first tokens kept in full precision", low=0),
+    )
+
+    @property
+    def cache_layer_class(self):
+        from ..cache import QuantizedKVLayer
+
+        return QuantizedKVLayer
+
+    def check_site(self, site):
+        if site.head_dim % self.config["group"]:
+            raise PatchError(f"kv_quant: group={self.config['group']} must divide the head dimension {site.head_dim}")
+
+    def new_cache_layer(self):
+        from ..cache import QuantizedKVLayer
+
+        c = self.config
+        return QuantizedKVLayer(bits=c["bits"], group=c["group"], residual=c["residual"], sinks=c["sinks"])
+
+    def attention(self, call):
+        allowed = call.mask
+        if call.causal and call.query.shape[-2] > 1:
+            causal = causal_mask(call.query.shape[-2], call.key.shape[-2], call.query.device)
+            allowed = causal if allowed is None else allowed & causal
+        return _sdpa(call, allowed, False)
+
+
 def expected_kept(real_tokens: int, compression: float) -> int:
     """Entries a sequence keeps after prefill under `compression` (for tests and reports)."""
     return max(1, math.ceil(real_tokens * (1.0 - compression)))
