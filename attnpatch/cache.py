@@ -13,7 +13,23 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 
-class RecurrentStateLayer(DynamicLayer):
+class _MappedBatchOps:
+    """Beam search and batch edits for layers that define `_map(fn)` over their tensors."""
+
+    def _map(self, fn) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+
+class RecurrentStateLayer(_MappedBatchOps, DynamicLayer):
     """Holds `state` (any object with `nbytes` and tensors kv/k_sum) instead of growing K/V."""
 
     is_croppable = False
@@ -71,28 +87,19 @@ class RecurrentStateLayer(DynamicLayer):
             "re-run the prompt instead of rolling the cache back"
         )
 
-    def _map_state(self, fn) -> None:
+    def _map(self, fn) -> None:
         if self.state is not None:
             self.state = type(self.state)(**{k: fn(v) for k, v in self.state.__dict__.items()})
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_state(lambda t: t[indices, ...])
-
     def offload(self):
-        self._map_state(lambda t: t.to("cpu", non_blocking=True))
+        self._map(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self):
         if self.is_initialized:
-            self._map_state(lambda t: t.to(self.device, non_blocking=True))
+            self._map(lambda t: t.to(self.device, non_blocking=True))
 
 
-class CompressedKVLayer(DynamicLayer):
+class CompressedKVLayer(_MappedBatchOps, DynamicLayer):
     """Stores only the K/V entries a compression method keeps, per sequence and per kv head.
 
     keys/values (B, Hkv, K, D) are the kept entries in their original order; `valid` (B, Hkv, K)
@@ -179,15 +186,6 @@ class CompressedKVLayer(DynamicLayer):
             value = getattr(self, name)
             if isinstance(value, torch.Tensor):
                 setattr(self, name, fn(value))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
 
 
 class QuantizedKVLayer(DynamicLayer):

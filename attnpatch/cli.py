@@ -155,7 +155,7 @@ def _cmd_eval(args) -> int:
         parse_method_spec(spec)
     settings = EvalSettings(
         data=args.data, ppl_tokens=args.ppl_tokens or None, ppl_window=args.window, ppl_stride=args.stride,
-        decode_tokens=args.decode_tokens, lm_eval_tasks=args.tasks, lm_eval_limit=args.limit or None,
+        decode_tokens=args.decode_tokens, decode_prefill=args.decode_prefill, lm_eval_tasks=args.tasks, lm_eval_limit=args.limit or None,
         task_items=args.task_items, task_text=args.task_text, retrieval_lengths=args.lengths,
         retrieval_depths=args.depths, retrieval_samples=args.samples, speed_lengths=args.speed_lengths,
         decode_prompt=args.decode_prompt, decode_new_tokens=args.decode_new_tokens, seed=args.seed)
@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-tokens", type=int, default=16384, help="tokens scored by ppl (0 = all)")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--stride", type=int, default=None)
-    p.add_argument("--decode-tokens", type=int, default=512, help="tokens fed one by one for decode_ppl")
+    p.add_argument("--decode-tokens", type=int, default=512, help="decode_ppl: text tokens used in all")
+    p.add_argument("--decode-prefill", type=int, default=256,
+                   help="decode_ppl: tokens prefilled (and compressed by KV methods) before token-by-token decoding")
     p.add_argument("--tasks", nargs="+", default=["attnpatch_cloze", "attnpatch_next_sentence"],
                    help="lm-eval tasks: local attnpatch_cloze attnpatch_next_sentence, or hub ones "
                         "(piqa arc_easy arc_challenge hellaswag winogrande lambada_openai mmlu)")

@@ -43,11 +43,13 @@ def test_decoding_perplexity_equals_prefill_for_exact_caches(method):
     if method:
         patch_model(model, method)
     ids = torch.randint(3, tm.V, (48,), generator=torch.Generator().manual_seed(1))
-    prefill = windowed_perplexity(model, ids, max_length=48, progress=False)
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], use_cache=False).logits[0].float()
+    nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")
     for start in (1, 16):
         decoded = decoding_perplexity(model, ids, max_tokens=48, prefill=start, progress=False)
-        assert decoded.tokens == 47
-        assert math.isclose(decoded.perplexity, prefill.perplexity, rel_tol=1e-4)
+        assert decoded.tokens == 48 - start  # tokens after the prefill
+        assert math.isclose(decoded.nll, nll[start - 1:].mean().item(), rel_tol=1e-4)
     # the cache held what it should: dense K/V for 48 tokens, or a constant-size linear state
     cfg = model.config
     dense_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 47 * 16 * 4  # the last token is only a target
@@ -129,7 +131,7 @@ def test_report_grid_on_tiny_decoder(tmp_path):
     model, tok = tm.build("llama"), tm.tiny_tokenizer()
     text_file = tmp_path / "text.txt"
     text_file.write_text(" ".join(tm.word(14 + (i * 7) % (tm.V - 14)) for i in range(400)))
-    settings = EvalSettings(data=str(text_file), ppl_tokens=128, ppl_window=32, decode_tokens=24,
+    settings = EvalSettings(data=str(text_file), ppl_tokens=128, ppl_window=32, decode_tokens=24, decode_prefill=8,
                             lm_eval_limit=4, task_items=4, task_text=str(text_file),
                             retrieval_lengths=[48, 64], retrieval_depths=[0.0, 1.0], speed_lengths=[16, 32],
                             decode_prompt=8, decode_new_tokens=4)

@@ -88,14 +88,15 @@ def windowed_perplexity(model, input_ids: torch.Tensor, max_length: int = 1024, 
 
 
 @torch.no_grad()
-def decoding_perplexity(model, input_ids: torch.Tensor, max_tokens: int = 1024, prefill: int = 0,
+def decoding_perplexity(model, input_ids: torch.Tensor, max_tokens: int = 1024, prefill: int = 1,
                         cache_factory=None, desc: str = "decoding perplexity", progress: bool = True) -> PerplexityResult:
-    """Feed the text one token at a time through the cache and score every next token.
+    """Prefill `prefill` tokens in one forward (a KV method compresses them then), then feed the
+    rest one token at a time through the cache, scoring every token after the prefill: tokens
+    prefill .. max_tokens-1, each predicted from everything the cache still holds.
 
-    prefill: tokens fed in one forward first (their next tokens are scored from that forward's
-    logits). cache_factory(model) -> Cache; default: a DynamicCache for the model's config (a
-    patched model swaps in its own layers where its method needs them). The result's extra holds
-    the cache bytes at the end and the tokens the cache saw."""
+    cache_factory(model) -> Cache; default: a DynamicCache for the model's config (a patched model
+    swaps in its own layers where its method needs them). The result's extra holds the cache's
+    bytes at the end and the tokens it saw."""
     from transformers import DynamicCache
 
     ids = input_ids.reshape(-1)[:max_tokens].to(_device(model))
@@ -106,16 +107,17 @@ def decoding_perplexity(model, input_ids: torch.Tensor, max_tokens: int = 1024, 
     total_nll, scored = 0.0, 0
     with peak_memory() as mem:
         t0 = time.perf_counter()
-        out = model(input_ids=ids[None, :prefill], past_key_values=cache, use_cache=True)
-        logits = out.logits[0].float()
-        total_nll += float(torch.nn.functional.cross_entropy(logits, ids[1 : prefill + 1], reduction="sum"))
-        scored += prefill
+        out = model(input_ids=ids[None, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        total_nll += float(torch.nn.functional.cross_entropy(out.logits[0, -1:].float(), ids[prefill : prefill + 1]))
+        scored += 1
+        prefill_seconds = time.perf_counter() - t0
         for t in tqdm(range(prefill, ids.numel() - 1), desc=desc, disable=not progress, leave=False):
             out = model(input_ids=ids[None, t : t + 1], past_key_values=cache, use_cache=True)
             total_nll += float(torch.nn.functional.cross_entropy(out.logits[0].float(), ids[t + 1 : t + 2]))
             scored += 1
         seconds = time.perf_counter() - t0
     mean = total_nll / scored
+    decode_steps = ids.numel() - 1 - prefill
     return PerplexityResult(math.exp(mean), mean, scored, seconds, mem["bytes"], 1,
                             {"cache_bytes": cache_nbytes(cache), "cache_seq_length": cache.get_seq_length(),
-                             "prefill": prefill})
+                             "prefill": prefill, "decode_tokens_per_s": decode_steps / max(seconds - prefill_seconds, 1e-9)})

@@ -31,6 +31,7 @@ class EvalSettings:
     ppl_window: int = 1024
     ppl_stride: int | None = None
     decode_tokens: int = 512
+    decode_prefill: int = 256  # tokens prefilled (and compressed by KV methods) before decoding
     lm_eval_tasks: list[str] = field(default_factory=lambda: list(lm_tasks.LOCAL_TASKS))
     lm_eval_limit: int | None = 200
     task_items: int = 200
@@ -94,8 +95,8 @@ def _measure(metric, model, tokenizer, inputs: _Inputs, dense: dict, label: str,
         return windowed_perplexity(model, inputs.ids, s.ppl_window, s.ppl_stride, s.ppl_tokens, desc=f"{label} ppl",
                                    progress=progress).as_dict()
     if metric == "decode_ppl":
-        return decoding_perplexity(model, inputs.ids, s.decode_tokens, desc=f"{label} decode ppl",
-                                   progress=progress).as_dict()
+        return decoding_perplexity(model, inputs.ids, s.decode_tokens, prefill=s.decode_prefill,
+                                   desc=f"{label} decode ppl", progress=progress).as_dict()
     if metric == "lm_eval":
         return lm_tasks.run_lm_eval(model, tokenizer, s.lm_eval_tasks, include_path=inputs.tasks_dir,
                                     limit=s.lm_eval_limit, seed=s.seed)
@@ -182,13 +183,18 @@ def render_markdown(report: dict) -> str:
                          f"{p['tokens_per_s']:.0f} |")
         lines.append("")
     if "decode_ppl" in report["metrics"]:
-        lines += ["## Decoding perplexity (token by token through the cache)", "",
-                  "| method | perplexity | KV bytes at end | KV vs dense | tokens/s |", "|---|---|---|---|---|"]
-        base = r["dense"]["decode_ppl"]["cache_bytes"]
+        s = report["settings"]
+        lines += [f"## Decoding perplexity ({s['decode_prefill']} tokens prefilled, then token by token to "
+                  f"{s['decode_tokens']} through the cache; tokens after the prefill scored)", "",
+                  "| method | perplexity | vs dense | KV bytes at end | KV vs dense | decode tok/s | vs dense |",
+                  "|---|---|---|---|---|---|---|"]
+        base = r["dense"]["decode_ppl"]
         for spec in specs:
             p = r[spec]["decode_ppl"]
-            lines.append(f"| {spec} | {p['perplexity']:.2f} | {p['cache_bytes']:,} | {_ratio(p['cache_bytes'], base):.3f} | "
-                         f"{p['tokens_per_s']:.1f} |")
+            lines.append(f"| {spec} | {p['perplexity']:.2f} | {_ratio(p['perplexity'], base['perplexity']):.3f}x | "
+                         f"{p['cache_bytes']:,} | {_ratio(p['cache_bytes'], base['cache_bytes']):.3f} | "
+                         f"{p['decode_tokens_per_s']:.1f} | "
+                         f"{_ratio(p['decode_tokens_per_s'], base['decode_tokens_per_s']):.2f}x |")
         lines.append("")
     if "lm_eval" in report["metrics"]:
         tasks = [t for t in r["dense"]["lm_eval"] if not t.startswith("_")]

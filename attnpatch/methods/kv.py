@@ -59,6 +59,15 @@ def _sdpa(call, allowed: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
     return out * visible.to(out.dtype)
 
 
+def exact_attention(call) -> torch.Tensor:
+    """Exact softmax attention under the model's mask and causality (bottom-right aligned)."""
+    allowed = call.mask
+    if call.causal and call.query.shape[-2] > 1:
+        causal = causal_mask(call.query.shape[-2], call.key.shape[-2], call.query.device)
+        allowed = causal if allowed is None else allowed & causal
+    return _sdpa(call, allowed, False)
+
+
 class KVCompressionMethod(Method):
     family = "kv-compressed"
     model_kinds = ("decoder",)
@@ -89,11 +98,7 @@ class KVCompressionMethod(Method):
         layer = call.cache_layer
         if not isinstance(layer, CompressedKVLayer):
             # no cache (or one filled before patching): nothing to compress, exact attention
-            allowed = call.mask
-            if call.causal and call.query.shape[-2] > 1:
-                causal = causal_mask(call.query.shape[-2], call.key.shape[-2], call.query.device)
-                allowed = causal if allowed is None else allowed & causal
-            return _sdpa(call, allowed, False)
+            return exact_attention(call)
         lq, length = call.query.shape[-2], call.key.shape[-2]
         if call.mask is not None:  # padding of the new tokens, from the model's mask
             new_valid = call.mask[..., -lq:].any(dim=-2).any(dim=1)  # (B or 1, lq)
@@ -294,12 +299,8 @@ class KVQuant(Method):
         c = self.config
         return QuantizedKVLayer(bits=c["bits"], group=c["group"], residual=c["residual"], sinks=c["sinks"])
 
-    def attention(self, call):
-        allowed = call.mask
-        if call.causal and call.query.shape[-2] > 1:
-            causal = causal_mask(call.query.shape[-2], call.key.shape[-2], call.query.device)
-            allowed = causal if allowed is None else allowed & causal
-        return _sdpa(call, allowed, False)
+    def attention(self, call):  # entries are only stored differently: attention is exact
+        return exact_attention(call)
 
 
 def expected_kept(real_tokens: int, compression: float) -> int:
