@@ -172,3 +172,17 @@ def test_report_grid_vision(tmp_path):
               "conditioning": {"class_labels": torch.tensor([1, 2])}}
     report = run_grid(dit, None, ["linear"], ["dit"], out_dir=tmp_path / "dit", vision_inputs=inputs, progress=False)
     assert report["results"]["dense"]["dit"]["mse"] == 0.0 and report["results"]["linear"]["dit"]["mse"] > 0
+
+
+def test_report_grid_clip_zero_shot(tmp_path):
+    model = tm.build("clip")
+    ids, mask = tm.text_batch(batch=3, length=6)
+    inputs = {"pixel_values": tm.pixels(batch=4), "input_ids": ids, "attention_mask": mask,
+              "labels": torch.tensor([0, 1, 2, 0])}
+    report = run_grid(model, None, ["sliding_window:window=4096", "linear"], ["clip"], out_dir=tmp_path,
+                      vision_inputs=inputs, progress=False)
+    r = report["results"]
+    assert r["dense"]["clip"]["zero_shot_agreement"] == 1.0
+    assert r["sliding_window:window=4096"]["clip"]["image_embedding_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert r["linear"]["clip"]["image_embedding_cosine"] < 0.9999
+    assert "## clip agreement with the dense model" in (tmp_path / "report.md").read_text()
