@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -305,8 +306,13 @@ def make_plots(report: dict, out_dir: Path) -> list[Path]:
     for kind in ("passkey", "needle"):
         if kind not in report["metrics"]:
             continue
-        fig, axes = plt.subplots(1, len(specs), figsize=(2.6 * len(specs) + 1, 2.8), squeeze=False)
-        for ax, spec in zip(axes[0], specs):
+        columns = min(len(specs), 6)
+        rows = -(-len(specs) // columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns + 1, 2.9 * rows), squeeze=False,
+                                 constrained_layout=True)
+        for ax in axes.flat[len(specs):]:
+            ax.axis("off")
+        for ax, spec in zip(axes.flat, specs):
             grid = r[spec][kind]["grid"]
             lengths = list(grid)
             depths = list(grid[lengths[0]])
@@ -314,10 +320,11 @@ def make_plots(report: dict, out_dir: Path) -> list[Path]:
             image = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(lengths)), lengths, fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{float(d):.2f}" for d in depths], fontsize=7)
-            ax.set_title(spec, fontsize=7)
+            ax.set_title("\n".join(textwrap.wrap(spec.replace(":", ": ").replace(",", ", "), 24)), fontsize=7)
             ax.set_xlabel("tokens", fontsize=7)
-        axes[0][0].set_ylabel("needle depth", fontsize=7)
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+        for row in axes:
+            row[0].set_ylabel("needle depth", fontsize=7)
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
         written.append(out_dir / f"{kind}_heatmap.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
