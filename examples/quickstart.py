@@ -28,3 +28,17 @@ patch_model(model, "linear", feature_map="elu")
 complete("linear (untrained)")
 unpatch_model(model)
 complete("dense again (unpatched)")
+
+# KV-cache compression: the cache really shrinks, measured from its tensors
+from transformers import DynamicCache  # noqa: E402
+
+long_prompt = tokenizer("The history of the city. " * 60 + "To sum up,", return_tensors="pt")
+for label, method in (("dense", None), ("snapkv, 75% evicted", "snapkv")):
+    if method:
+        patch_model(model, method, compression=0.75)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.generate(**long_prompt, past_key_values=cache, max_new_tokens=10, do_sample=False)
+    print(f"{label:>32}: KV cache {cache_nbytes(cache) / 2**20:.1f} MiB after {cache.get_seq_length()} tokens")
+    if method:
+        unpatch_model(model)
