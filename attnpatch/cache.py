@@ -99,6 +99,40 @@ class RecurrentStateLayer(_MappedBatchOps, DynamicLayer):
             self._map(lambda t: t.to(self.device, non_blocking=True))
 
 
+class HybridWindowLayer(RecurrentStateLayer):
+    """Window K/V plus a recurrent state (LoLCATs decoding): keys/values of the newest
+    `window - 1` tokens stay exact, everything older lives in the method's linear state. `update`
+    returns the window plus the new tokens; the method then folds what leaves the window into
+    the state and calls `trim`."""
+
+    def __init__(self, window: int, sliding_window: int | None = None, **kwargs):
+        super().__init__(sliding_window=sliding_window, **kwargs)
+        self.window = window
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen_tokens += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def trim(self) -> None:
+        keep = max(self.window - 1, 0)
+        self.keys = self.keys[..., self.keys.shape[-2] - min(keep, self.keys.shape[-2]):, :]
+        self.values = self.values[..., self.values.shape[-2] - min(keep, self.values.shape[-2]):, :]
+
+    @property
+    def nbytes(self) -> int:
+        window = sum(t.numel() * t.element_size() for t in (self.keys, self.values) if isinstance(t, torch.Tensor))
+        return window + super().nbytes
+
+    def _map(self, fn) -> None:
+        super()._map(fn)
+        if isinstance(self.keys, torch.Tensor):
+            self.keys, self.values = fn(self.keys), fn(self.values)
+
+
 class CompressedKVLayer(_MappedBatchOps, DynamicLayer):
     """Stores only the K/V entries a compression method keeps, per sequence and per kv head.
 
@@ -287,9 +321,11 @@ def state_layer_for(cache: Cache, layer_idx: int, layer_class: type = RecurrentS
     if layer_class is CompressedKVLayer and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
         layers[layer_idx] = CompressedKVLayer(sliding_window=getattr(layer, "sliding_window", None))
         return layers[layer_idx]
-    if factory is not None and type(layer) is DynamicLayer:  # sliding layers are already bounded
-        layers[layer_idx] = factory()
-        return layers[layer_idx]
+    if factory is not None and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
+        made = factory(sliding_window=getattr(layer, "sliding_window", None))
+        if made is not None:
+            layers[layer_idx] = made
+        return made
     return None
 
 
@@ -297,7 +333,7 @@ def cache_nbytes(cache: Cache) -> int:
     """Bytes held by a cache: stored keys and values plus any recurrent state."""
     total = 0
     for layer in cache.layers:
-        if isinstance(layer, (RecurrentStateLayer, CompressedKVLayer, QuantizedKVLayer)):
+        if isinstance(layer, (RecurrentStateLayer, CompressedKVLayer, QuantizedKVLayer)):  # incl. HybridWindowLayer
             total += layer.nbytes
             continue
         for name in ("keys", "values"):

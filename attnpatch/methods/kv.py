@@ -293,9 +293,11 @@ class KVQuant(Method):
         if site.head_dim % self.config["group"]:
             raise PatchError(f"kv_quant: group={self.config['group']} must divide the head dimension {site.head_dim}")
 
-    def new_cache_layer(self):
+    def new_cache_layer(self, sliding_window=None):
         from ..cache import QuantizedKVLayer
 
+        if sliding_window is not None:  # a sliding layer is already bounded: leave it as it is
+            return None
         c = self.config
         return QuantizedKVLayer(bits=c["bits"], group=c["group"], residual=c["residual"], sinks=c["sinks"])
 

@@ -1,0 +1,68 @@
+"""`lolcats`: exact softmax over a sliding window of recent tokens + linear attention over the rest,
+one shared normaliser, a learnable per-head mix (LoLCATs' attention; see ops/hybrid.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..cache import HybridWindowLayer
+from ..ops.hybrid import hybrid_attention
+from ..registry import ParamSpec, register_method
+from .linear import LinearAttention
+
+
+def _with_default(specs, name, default):
+    return tuple(ParamSpec(**{**s.__dict__, "default": default}) if s.name == name else s for s in specs)
+
+
+@register_method
+class LolcatsAttention(LinearAttention):
+    name = "lolcats"
+    family = "linearized"
+    summary = (
+        "LoLCATs hybrid: softmax over the `window` most recent keys plus linear attention over everything older, "
+        "mixed in one normalisation by a learnable per-head gate (sigmoid, init `gate_init`). Chunked prefill "
+        "O(n * window); decoding keeps the window's K/V plus a fixed-size linear state. Bidirectional for "
+        "encoders: softmax within |i-j| < window, linear elsewhere."
+    )
+    params = _with_default(LinearAttention.params, "feature_map", "hedgehog") + (
+        ParamSpec("window", int, 64, "keys attended with exact softmax", low=1),
+        ParamSpec("gate_init", float, 0.1, "initial weight of the softmax window in the mix", low=0.0, high=1.0,
+                  low_open=True, high_open=True),
+    )
+    trainable = True
+    trainable_note = "the per-head mixing gate, and the feature maps with feature_map='hedgehog'"
+    cache_layer_class = HybridWindowLayer
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    def attach(self, module):
+        super().attach(module)
+        reference = next(module.parameters())
+        init = math.log(self.config["gate_init"] / (1 - self.config["gate_init"]))
+        module.attnpatch_window_gate = nn.Parameter(
+            torch.full((self.site.num_heads,), init, dtype=reference.dtype, device=reference.device))
+
+    def new_cache_layer(self, sliding_window=None):
+        return HybridWindowLayer(self.config["window"], sliding_window=sliding_window)
+
+    def attention(self, call):
+        module = call.module
+        shared = module._modules.get("attnpatch_feature_map")
+        fq = (shared or module.attnpatch_feature_map_q)(call.query, is_query=True)
+        fk = (shared or module.attnpatch_feature_map_k)(call.key, is_query=False)
+        gate = torch.sigmoid(module.attnpatch_window_gate)
+        layer = call.cache_layer if isinstance(call.cache_layer, HybridWindowLayer) else None
+        out, state = hybrid_attention(
+            call.query, call.key, call.value, fq, fk, gate, window=self.config["window"], scaling=call.scaling,
+            causal=call.causal, key_valid=call.key_valid(), state=None if layer is None else layer.state,
+            block_size=self.config["chunk_size"], softcap=call.softcap)
+        if layer is not None:
+            layer.state = state
+            layer.trim()
+        return out

@@ -1,0 +1,110 @@
+"""Window + linear hybrid attention (LoLCATs): exact softmax over the `window` nearest keys, linear
+attention over every other visible key, in one normalisation with a per-head mix g in (0, 1):
+
+    out_i = (g * sum_{j in W_i} e_ij v_j + (1 - g) * sum_{j in L_i} phi(q_i).phi(k_j) v_j)
+          / (g * sum_{j in W_i} e_ij     + (1 - g) * sum_{j in L_i} phi(q_i).phi(k_j))
+
+with e_ij = exp(q_i.k_j * scaling - m_i), m_i the largest windowed score of query i.
+Causal: W_i = {i-window < j <= i}, L_i = {j <= i-window}. Bidirectional: W_i = {|i-j| < window},
+L_i = the other valid keys. Shapes and GQA conventions as in linear.py; `gate` is (Hq,) in (0, 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .linear import LinearState, accumulate_state, zero_state
+from .reference import repeat_kv
+
+
+def _window_scores(q_blk, k_blk, scaling, allowed, softcap=None):
+    """exp(scores - rowmax) over allowed entries (0 elsewhere)."""
+    scores = torch.matmul(q_blk, k_blk.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).clamp_min(-1e30)
+    weights = torch.exp(scores - row_max).masked_fill(~allowed, 0.0)
+    return weights
+
+
+def hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: float, causal: bool = True,
+                     key_valid: torch.Tensor | None = None, state: LinearState | None = None,
+                     block_size: int = 64, softcap: float | None = None) -> tuple[torch.Tensor, LinearState | None]:
+    """Chunked hybrid attention. Causal: O(L * (window + block)); keys older than the given K/V may
+    already be summed into `state` (they are all outside every window). Returns the output
+    (B, Hq, Lq, D) and, when causal, the linear state of every key except the last window - 1
+    (what a decoding cache must carry over as a state)."""
+    groups = query.shape[1] // key.shape[1]
+    lq, lk = query.shape[-2], key.shape[-2]
+    out_dtype = value.dtype
+    q, k, v = query.float(), repeat_kv(key, groups).float(), repeat_kv(value, groups).float()
+    fq, fk_g = fq.float(), repeat_kv(fk, groups).float()
+    valid = torch.ones(k.shape[0], lk, dtype=torch.bool, device=k.device) if key_valid is None else key_valid
+    fk_g = fk_g * valid[:, None, :, None]
+    g = gate.float().reshape(1, -1, 1, 1)
+    key_pos = torch.arange(lk, device=q.device)
+
+    if not causal:  # float64: "all keys minus the window" must not cancel away the linear part
+        fk64 = fk_g.double()
+        total = LinearState(kv=fk64.transpose(-1, -2) @ v.double(), k_sum=fk64.sum(dim=-2))
+    prefix = state if state is not None else zero_state(fk_g[:, ::groups], v[:, ::groups])
+    # prefix states of the linear part, per kv head; expanded to query heads when used
+    outputs = []
+    for start in range(0, lq, block_size):
+        stop = min(lq, start + block_size)
+        q_pos = torch.arange(start, stop, device=q.device) + (lk - lq if causal else 0)
+        lo = max(0, int(q_pos[0]) - window + 1)
+        hi = int(q_pos[-1]) + 1 if causal else min(lk, int(q_pos[-1]) + window)
+        dist = q_pos[:, None] - key_pos[None, lo:hi]
+        in_window = (dist >= 0) & (dist < window) if causal else dist.abs() < window
+        allowed = in_window[None, None] & valid[:, None, None, lo:hi]
+        q_blk, fq_blk = q[..., start:stop, :], fq[..., start:stop, :]
+        e = _window_scores(q_blk, k[..., lo:hi, :], scaling, allowed, softcap)
+        num = g * (e @ v[..., lo:hi, :])
+        den = g * e.sum(-1, keepdim=True)
+        lin = fq_blk @ fk_g[..., lo:hi, :].transpose(-1, -2)  # linear weights on the same key range
+        if causal:
+            # keys before lo are outside every window of this block: the prefix state holds them
+            before = accumulate_state(prefix, fk_g[:, ::groups, :lo], v[:, ::groups, :lo]) if lo else prefix
+            kv, ks = repeat_kv(before.kv, groups), repeat_kv(before.k_sum[..., None], groups)[..., 0]
+            outside = (dist >= window)[None, None] & valid[:, None, None, lo:hi]  # older than the window
+            lin_num = fq_blk @ kv + (lin * outside) @ v[..., lo:hi, :]
+            lin_den = (fq_blk @ ks[..., None]) + (lin * outside).sum(-1, keepdim=True)
+        else:
+            fq64, lin64 = fq_blk.double(), (fq_blk.double() @ fk_g[..., lo:hi, :].double().transpose(-1, -2)) * allowed
+            lin_num = (fq64 @ total.kv.double() - lin64 @ v[..., lo:hi, :].double()).float()
+            lin_den = (fq64 @ total.k_sum.double()[..., None] - lin64.sum(-1, keepdim=True)).float()
+        num = num + (1 - g) * lin_num
+        den = den + (1 - g) * lin_den
+        outputs.append(num / den.clamp_min(1e-30))
+    out = torch.cat(outputs, dim=-2).to(out_dtype)
+    if not causal:
+        return out, None
+    carried = max(0, lk - (window - 1))  # keys that leave the window for good
+    final = accumulate_state(prefix, fk_g[:, ::groups, :carried], v[:, ::groups, :carried]) if carried else prefix
+    return out, final
+
+
+def naive_hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: float, causal: bool = True,
+                           key_valid: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+    """The quadratic definition (module docstring), in float64: the reference for the chunked form."""
+    groups = query.shape[1] // key.shape[1]
+    q, k, v = query.double(), repeat_kv(key, groups).double(), repeat_kv(value, groups).double()
+    fq, fk = fq.double(), repeat_kv(fk, groups).double()
+    lq, lk = q.shape[-2], k.shape[-2]
+    q_pos = torch.arange(lk - lq, lk) if causal else torch.arange(lq)
+    dist = q_pos[:, None] - torch.arange(lk)[None, :]
+    valid = torch.ones(k.shape[0], lk, dtype=torch.bool) if key_valid is None else key_valid
+    visible = ((dist >= 0) if causal else torch.ones_like(dist, dtype=torch.bool))[None, None] & valid[:, None, None]
+    in_window = ((dist < window) if causal else (dist.abs() < window))[None, None] & visible
+    scores = (q @ k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    row_max = scores.masked_fill(~in_window, float("-inf")).amax(-1, keepdim=True).clamp_min(-1e30)
+    e = torch.exp(scores - row_max) * in_window
+    lin = (fq @ fk.transpose(-1, -2)) * (visible & ~in_window)
+    g = gate.double().reshape(1, -1, 1, 1)
+    num = g * (e @ v) + (1 - g) * (lin @ v)
+    den = g * e.sum(-1, keepdim=True) + (1 - g) * lin.sum(-1, keepdim=True)
+    return num / den

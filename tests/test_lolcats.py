@@ -1,0 +1,126 @@
+"""LoLCATs hybrid attention: chunked forms against the quadratic definition, decoding with a
+window + state cache against the full forward, and exactness when the window covers everything."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import tiny_models as tm
+from attnpatch import PatchError, cache_nbytes, load_patched, patch_model, save_patched, trainable_parameters
+from attnpatch.cache import HybridWindowLayer
+from attnpatch.ops.hybrid import hybrid_attention, naive_hybrid_attention
+from attnpatch.ops.linear import EluFeatureMap, HedgehogFeatureMap
+
+B, HQ, HKV, D = 2, 4, 2, 8
+
+
+def inputs(lq, lk=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lk = lq if lk is None else lk
+    return (torch.randn(B, HQ, lq, D, generator=g), torch.randn(B, HKV, lk, D, generator=g),
+            torch.randn(B, HKV, lk, D, generator=g), torch.sigmoid(torch.randn(HQ, generator=g)))
+
+
+def features(name, q, k):
+    if name == "elu":
+        f = EluFeatureMap()
+        return f(q, True), f(k, False)
+    fq, fk = HedgehogFeatureMap(HQ, D), HedgehogFeatureMap(HKV, D)
+    with torch.no_grad():
+        fq.weight.add_(0.2 * torch.randn_like(fq.weight))
+    return fq(q, True), fk(k, False)
+
+
+@pytest.mark.parametrize("fmap", ["elu", "hedgehog"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window,block", [(1, 4), (5, 7), (8, 3), (100, 16)])
+def test_hybrid_equals_quadratic_definition(fmap, causal, window, block):
+    q, k, v, gate = inputs(29)
+    fq, fk = features(fmap, q, k)
+    valid = torch.ones(B, 29, dtype=torch.bool)
+    valid[0, :4] = False
+    out, _ = hybrid_attention(q, k, v, fq, fk, gate, window=window, scaling=D**-0.5, causal=causal, key_valid=valid,
+                              block_size=block, softcap=3.0 if window == 5 else None)
+    ref = naive_hybrid_attention(q, k, v, fq, fk, gate, window=window, scaling=D**-0.5, causal=causal, key_valid=valid,
+                                 softcap=3.0 if window == 5 else None)
+    real = torch.ones(B, 1, 29, 1, dtype=torch.bool)
+    real[0, :, :4] = False  # padding queries have no defined output
+    assert torch.where(real, (out.double() - ref).abs(), 0.0).max() <= 1e-5
+
+
+def test_window_covering_everything_is_softmax():
+    from attnpatch.ops.reference import naive_attention
+
+    q, k, v, gate = inputs(17)
+    fq, fk = features("elu", q, k)
+    for causal in (True, False):
+        out, _ = hybrid_attention(q, k, v, fq, fk, gate, window=17, scaling=D**-0.5, causal=causal)
+        assert torch.allclose(out, naive_attention(q, k, v, causal=causal, scaling=D**-0.5), atol=1e-5)
+
+
+def test_state_carries_everything_outside_the_window():
+    q, k, v, gate = inputs(24)
+    fq, fk = features("elu", q, k)
+    full, _ = hybrid_attention(q, k, v, fq, fk, gate, window=5, scaling=D**-0.5)
+    # the first 10 tokens, then the rest with only the last window-1 keys and the carried state
+    _, state = hybrid_attention(q[..., :10, :], k[..., :10, :], v[..., :10, :], fq[..., :10, :], fk[..., :10, :],
+                                gate, window=5, scaling=D**-0.5)
+    tail, _ = hybrid_attention(q[..., 10:, :], k[..., 6:, :], v[..., 6:, :], fq[..., 10:, :], fk[..., 6:, :], gate,
+                               window=5, scaling=D**-0.5, state=state)
+    assert torch.allclose(tail, full[..., 10:, :], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "phi3"])
+def test_decoding_with_window_and_state_matches_full_forward(name):
+    model = tm.build(name)
+    patch_model(model, "lolcats", window=4, chunk_size=3)
+    ids, _ = tm.text_batch(length=14)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        steps, sizes = [model(input_ids=ids[:, :5], past_key_values=cache).logits], []
+        for t in range(5, 14):
+            steps.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache).logits)
+            sizes.append(cache_nbytes(cache))
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
+    assert len(set(sizes)) == 1  # window K/V + state: constant while decoding
+    assert all(isinstance(layer, HybridWindowLayer) and layer.keys.shape[2] == 3 for layer in cache.layers)
+
+
+def test_padded_generate_equals_unpadded():
+    model = tm.build("llama")
+    patch_model(model, "lolcats", window=3, feature_map="elu")
+    ids, mask = tm.text_batch(length=9, left_pad=3)
+    padded = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    alone = model.generate(ids[:1, 3:], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(padded[0, 3:], alone[0])
+
+
+@pytest.mark.parametrize("name", ["llama", "vit", "clip", "dit"])
+def test_full_window_equals_dense_on_decoders_and_encoders(name):
+    model = tm.build(name)
+    dense = tm.run(name, model)
+    patch_model(model, "lolcats", window=4096)
+    assert (tm.run(name, model) - dense).abs().max() <= 1e-5
+
+
+def test_gate_and_feature_maps_train_save_and_reload(tmp_path):
+    model = tm.build("llama")
+    patch_model(model, "lolcats", window=4)
+    params = trainable_parameters(model)
+    gates = [k for k in params if k.endswith("attnpatch_window_gate")]
+    assert len(gates) == 3 and torch.allclose(torch.sigmoid(params[gates[0]]), torch.tensor(0.1))
+    ids, _ = tm.text_batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.05 * torch.randn_like(p))
+    expected = tm.run("llama", model)
+    save_patched(model, tmp_path / "ckpt")
+    assert torch.equal(tm.run("llama", load_patched(tmp_path / "ckpt").eval()), expected)
+
+
+def test_gate_init_range():
+    with pytest.raises(PatchError, match=r"'gate_init' of method 'lolcats' is 1.0, out of range: float in \(0, 1\)"):
+        patch_model(tm.build("llama"), "lolcats", gate_init=1.0)
