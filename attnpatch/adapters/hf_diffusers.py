@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..call import AttentionCall, normalise_mask
+from ..distill import run_method
 from .base import Adapter, AttentionSite, split_layer_path, tower_depths
 
 _active_method: contextvars.ContextVar = contextvars.ContextVar("attnpatch_diffusers_method", default=None)
@@ -52,7 +53,7 @@ class _FunctionalProxy(types.ModuleType):
             dropout=float(dropout_p),
             training=module.training,
         )
-        return method.attention(call)  # (B, H, L, D), the layout SDPA returns
+        return run_method(method, call)  # (B, H, L, D), the layout SDPA returns
 
 
 def _install_proxy() -> None:

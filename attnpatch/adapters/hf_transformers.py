@@ -15,6 +15,7 @@ from torch import nn
 
 from ..cache import RecurrentStateLayer, state_layer_for
 from ..call import AttentionCall, normalise_mask
+from ..distill import run_method
 from .base import Adapter, AttentionSite, split_layer_path, tower_depths
 
 ATTENTION_NAME = "attnpatch"
@@ -59,7 +60,7 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
         training=module.training,
         cache_layer=module.__dict__.get(CACHE_ATTR),
     )
-    out = method.attention(call)  # (B, Hq, Lq, D)
+    out = run_method(method, call)  # (B, Hq, Lq, D)
     return out.transpose(1, 2).contiguous(), None
 
 

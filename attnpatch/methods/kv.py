@@ -33,7 +33,7 @@ from ..ops.kv_select import (
     window_attention_scores,
     _grouped_sum,
 )
-from ..ops.reference import causal_mask, naive_attention, repeat_kv
+from .reference import exact_attention, sdpa_attention as _sdpa
 from ..ops.sliding import sliding_window_attention
 from ..registry import Method, ParamSpec, register_method
 
@@ -43,29 +43,6 @@ BUDGET_PARAMS = (
     ParamSpec("budget", int, None, "cache entries kept per sequence and kv head (overrides compression)",
               low=1, optional=True),
 )
-
-
-def _sdpa(call, allowed: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-    q, k, v = call.query, call.key, call.value
-    if call.softcap is not None:
-        return naive_attention(q, k, v, allowed, causal=is_causal, scaling=call.scaling, softcap=call.softcap)
-    groups = q.shape[1] // k.shape[1]
-    if allowed is None:
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, repeat_kv(k, groups), repeat_kv(v, groups), is_causal=is_causal, scale=call.scaling)
-    visible = allowed.any(dim=-1, keepdim=True)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=allowed | ~visible, scale=call.scaling)
-    return out * visible.to(out.dtype)
-
-
-def exact_attention(call) -> torch.Tensor:
-    """Exact softmax attention under the model's mask and causality (bottom-right aligned)."""
-    allowed = call.mask
-    if call.causal and call.query.shape[-2] > 1:
-        causal = causal_mask(call.query.shape[-2], call.key.shape[-2], call.query.device)
-        allowed = causal if allowed is None else allowed & causal
-    return _sdpa(call, allowed, False)
 
 
 class KVCompressionMethod(Method):

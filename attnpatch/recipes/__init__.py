@@ -1,0 +1,1 @@
+"""Conversion recipes: YAML configs run under `accelerate launch` (see train.py)."""

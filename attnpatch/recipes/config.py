@@ -1,0 +1,88 @@
+"""Recipe files: YAML describing a conversion (model, attention, data, stages, output)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ..errors import PatchError
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # local text/JSON files, or one hub dataset id
+    eval: list[str] = field(default_factory=list)
+    hub_config: str | None = None  # e.g. "wikitext-2-raw-v1" for a hub dataset
+    hub_train_split: str = "train"
+    hub_eval_split: str = "validation"
+    text_field: str = "text"
+    seq_len: int = 512
+    train_tokens: int = 100_000
+    eval_tokens: int = 16_384
+
+
+@dataclass
+class StageConfig:
+    steps: int = 0  # 0 skips the stage
+    lr: float = 1e-3
+    batch_size: int = 1
+    grad_accum: int = 1
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    weight_decay: float = 0.0
+    # stage 2 only
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class RecipeConfig:
+    model: str
+    attention: dict  # a PatchConfig dict: {"method": "lolcats", "params": {...}, ...}
+    data: DataConfig
+    stage1: StageConfig = field(default_factory=StageConfig)  # attention transfer
+    stage2: StageConfig = field(default_factory=StageConfig)  # LoRA recovery
+    output_dir: str = "out/recipe"
+    seed: int = 0
+    dtype: str = "float32"
+    merge_lora: bool = True
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "RecipeConfig":
+        raw = yaml.safe_load(Path(path).read_text())
+        for item in overrides or []:  # key.sub=value, values parsed as YAML
+            key, _, value = item.partition("=")
+            target = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                target = target.setdefault(part, {})
+            target[leaf] = yaml.safe_load(value)
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "recipe") -> "RecipeConfig":
+        def build(kind, data, name):
+            known = {f.name for f in fields(kind)}
+            unknown = sorted(set(data or {}) - known)
+            if unknown:
+                raise PatchError(f"{where}: unknown field(s) {unknown} in '{name}'; known: {sorted(known)}")
+            return kind(**(data or {}))
+
+        missing = [k for k in ("model", "attention", "data") if k not in raw]
+        if missing:
+            raise PatchError(f"{where}: missing required field(s) {missing}")
+        top = {k: v for k, v in raw.items() if k not in ("data", "stage1", "stage2")}
+        config = build(cls, {**top, "data": None, "stage1": None, "stage2": None}, "top level")
+        config.data = build(DataConfig, raw["data"], "data")
+        config.stage1 = build(StageConfig, raw.get("stage1"), "stage1")
+        config.stage2 = build(StageConfig, raw.get("stage2"), "stage2")
+        from ..config import PatchConfig
+
+        PatchConfig.from_dict(config.attention)  # validate the attention early, with attnpatch's errors
+        return config
+
+    def to_dict(self) -> dict:
+        return asdict(self)
