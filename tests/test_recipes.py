@@ -91,4 +91,4 @@ def test_bad_recipes_fail_clearly(tmp_path):
 def test_shipped_recipes_parse():
     for path in (ROOT / "recipes").glob("*.yaml"):
         config = RecipeConfig.load(path)
-        assert config.stage1.steps > 0 and config.stage2.steps > 0
+        assert config.stage2.steps > 0 and (config.stage1.steps > 0 or config.attention["method"] == "softmax")
