@@ -49,8 +49,9 @@ def hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: f
         fk64 = fk_g.double()
         total = LinearState(kv=fk64.transpose(-1, -2) @ v.double(), k_sum=fk64.sum(dim=-2))
     prefix = state if state is not None else zero_state(fk_g[:, ::groups], v[:, ::groups])
-    # prefix states of the linear part, per kv head; expanded to query heads when used
-    outputs = []
+    # running state of the linear part, per kv head (expanded to query heads when used);
+    # `folded` counts the given keys already summed into it
+    outputs, folded = [], 0
     for start in range(0, lq, block_size):
         stop = min(lq, start + block_size)
         q_pos = torch.arange(start, stop, device=q.device) + (lk - lq if causal else 0)
@@ -65,8 +66,12 @@ def hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: f
         den = g * e.sum(-1, keepdim=True)
         lin = fq_blk @ fk_g[..., lo:hi, :].transpose(-1, -2)  # linear weights on the same key range
         if causal:
-            # keys before lo are outside every window of this block: the prefix state holds them
-            before = accumulate_state(prefix, fk_g[:, ::groups, :lo], v[:, ::groups, :lo]) if lo else prefix
+            # keys before lo are outside every window of this block: fold the ones the previous
+            # block had not yet folded into the running state (each key is folded once: O(n))
+            if lo > folded:
+                prefix = accumulate_state(prefix, fk_g[:, ::groups, folded:lo], v[:, ::groups, folded:lo])
+                folded = lo
+            before = prefix
             kv, ks = repeat_kv(before.kv, groups), repeat_kv(before.k_sum[..., None], groups)[..., 0]
             outside = (dist >= window)[None, None] & valid[:, None, None, lo:hi]  # older than the window
             lin_num = fq_blk @ kv + (lin * outside) @ v[..., lo:hi, :]
@@ -82,8 +87,9 @@ def hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: f
     if not causal:
         return out, None
     carried = max(0, lk - (window - 1))  # keys that leave the window for good
-    final = accumulate_state(prefix, fk_g[:, ::groups, :carried], v[:, ::groups, :carried]) if carried else prefix
-    return out, final
+    if carried > folded:
+        prefix = accumulate_state(prefix, fk_g[:, ::groups, folded:carried], v[:, ::groups, folded:carried])
+    return out, prefix
 
 
 def naive_hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: float, causal: bool = True,
