@@ -29,19 +29,35 @@ class _MappedBatchOps:
         self._map(lambda t: t[indices, ...])
 
 
-class RecurrentStateLayer(_MappedBatchOps, DynamicLayer):
+class _FullLengthGeometry:
+    """For layers that store fewer tokens than they have seen: report the full sequence length,
+    and, when replacing a sliding-window layer, that layer's mask geometry, so positions of new
+    tokens and the masks built for the model's other layers stay what they would be."""
+
+    def _init_geometry(self, sliding_window: int | None) -> None:
+        self.seen_tokens = 0
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.sliding_window is None:
+            return self.seen_tokens + query_length, 0
+        offset = max(self.seen_tokens - self.sliding_window + 1, 0)
+        return min(self.seen_tokens, self.sliding_window - 1) + query_length, offset
+
+
+class RecurrentStateLayer(_FullLengthGeometry, _MappedBatchOps, DynamicLayer):
     """Holds `state` (any object with `nbytes` and tensors kv/k_sum) instead of growing K/V."""
 
     is_croppable = False
 
     def __init__(self, sliding_window: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.seen_tokens = 0
+        self._init_geometry(sliding_window)
         self.state = None
-        # when it replaces a sliding-window layer it keeps reporting that layer's mask geometry,
-        # so masks built for the model's other sliding layers stay right
-        self.sliding_window = sliding_window
-        self.is_sliding = sliding_window is not None
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -54,19 +70,6 @@ class RecurrentStateLayer(_MappedBatchOps, DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self.seen_tokens += key_states.shape[-2]
         return key_states, value_states
-
-    def past_length(self, new_tokens: int) -> int:
-        """Tokens absorbed into the state before the current call's `new_tokens`."""
-        return self.seen_tokens - new_tokens
-
-    def get_seq_length(self) -> int:
-        return self.seen_tokens
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.sliding_window is None:
-            return self.seen_tokens + query_length, 0
-        offset = max(self.seen_tokens - self.sliding_window + 1, 0)
-        return min(self.seen_tokens, self.sliding_window - 1) + query_length, offset
 
     def get_max_length(self) -> int:
         return -1
@@ -133,7 +136,7 @@ class HybridWindowLayer(RecurrentStateLayer):
             self.keys, self.values = fn(self.keys), fn(self.values)
 
 
-class CompressedKVLayer(_MappedBatchOps, DynamicLayer):
+class CompressedKVLayer(_FullLengthGeometry, _MappedBatchOps, DynamicLayer):
     """Stores only the K/V entries a compression method keeps, per sequence and per kv head.
 
     keys/values (B, Hkv, K, D) are the kept entries in their original order; `valid` (B, Hkv, K)
@@ -149,12 +152,9 @@ class CompressedKVLayer(_MappedBatchOps, DynamicLayer):
 
     def __init__(self, sliding_window: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.seen_tokens = 0
+        # with a sliding window, the method also keeps applying the model's window
+        self._init_geometry(sliding_window)
         self.valid = self.positions = self.scores = self.budget = None
-        # set when it replaces a sliding-window layer: the method keeps applying the model's window
-        # and the layer reports that layer's mask geometry, so masks of other sliding layers stay right
-        self.sliding_window = sliding_window
-        self.is_sliding = sliding_window is not None
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
@@ -188,15 +188,6 @@ class CompressedKVLayer(_MappedBatchOps, DynamicLayer):
         if self.scores is not None:
             self.scores = torch.gather(self.scores, -1, index)
         self.valid = valid
-
-    def get_seq_length(self) -> int:
-        return self.seen_tokens
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.sliding_window is None:
-            return self.seen_tokens + query_length, 0
-        offset = max(self.seen_tokens - self.sliding_window + 1, 0)
-        return min(self.seen_tokens, self.sliding_window - 1) + query_length, offset
 
     @property
     def stored_tokens(self) -> int:

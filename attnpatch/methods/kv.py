@@ -16,7 +16,6 @@ sequence (left padding: padded slots are never kept as real entries).
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
@@ -76,7 +75,7 @@ class KVCompressionMethod(Method):
         if not isinstance(layer, CompressedKVLayer):
             # no cache (or one filled before patching): nothing to compress, exact attention
             return exact_attention(call)
-        lq, length = call.query.shape[-2], call.key.shape[-2]
+        lq = call.query.shape[-2]
         if call.mask is not None:  # padding of the new tokens, from the model's mask
             new_valid = call.mask[..., -lq:].any(dim=-2).any(dim=1)  # (B or 1, lq)
             layer.valid[..., -lq:] &= new_valid[:, None, :]
@@ -281,7 +280,3 @@ class KVQuant(Method):
     def attention(self, call):  # entries are only stored differently: attention is exact
         return exact_attention(call)
 
-
-def expected_kept(real_tokens: int, compression: float) -> int:
-    """Entries a sequence keeps after prefill under `compression` (for tests and reports)."""
-    return max(1, math.ceil(real_tokens * (1.0 - compression)))

@@ -70,13 +70,17 @@ class LinearAttention(Method):
         # one module shared by q and k (registered once, so its buffers are saved once)
         module.attnpatch_feature_map = fmap.to(device) if device is not None else fmap
 
-    def attention(self, call):
+    @staticmethod
+    def features(call):
+        """phi(q), phi(k) through the maps `attach` put on the module (one shared, or q and k)."""
         module = call.module
         shared = module._modules.get("attnpatch_feature_map")
-        fmap_q = shared or module.attnpatch_feature_map_q
-        fmap_k = shared or module.attnpatch_feature_map_k
-        fq = fmap_q(call.query, is_query=True)
-        fk = fmap_k(call.key, is_query=False)
+        fq = (shared or module.attnpatch_feature_map_q)(call.query, is_query=True)
+        fk = (shared or module.attnpatch_feature_map_k)(call.key, is_query=False)
+        return fq, fk
+
+    def attention(self, call):
+        fq, fk = self.features(call)
         key_valid = call.key_valid()
         if not call.causal:
             return bidirectional_linear_attention(fq, fk, call.value, key_valid=key_valid)

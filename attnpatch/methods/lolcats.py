@@ -52,11 +52,8 @@ class LolcatsAttention(LinearAttention):
         return HybridWindowLayer(self.config["window"], sliding_window=sliding_window)
 
     def attention(self, call):
-        module = call.module
-        shared = module._modules.get("attnpatch_feature_map")
-        fq = (shared or module.attnpatch_feature_map_q)(call.query, is_query=True)
-        fk = (shared or module.attnpatch_feature_map_k)(call.key, is_query=False)
-        gate = torch.sigmoid(module.attnpatch_window_gate)
+        fq, fk = self.features(call)
+        gate = torch.sigmoid(call.module.attnpatch_window_gate)
         layer = call.cache_layer if isinstance(call.cache_layer, HybridWindowLayer) else None
         out, state = hybrid_attention(
             call.query, call.key, call.value, fq, fk, gate, window=self.config["window"], scaling=call.scaling,
