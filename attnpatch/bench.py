@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from tqdm.auto import tqdm
 
 from .api import patch_model, unpatch_model
