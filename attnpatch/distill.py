@@ -2,7 +2,11 @@
 attention module computes both its method's output (the student) and exact softmax attention
 (the teacher), records MSE(student, teacher) and passes the *teacher* output on. Each layer thus
 learns from the inputs the original model would give it, and only the student's own parameters
-(feature maps, gates) receive gradients, so memory stays bounded layer by layer."""
+(feature maps, gates) receive gradients, so memory stays bounded layer by layer.
+
+With `attention_ce > 0` each layer's loss also gets Hedgehog's soft cross-entropy between the
+softmax weights and the student's weights, -sum_j a_ij log(a'_ij), averaged over queries and heads
+(materialises (Lq x Lk) weights per layer: fine at training lengths)."""
 
 from __future__ import annotations
 
@@ -11,29 +15,45 @@ import contextvars
 
 import torch
 
-_losses: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_transfer", default=None)
+_transfer: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_transfer", default=None)
 
 
 @contextlib.contextmanager
-def attention_transfer():
-    """Collect per-layer MSE losses (a list of scalar tensors) while the block runs."""
+def attention_transfer(attention_ce: float = 0.0):
+    """Collect per-layer losses (a list of scalar tensors: MSE + attention_ce * cross-entropy)
+    while the block runs."""
+    if not attention_ce >= 0.0:
+        raise ValueError(f"attention_ce must be >= 0 (the weight of the attention cross-entropy), got {attention_ce}")
     losses: list[torch.Tensor] = []
-    token = _losses.set(losses)
+    token = _transfer.set((losses, attention_ce))
     try:
         yield losses
     finally:
-        _losses.reset(token)
+        _transfer.reset(token)
+
+
+def attention_cross_entropy(teacher: torch.Tensor, student: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """-sum_j teacher_ij log student_ij, averaged over every query row (rows of teacher that are all
+    zero, e.g. padding queries, contribute 0)."""
+    log_student = torch.log(torch.nan_to_num(student.float(), nan=0.0).clamp_min(eps))
+    return -(teacher.float() * log_student).sum(-1).mean()
 
 
 def run_method(method, call) -> torch.Tensor:
     """What adapters call: the method's attention, or the teacher/student pair under transfer."""
-    losses = _losses.get()
-    if losses is None or not method.is_trainable:
+    transfer = _transfer.get()
+    if transfer is None or not method.is_trainable:
         return method.attention(call)
-    from .methods.reference import exact_attention
+    losses, attention_ce = transfer
+    from .methods.reference import exact_attention, exact_attention_weights
 
     with torch.no_grad():
         teacher = exact_attention(call)
     student = method.attention(call)
-    losses.append(torch.nn.functional.mse_loss(student.float(), teacher.float()))
+    loss = torch.nn.functional.mse_loss(student.float(), teacher.float())
+    if attention_ce > 0:
+        with torch.no_grad():
+            teacher_weights = exact_attention_weights(call)
+        loss = loss + attention_ce * attention_cross_entropy(teacher_weights, method.attention_weights(call))
+    losses.append(loss)
     return teacher

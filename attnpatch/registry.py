@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from .errors import PatchError
 
 # Ways a method may intervene (design.md). Two methods can share a module only when the sets of
@@ -123,6 +125,12 @@ class Method:
 
     def attention(self, call) -> Any:
         raise NotImplementedError
+
+    def attention_weights(self, call) -> torch.Tensor:
+        """The (B, Hq, Lq, Lk) attention weights this method's output is made of, rows summing to 1
+        (materialised: for training losses and inspection, not for inference)."""
+        raise PatchError(f"method '{self.name}' does not expose attention weights; the attention-weight "
+                         f"cross-entropy of attention transfer needs a linearized method (linear, lolcats)")
 
     @property
     def is_trainable(self) -> bool:

@@ -124,3 +124,111 @@ def test_gate_and_feature_maps_train_save_and_reload(tmp_path):
 def test_gate_init_range():
     with pytest.raises(PatchError, match=r"'gate_init' of method 'lolcats' is 1.0, out of range: float in \(0, 1\)"):
         patch_model(tm.build("llama"), "lolcats", gate_init=1.0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_weights_reproduce_the_outputs(causal):
+    from attnpatch.ops.hybrid import hybrid_attention_weights
+    from attnpatch.ops.linear import linear_attention_weights, naive_linear_attention
+    from attnpatch.ops.reference import repeat_kv
+
+    q, k, v, gate = inputs(19)
+    fq, fk = features("hedgehog", q, k)
+    valid = torch.ones(B, 19, dtype=torch.bool)
+    valid[1, :3] = False
+    hybrid = hybrid_attention_weights(q, k, fq, fk, gate, window=5, scaling=D**-0.5, causal=causal, key_valid=valid)
+    out, _ = hybrid_attention(q, k, v, fq, fk, gate, window=5, scaling=D**-0.5, causal=causal, key_valid=valid)
+    real = torch.ones(B, 1, 19, 1, dtype=torch.bool)
+    real[1, :, :3] = False
+    assert torch.where(real, (hybrid @ repeat_kv(v, 2) - out).abs(), 0.0).max() <= 1e-5
+    assert torch.where(real[..., 0], (hybrid.sum(-1) - 1).abs(), 0.0).max() <= 1e-5
+    assert (hybrid[1, :, :, :3] == 0).all()  # padding keys get no weight
+    lin = linear_attention_weights(fq, fk, causal=causal, key_valid=valid)
+    ref = naive_linear_attention(fq, fk, v, causal=causal, key_valid=valid)
+    assert torch.where(real, (lin.double() @ repeat_kv(v, 2).double() - ref).abs(), 0.0).max() <= 1e-5
+
+
+def test_attention_cross_entropy_is_softmax_entropy_when_the_window_covers_everything():
+    """Hedgehog's loss -sum a log a' is minimised at a' = a, where it equals the softmax entropy."""
+    from attnpatch.distill import attention_cross_entropy
+    from attnpatch.ops.hybrid import hybrid_attention_weights
+    from attnpatch.ops.kv_select import attention_weights
+    from attnpatch.ops.reference import causal_mask
+
+    q, k, v, gate = inputs(13)
+    fq, fk = features("elu", q, k)
+    teacher = attention_weights(q, k, causal_mask(13, 13, q.device), D**-0.5)
+    covering = hybrid_attention_weights(q, k, fq, fk, gate, window=13, scaling=D**-0.5)
+    assert torch.allclose(covering, teacher, atol=1e-6)
+    entropy = -(teacher * teacher.clamp_min(1e-12).log()).sum(-1).mean()
+    assert abs(float(attention_cross_entropy(teacher, covering)) - float(entropy)) < 1e-5
+    narrow = hybrid_attention_weights(q, k, fq, fk, gate, window=2, scaling=D**-0.5)
+    assert float(attention_cross_entropy(teacher, narrow)) > float(entropy) + 1e-3
+
+
+def test_cross_entropy_fits_hedgehog_maps_to_softmax_weights():
+    """Training Hedgehog maps and the gate on the cross-entropy alone closes most of the gap to the
+    softmax weights (KL = cross-entropy - entropy), for a peaked causal softmax."""
+    from attnpatch.distill import attention_cross_entropy
+    from attnpatch.ops.hybrid import hybrid_attention_weights
+    from attnpatch.ops.kv_select import attention_weights
+    from attnpatch.ops.reference import causal_mask
+
+    torch.manual_seed(0)
+    q, k, _, _ = inputs(32)
+    q, k = 2.5 * q, 2.5 * k
+    teacher = attention_weights(q, k, causal_mask(32, 32, q.device), D**-0.5)
+    entropy = float(-(teacher * teacher.clamp_min(1e-12).log()).sum(-1).mean())
+    fq, fk = HedgehogFeatureMap(HQ, D), HedgehogFeatureMap(HKV, D)
+    gate = torch.nn.Parameter(torch.full((HQ,), -2.0))
+    optimiser = torch.optim.Adam([*fq.parameters(), *fk.parameters(), gate], lr=0.03)
+
+    def kl():
+        student = hybrid_attention_weights(q, k, fq(q, True), fk(k, False), torch.sigmoid(gate), window=4,
+                                           scaling=D**-0.5)
+        return attention_cross_entropy(teacher, student) - entropy
+
+    with torch.no_grad():
+        first = float(kl())
+    for _ in range(150):
+        loss = kl()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        last = float(kl())
+    assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.parametrize("name,method", [("llama", "lolcats"), ("vit", "linear")])
+def test_transfer_adds_the_weighted_cross_entropy(name, method):
+    """Per-layer transfer loss = MSE + attention_ce * cross-entropy (linear in the weight, at least
+    the softmax entropy), with finite gradients on the trainable maps; decoder and encoder."""
+    from attnpatch.distill import attention_transfer
+
+    torch.manual_seed(0)
+    model = tm.build(name)
+    params = {"window": 2} if method == "lolcats" else {"feature_map": "hedgehog"}
+    patch_model(model, method, **params)
+    model.requires_grad_(False)
+    trainable = trainable_parameters(model)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    ids, mask = tm.text_batch(left_pad=3)
+    batch = {"input_ids": ids, "attention_mask": mask} if name == "llama" else {"pixel_values": tm.pixels()}
+
+    def transfer_loss(weight):
+        with attention_transfer(attention_ce=weight) as losses:
+            model(**batch)
+        return torch.stack(losses).mean()
+
+    with torch.no_grad():
+        mse, ce1, ce2 = (float(transfer_loss(w)) for w in (0.0, 1.0, 2.0))
+    assert ce1 - mse > 1.0  # entropy of attention over >= 9 keys is well above 1 nat
+    assert abs((ce2 - mse) - 2 * (ce1 - mse)) < 1e-4 * ce2
+    transfer_loss(1.0).backward()
+    grads = [p.grad for p in trainable.values() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="attention_ce"):
+        with attention_transfer(attention_ce=-1.0):
+            pass

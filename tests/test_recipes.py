@@ -32,7 +32,7 @@ def workdir(tmp_path_factory):
 model: {d / 'tiny'}
 attention: {{method: lolcats, params: {{window: 4, chunk_size: 8}}}}
 data: {{train: [{d / 'train.txt'}], eval: [{d / 'eval.txt'}], seq_len: 32, train_tokens: 4000, eval_tokens: 256}}
-stage1: {{steps: 8, lr: 0.05, batch_size: 4, eval_every: 4, checkpoint_every: 4}}
+stage1: {{steps: 8, lr: 0.05, batch_size: 4, eval_every: 4, checkpoint_every: 4, attention_ce: 0.5}}
 stage2: {{steps: 6, lr: 0.01, batch_size: 4, eval_every: 3, checkpoint_every: 3}}
 output_dir: {d / 'out'}
 """)

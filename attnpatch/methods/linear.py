@@ -11,6 +11,7 @@ from ..ops.linear import (
     TaylorFeatureMap,
     bidirectional_linear_attention,
     causal_linear_attention,
+    linear_attention_weights,
 )
 from ..registry import Method, ParamSpec, register_method
 
@@ -78,6 +79,10 @@ class LinearAttention(Method):
         fq = (shared or module.attnpatch_feature_map_q)(call.query, is_query=True)
         fk = (shared or module.attnpatch_feature_map_k)(call.key, is_query=False)
         return fq, fk
+
+    def attention_weights(self, call):
+        fq, fk = self.features(call)
+        return linear_attention_weights(fq, fk, causal=call.causal, key_valid=call.key_valid())
 
     def attention(self, call):
         fq, fk = self.features(call)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..cache import HybridWindowLayer
-from ..ops.hybrid import hybrid_attention
+from ..ops.hybrid import hybrid_attention, hybrid_attention_weights
 from ..registry import ParamSpec, register_method
 from .linear import LinearAttention
 
@@ -50,6 +50,12 @@ class LolcatsAttention(LinearAttention):
 
     def new_cache_layer(self, sliding_window=None):
         return HybridWindowLayer(self.config["window"], sliding_window=sliding_window)
+
+    def attention_weights(self, call):
+        fq, fk = self.features(call)
+        return hybrid_attention_weights(
+            call.query, call.key, fq, fk, torch.sigmoid(call.module.attnpatch_window_gate), window=self.config["window"],
+            scaling=call.scaling, causal=call.causal, key_valid=call.key_valid(), softcap=call.softcap)
 
     def attention(self, call):
         fq, fk = self.features(call)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.kv_select import attention_weights
 from ..ops.reference import causal_mask, naive_attention, repeat_kv
 from ..registry import Method, register_method
 
@@ -46,10 +47,20 @@ def sdpa_attention(call, allowed: torch.Tensor | None, is_causal: bool) -> torch
     return out * visible.to(out.dtype)
 
 
-def exact_attention(call) -> torch.Tensor:
-    """Exact softmax attention under the model's mask and causality (bottom-right aligned)."""
+def _visible_keys(call) -> torch.Tensor | None:
+    """The call's boolean mask joined with its causality (bottom-right aligned)."""
     allowed = call.mask
     if call.causal and call.query.shape[-2] > 1:
         causal = causal_mask(call.query.shape[-2], call.key.shape[-2], call.query.device)
         allowed = causal if allowed is None else allowed & causal
-    return sdpa_attention(call, allowed, False)
+    return allowed
+
+
+def exact_attention(call) -> torch.Tensor:
+    """Exact softmax attention under the model's mask and causality (bottom-right aligned)."""
+    return sdpa_attention(call, _visible_keys(call), False)
+
+
+def exact_attention_weights(call) -> torch.Tensor:
+    """The (B, Hq, Lq, Lk) float32 softmax weights behind `exact_attention` (rows with no key are 0)."""
+    return attention_weights(call.query, call.key, _visible_keys(call), call.scaling, call.softcap)

@@ -92,25 +92,31 @@ def hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: f
     return out, prefix
 
 
+def hybrid_attention_weights(query, key, fq, fk, gate, *, window: int, scaling: float, causal: bool = True,
+                             key_valid: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+    """The (B, Hq, Lq, Lk) weights of the quadratic definition (module docstring), rows summing to 1,
+    in the inputs' dtype; differentiable, so attention transfer can match them to softmax weights."""
+    groups = query.shape[1] // key.shape[1]
+    k, fk = repeat_kv(key, groups), repeat_kv(fk, groups)
+    lq, lk = query.shape[-2], k.shape[-2]
+    device = query.device
+    q_pos = torch.arange(lk - lq, lk, device=device) if causal else torch.arange(lq, device=device)
+    dist = q_pos[:, None] - torch.arange(lk, device=device)[None, :]
+    valid = torch.ones(k.shape[0], lk, dtype=torch.bool, device=device) if key_valid is None else key_valid
+    visible = ((dist >= 0) if causal else torch.ones_like(dist, dtype=torch.bool))[None, None] & valid[:, None, None]
+    in_window = ((dist < window) if causal else (dist.abs() < window))[None, None] & visible
+    e = _window_scores(query, k, scaling, in_window, softcap)
+    lin = (fq @ fk.transpose(-1, -2)) * (visible & ~in_window)
+    g = gate.to(query.dtype).reshape(1, -1, 1, 1)
+    mixed = g * e + (1 - g) * lin
+    # rows with no visible key (padding queries) come out 0, not NaN, so gradients stay finite
+    return mixed / mixed.sum(-1, keepdim=True).clamp_min(torch.finfo(mixed.dtype).tiny)
+
+
 def naive_hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: float, causal: bool = True,
                            key_valid: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """The quadratic definition (module docstring), in float64: the reference for the chunked form."""
-    groups = query.shape[1] // key.shape[1]
-    q, k, v = query.double(), repeat_kv(key, groups).double(), repeat_kv(value, groups).double()
-    fq, fk = fq.double(), repeat_kv(fk, groups).double()
-    lq, lk = q.shape[-2], k.shape[-2]
-    q_pos = torch.arange(lk - lq, lk) if causal else torch.arange(lq)
-    dist = q_pos[:, None] - torch.arange(lk)[None, :]
-    valid = torch.ones(k.shape[0], lk, dtype=torch.bool) if key_valid is None else key_valid
-    visible = ((dist >= 0) if causal else torch.ones_like(dist, dtype=torch.bool))[None, None] & valid[:, None, None]
-    in_window = ((dist < window) if causal else (dist.abs() < window))[None, None] & visible
-    scores = (q @ k.transpose(-1, -2)) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    row_max = scores.masked_fill(~in_window, float("-inf")).amax(-1, keepdim=True).clamp_min(-1e30)
-    e = torch.exp(scores - row_max) * in_window
-    lin = (fq @ fk.transpose(-1, -2)) * (visible & ~in_window)
-    g = gate.double().reshape(1, -1, 1, 1)
-    num = g * (e @ v) + (1 - g) * (lin @ v)
-    den = g * e.sum(-1, keepdim=True) + (1 - g) * lin.sum(-1, keepdim=True)
-    return num / den
+    weights = hybrid_attention_weights(query.double(), key.double(), fq.double(), fk.double(), gate.double(),
+                                       window=window, scaling=scaling, causal=causal, key_valid=key_valid,
+                                       softcap=softcap)
+    return weights @ repeat_kv(value, query.shape[1] // key.shape[1]).double()

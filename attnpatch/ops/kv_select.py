@@ -30,10 +30,13 @@ def block_mask(valid: torch.Tensor | None, q_positions: torch.Tensor, length: in
     return valid[:, :, None, :] & causal[None, None]
 
 
-def attention_weights(query, key, allowed, scaling: float) -> torch.Tensor:
-    """softmax(q k^T * scaling) over allowed keys, float32, (B, Hq, Lq, L); rows with no key are 0."""
+def attention_weights(query, key, allowed, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scaling [softcapped]) over allowed keys, float32, (B, Hq, Lq, L); rows with no
+    key are 0."""
     scores = torch.matmul(query.float(), repeat_kv(key, query.shape[1] // key.shape[1]).float().transpose(-1, -2))
     scores = scores * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)

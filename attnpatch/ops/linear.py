@@ -250,15 +250,20 @@ def causal_linear_attention(
     return _ungroup(out).to(out_dtype), state
 
 
-def naive_linear_attention(fq, fk, v, *, causal: bool, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """The masked quadratic form (phi(q) phi(k)^T * M) v / rowsum: reference for the O(n) forms."""
-    groups = fq.shape[1] // fk.shape[1]
-    fk = fk.repeat_interleave(groups, dim=1).double()
-    v = v.repeat_interleave(groups, dim=1).double()
-    scores = fq.double() @ fk.transpose(-1, -2)
+def linear_attention_weights(fq, fk, *, causal: bool, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, Hq, Lq, Lk) weights phi(q) phi(k)^T * M / rowsum, in the inputs' dtype (differentiable)."""
+    fk = fk.repeat_interleave(fq.shape[1] // fk.shape[1], dim=1)
+    scores = fq @ fk.transpose(-1, -2)
     lq, lk = scores.shape[-2:]
     if causal:
-        scores = scores * (torch.arange(lk - lq, lk)[:, None] >= torch.arange(lk)[None, :])
+        positions = torch.arange(lk, device=fq.device)
+        scores = scores * (positions[lk - lq:, None] >= positions[None, :])
     if key_valid is not None:
         scores = scores * key_valid[:, None, None, :]
-    return scores @ v / scores.sum(-1, keepdim=True).clamp_min(_EPS)
+    return scores / scores.sum(-1, keepdim=True).clamp_min(_EPS)
+
+
+def naive_linear_attention(fq, fk, v, *, causal: bool, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The masked quadratic form (phi(q) phi(k)^T * M) v / rowsum: reference for the O(n) forms."""
+    weights = linear_attention_weights(fq.double(), fk.double(), causal=causal, key_valid=key_valid)
+    return weights @ v.repeat_interleave(fq.shape[1] // fk.shape[1], dim=1).double()

@@ -34,9 +34,9 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _loss(model, batch: torch.Tensor, stage: str) -> torch.Tensor:
+def _loss(model, batch: torch.Tensor, stage: str, attention_ce: float = 0.0) -> torch.Tensor:
     if stage == "stage1":
-        with attention_transfer() as losses:
+        with attention_transfer(attention_ce) as losses:
             model(input_ids=batch, use_cache=False)
         if not losses:
             raise RuntimeError("stage 1 found no trainable patched attention: does the method train parameters?")
@@ -45,7 +45,7 @@ def _loss(model, batch: torch.Tensor, stage: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _evaluate(model, blocks: torch.Tensor, stage: str, batch_size: int, device) -> float:
+def _evaluate(model, blocks: torch.Tensor, stage: str, batch_size: int, device, attention_ce: float = 0.0) -> float:
     if blocks.numel() == 0:
         return float("nan")
     was_training = model.training
@@ -53,7 +53,7 @@ def _evaluate(model, blocks: torch.Tensor, stage: str, batch_size: int, device) 
     total = 0.0
     for i in range(0, len(blocks), batch_size):
         batch = blocks[i : i + batch_size].to(device)
-        total += float(_loss(model, batch, stage)) * len(batch)
+        total += float(_loss(model, batch, stage, attention_ce)) * len(batch)
     model.train(was_training)
     return total / len(blocks)
 
@@ -106,7 +106,7 @@ def run_stage(name: str, model, stage: StageConfig, train: torch.Tensor, evaluat
     seq_len = train.shape[1]
 
     def evaluate(record):
-        record["eval_loss"] = _evaluate(model, evaluation, name, stage.batch_size, device)
+        record["eval_loss"] = _evaluate(model, evaluation, name, stage.batch_size, device, stage.attention_ce)
         if name == "stage1":  # also the model's own next-token loss, to follow perplexity
             record["eval_lm_loss"] = _evaluate(model, evaluation, "stage2", stage.batch_size, device)
         else:
@@ -119,7 +119,7 @@ def run_stage(name: str, model, stage: StageConfig, train: torch.Tensor, evaluat
     while step < stage.steps:
         for (batch,) in loader:
             with accelerator.accumulate(model):
-                loss = _loss(model, batch, name) / stage.grad_accum
+                loss = _loss(model, batch, name, stage.attention_ce) / stage.grad_accum
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
