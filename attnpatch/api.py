@@ -174,16 +174,18 @@ def _is_attnpatch_key(name: str) -> bool:
 
 @contextlib.contextmanager
 def _attnpatch_modules_detached(model: nn.Module):
-    """Temporarily take attnpatch's submodules out of the model (the same objects go back)."""
+    """Temporarily take attnpatch's submodules, parameters and buffers out of the model (the same
+    objects go back), so a checkpoint saved meanwhile holds only the base model's weights."""
     taken = []
-    for module in model.modules():
-        for name in [n for n in module._modules if n.startswith("attnpatch_")]:
-            taken.append((module, name, module._modules.pop(name)))
+    for module in list(model.modules()):
+        for store in (module._modules, module._parameters, module._buffers):
+            for name in [n for n in store if n.startswith("attnpatch_")]:
+                taken.append((store, name, store.pop(name)))
     try:
         yield
     finally:
-        for module, name, child in taken:
-            module._modules[name] = child
+        for store, name, item in taken:
+            store[name] = item
 
 
 def _library(model: nn.Module) -> str:

@@ -125,17 +125,25 @@ def test_list_methods_describes_everything():
                       "help": "keys in the local window"}
 
 
-@pytest.mark.parametrize("name,params", [("llama", {"feature_map": "hedgehog"}), ("llama", {"feature_map": "performer"}),
-                                         ("dit", {"feature_map": "hedgehog"}), ("clip", {"feature_map": "elu"})])
-def test_save_load_round_trip(tmp_path, name, params):
+@pytest.mark.parametrize("name,method,params", [
+    ("llama", "linear", {"feature_map": "hedgehog"}), ("llama", "linear", {"feature_map": "performer"}),
+    ("dit", "linear", {"feature_map": "hedgehog"}), ("clip", "linear", {"feature_map": "elu"}),
+    ("llama", "lolcats", {"window": 3})])
+def test_save_load_round_trip(tmp_path, name, method, params):
+    from safetensors import safe_open
+
     model = tm.build(name)
-    patch_model(model, "linear", **params)
+    patch_model(model, method, **params)
     with torch.no_grad():  # move trained parameters away from their init so the test can fail
         for p in trainable_parameters(model).values():
             p.add_(0.05 * torch.randn_like(p))
     expected = tm.run(name, model)
     save_patched(model, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "attnpatch_config.json").exists()
+    for weights in (tmp_path / "ckpt").rglob("*.safetensors"):  # the base checkpoint holds base weights only
+        if weights.name != "attnpatch_params.safetensors":
+            with safe_open(str(weights), "pt") as f:
+                assert not [k for k in f.keys() if "attnpatch" in k], weights
     reloaded = load_patched(tmp_path / "ckpt").eval()
     assert torch.equal(tm.run(name, reloaded), expected)
     assert [c.to_dict() for c in patched_configs(reloaded)] == [c.to_dict() for c in patched_configs(model)]
