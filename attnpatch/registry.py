@@ -117,8 +117,10 @@ class Method:
         """Add trainable parameters or buffers to the attention module (names start with attnpatch_)."""
 
     def detach(self, module) -> None:
-        for name in [n for n in module._modules if n.startswith("attnpatch_")]:
-            del module._modules[name]
+        """Remove every submodule, parameter and buffer `attach` added (their names start with attnpatch_)."""
+        for store in (module._modules, module._parameters, module._buffers):
+            for name in [n for n in store if n.startswith("attnpatch_")]:
+                del store[name]
 
     def uses_state(self) -> bool:
         return self.uses_state_cache

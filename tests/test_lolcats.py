@@ -232,3 +232,18 @@ def test_transfer_adds_the_weighted_cross_entropy(name, method):
     with pytest.raises(ValueError, match="attention_ce"):
         with attention_transfer(attention_ce=-1.0):
             pass
+
+
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_unpatch_removes_gates_and_maps(name):
+    model = tm.build(name)
+    keys = list(model.state_dict())
+    before = tm.run(name, model)
+    patch_model(model, "lolcats", window=2)
+    assert any("attnpatch_window_gate" in k for k in model.state_dict())
+    from attnpatch import unpatch_model
+
+    unpatch_model(model)
+    assert list(model.state_dict()) == keys
+    assert not any(n.startswith("attnpatch_") for m in model.modules() for n in vars(m).get("_parameters", {}))
+    assert torch.equal(tm.run(name, model), before)
