@@ -36,6 +36,9 @@ class ParamSpec:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.kind is bool:
             return "True or False"
+        if self.kind is list:
+            return "a list of " + ParamSpec(self.name, int, None, "", self.low, self.high, self.low_open,
+                                            self.high_open).range_text()
         if self.low is None and self.high is None:
             return "any " + self.kind.__name__
         lo = "-inf" if self.low is None else _fmt(self.low)
@@ -64,6 +67,11 @@ class ParamSpec:
             value = float(value)
         elif self.kind is str and not isinstance(value, str):
             raise PatchError(f"{where} must be a string ({self.range_text()}), got {value!r}")
+        elif self.kind is list:  # a list of integers (e.g. per-head budgets), each within the range
+            if not isinstance(value, (list, tuple)) or not value:
+                raise PatchError(f"{where} must be a non-empty list of integers, got {value!r}")
+            item = ParamSpec(self.name, int, None, self.help, self.low, self.high, self.low_open, self.high_open)
+            return [item.validate(v, method) for v in value]
         if self.choices is not None and value not in self.choices:
             raise PatchError(f"{where} is {value!r}; valid values: {self.range_text()}")
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):

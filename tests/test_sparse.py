@@ -1,0 +1,231 @@
+"""Block-sparse attention: the kernel against naive attention under the layout's boolean mask,
+every pattern's definition, full budgets equal dense, models (decoders with padding, encoders),
+decoding through a dense cache, and clear errors."""
+
+import pytest
+import torch
+
+import tiny_models as tm
+from attnpatch import PatchError, patch_model, unpatch_model
+from attnpatch.ops.block_sparse import block_sparse_attention, dense_mask
+from attnpatch.ops.reference import causal_mask, naive_attention, repeat_kv
+from attnpatch.ops.sparse_patterns import (
+    a_shape,
+    bigbird,
+    block_scores,
+    block_topk,
+    layout_from_block_mask,
+    star,
+    vertical_slash,
+)
+
+B, HQ, HKV, D = 2, 4, 2, 8
+
+
+def qkv(lq, lk, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, HQ, lq, D, generator=g), torch.randn(B, HKV, lk, D, generator=g),
+            torch.randn(B, HKV, lk, D, generator=g))
+
+
+def padding_mask(lq, lk, pad=5):
+    """(B, 1, Lq, Lk) model mask: sequence 0 left-padded by `pad` keys."""
+    mask = torch.ones(B, 1, lq, lk, dtype=torch.bool)
+    mask[0, :, :, :pad] = False
+    return mask
+
+
+def check(q, k, v, layout, causal, mask=None, softcap=None, tol=1e-5):
+    """Kernel output equals naive attention under (layout mask & model mask), on rows with a key."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    allowed = dense_mask(layout, lq, lk, causal)  # (b|1, Hkv|1, Lq, Lk)
+    allowed = repeat_kv(allowed.expand(B, HKV, lq, lk), HQ // HKV) if allowed.shape[1] > 1 else allowed
+    if mask is not None:
+        allowed = allowed & mask
+    ref = naive_attention(q, k, v, allowed, scaling=D**-0.5, softcap=softcap)
+    out = block_sparse_attention(q, k, v, layout, mask, causal=causal, scaling=D**-0.5, softcap=softcap)
+    assert out.shape == q.shape
+    assert (out - ref).abs().max() <= tol
+    return allowed
+
+
+@pytest.mark.parametrize("causal,lq,lk,bs", [(True, 37, 37, 8), (True, 11, 37, 8), (False, 37, 37, 8),
+                                             (True, 64, 64, 16), (False, 20, 20, 7)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_kernel_equals_naive_under_random_layouts(causal, lq, lk, bs, padded):
+    q, k, v = qkv(lq, lk)
+    first = (lk - lq) // bs if causal else 0
+    nq = -(-(lq + ((lk - lq) % bs if causal else 0)) // bs)
+    nk = -(-lk // bs)
+    g = torch.Generator().manual_seed(1)
+    blocks = torch.rand(B, HKV, nq, nk, generator=g) < 0.5
+    layout = layout_from_block_mask(blocks, bs, first)
+    check(q, k, v, layout, causal, padding_mask(lq, lk) if padded else None)
+    # single extra keys (vertical columns) disjoint from the blocks
+    extra = torch.randint(0, lk, (B, HKV, nq, 3), generator=g)
+    extra = torch.where(blocks.gather(-1, extra // bs), -1, extra)
+    extra[..., 1:] = torch.where(extra[..., 1:] == extra[..., :1], -1, extra[..., 1:])
+    extra[..., 2] = torch.where(extra[..., 2] == extra[..., 1], -1, extra[..., 2])
+    layout = layout_from_block_mask(blocks, bs, first, extra_keys=extra)
+    check(q, k, v, layout, causal, padding_mask(lq, lk) if padded else None, softcap=2.0 if padded else None)
+
+
+def test_every_block_kept_is_dense_attention():
+    q, k, v = qkv(50, 50)
+    for causal in (True, False):
+        layout = layout_from_block_mask(torch.ones(1, 1, 7, 7, dtype=torch.bool), 8, 0)
+        out = block_sparse_attention(q, k, v, layout, causal=causal, scaling=D**-0.5)
+        assert torch.allclose(out, naive_attention(q, k, v, causal=causal, scaling=D**-0.5), atol=1e-5)
+
+
+def test_a_shape_is_sinks_plus_local_blocks():
+    layout = a_shape(40, 40, 8, causal=True, sink_blocks=1, local_blocks=2)
+    expected = torch.tensor([[i == j or i - j == 1 or j == 0 for j in range(5)] for i in range(5)]) & \
+        torch.ones(5, 5, dtype=torch.bool).tril()
+    assert torch.equal(layout.block_mask()[0, 0], expected)
+    q, k, v = qkv(40, 40)
+    check(q, k, v, layout, True, padding_mask(40, 40))
+    bidir = a_shape(40, 40, 8, causal=False, sink_blocks=0, local_blocks=2)
+    assert torch.equal(bidir.block_mask()[0, 0], (torch.arange(5)[:, None] - torch.arange(5)).abs() < 2)
+    check(q, k, v, bidir, False)
+
+
+def test_bigbird_window_globals_and_seeded_random():
+    layout = bigbird(64, 64, 8, causal=True, window_blocks=1, global_blocks=1, random_blocks=2, heads=HKV, seed=3)
+    mask = layout.block_mask()[0]  # (Hkv, 8, 8)
+    qb, kb = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    assert not (mask & (kb > qb)).any()  # causal
+    assert (mask | ~((qb - kb <= 1) & (kb <= qb)) | ~(kb <= qb)).all()  # window kept
+    assert mask[..., 0].all()  # global key block
+    extra = mask & ~((qb - kb <= 1) | (kb == 0))
+    assert torch.equal(extra.sum(-1), ((qb[:, 0] - 2).clamp(0, 2))[None].expand(HKV, -1))  # 2 random where possible
+    again = bigbird(64, 64, 8, causal=True, window_blocks=1, global_blocks=1, random_blocks=2, heads=HKV, seed=3)
+    assert torch.equal(again.kv_blocks, layout.kv_blocks)
+    other = bigbird(64, 64, 8, causal=True, window_blocks=1, global_blocks=1, random_blocks=2, heads=HKV, seed=4)
+    assert not torch.equal(other.kv_blocks, layout.kv_blocks)
+    q, k, v = qkv(64, 64)
+    check(q, k, v, layout, True, padding_mask(64, 64))
+    bidir = bigbird(64, 64, 8, causal=False, window_blocks=1, global_blocks=1, random_blocks=1, heads=HKV, seed=0)
+    assert bidir.block_mask()[0, :, 0].all()  # global query row attends everything
+    check(q, k, v, bidir, False)
+
+
+def test_star_chunks_anchor_and_global_queries():
+    layout = star(64, 64, 8, causal=True, context_blocks=2, anchor_blocks=1, query_tokens=10)
+    mask = layout.block_mask()[0, 0]
+    assert mask[6:].equal(torch.ones(2, 8, dtype=torch.bool).tril(6))  # last 10 tokens: blocks 6, 7 global
+    assert mask[5].tolist() == [True, False, False, False, True, True, False, False]  # anchor + own chunk
+    assert mask[3].tolist() == [True, False, True, True, False, False, False, False]
+    q, k, v = qkv(64, 64)
+    check(q, k, v, layout, True)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "maxmin"])
+def test_block_topk_definition(pooling):
+    q, k, v = qkv(48, 48)
+    layout = block_topk(q, k, 8, causal=True, top_k=2, pooling=pooling)
+    scores = block_scores(q, k, 8, causal=True, pooling=pooling)  # (B, Hkv, 6, 6)
+    mask = layout.block_mask()
+    for b in range(B):
+        for h in range(HKV):
+            for row in range(6):
+                candidates = [j for j in range(row)]  # admissible blocks besides the diagonal
+                best = sorted(candidates, key=lambda j: -float(scores[b, h, row, j]))[:2]
+                assert sorted(torch.nonzero(mask[b, h, row]).flatten().tolist()) == sorted(best + [row])
+    check(q, k, v, layout, True, padding_mask(48, 48))
+    full = block_topk(q, k, 8, causal=True, top_k=100, pooling=pooling)
+    check(q, k, v, full, True)
+    assert torch.equal(dense_mask(full, 48, 48, True)[0, 0], causal_mask(48, 48, "cpu"))
+    per_head = block_topk(q, k, 8, causal=True, top_k=torch.tensor([0, 3]), pooling=pooling)
+    kept = per_head.kept_blocks()
+    assert (kept[:, 0] == 1).all() and kept[:, 1, -1].eq(4).all()
+
+
+def test_maxmin_scores_bound_every_query_key_product():
+    q, k, _ = qkv(32, 32)
+    bound = block_scores(q, k, 8, causal=False, pooling="maxmin")  # (B, Hkv, 4, 4)
+    dots = repeat_kv(k, 1)
+    for h in range(HQ):
+        exact = q[:, h] @ dots[:, h // 2].transpose(-1, -2)  # (B, 32, 32)
+        block_max = exact.view(B, 4, 8, 4, 8).amax(dim=(2, 4))
+        assert (block_max <= bound[:, h // 2] + 1e-5).all()
+
+
+def test_vertical_slash_pattern():
+    q, k, v = qkv(64, 64)
+    layout = vertical_slash(q, k, 8, scaling=D**-0.5, last_q=16, vertical=4, slash=2)
+    allowed = dense_mask(layout, 64, 64, True)
+    assert allowed.diagonal(dim1=-2, dim2=-1).all()  # the main diagonal always
+    check(q, k, v, layout, True, padding_mask(64, 64))
+    full = vertical_slash(q, k, 8, scaling=D**-0.5, last_q=16, vertical=64, slash=64)
+    assert torch.equal(dense_mask(full, 64, 64, True).expand(B, HKV, 64, 64),
+                       causal_mask(64, 64, "cpu").expand(B, HKV, 64, 64))
+    # the top column of each head is kept for every query that can see it
+    obs = torch.softmax((q[..., -16:, :] @ repeat_kv(k, 2).transpose(-1, -2)) * D**-0.5
+                        + torch.where(causal_mask(16, 64, "cpu"), 0.0, float("-inf")), -1)
+    columns = obs.view(B, HKV, 2, 16, 64).sum(dim=(2, 3)).argmax(-1)  # (B, Hkv)
+    for b in range(B):
+        for h in range(HKV):
+            c = int(columns[b, h])
+            assert allowed[b, h, c:, c].all()
+
+
+FULL = {"a_shape": {"block_size": 4, "local_blocks": 100}, "block_topk": {"block_size": 4, "top_k": 100},
+        "bigbird": {"block_size": 4, "window_blocks": 100}, "star": {"block_size": 4, "query_tokens": 1000},
+        "vertical_slash": {"block_size": 4, "vertical": 1000, "slash": 1000}}
+SPARSE = {"a_shape": {"block_size": 4, "local_blocks": 1}, "block_topk": {"block_size": 4, "top_k": 0},
+          "bigbird": {"block_size": 4, "window_blocks": 0, "random_blocks": 0},
+          "star": {"block_size": 4, "context_blocks": 1, "anchor_blocks": 0, "query_tokens": 1},
+          "vertical_slash": {"block_size": 4, "vertical": 1, "slash": 1}}
+
+
+@pytest.mark.parametrize("method", list(FULL))
+@pytest.mark.parametrize("name", ["llama", "gemma2", "vit"])
+def test_full_budget_equals_dense_and_sparse_differs(method, name):
+    if name == "vit" and method == "vertical_slash":
+        return
+    model = tm.build(name)
+    if name == "vit":
+        def run():
+            return tm.run(name, model)
+    else:
+        def run():  # real positions only: padding rows are undefined (eager gives them uniform weights)
+            return tm.run(name, model, left_pad=3)[tm.text_batch(left_pad=3)[1].bool()]
+    before = run()
+    patch_model(model, method, **FULL[method])
+    assert (run() - before).abs().max() <= 1e-4
+    unpatch_model(model)
+    patch_model(model, method, **SPARSE[method])
+    assert (run() - before).abs().max() > 1e-3
+    unpatch_model(model)
+    assert torch.equal(run(), before)
+
+
+@pytest.mark.parametrize("method", ["block_topk", "vertical_slash", "a_shape"])
+def test_generate_decodes_through_a_dense_cache(method):
+    model = tm.build("llama")
+    ids, mask = tm.text_batch(length=20, left_pad=3)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    dense = model.generate(**kwargs)
+    patch_model(model, method, **FULL[method])
+    assert torch.equal(model.generate(**kwargs), dense)
+    unpatch_model(model)
+    patch_model(model, method, **SPARSE[method])
+    out = model.generate(**kwargs)
+    assert out.shape == dense.shape  # sparse prefill, exact dense decoding steps
+
+
+def test_bad_parameters_name_the_fix():
+    model = tm.build("llama")
+    with pytest.raises(PatchError, match="kv heads"):
+        patch_model(model, "block_topk", head_top_k=[1, 2, 3, 4, 5])
+    with pytest.raises(PatchError, match="decoder"):
+        patch_model(tm.build("vit"), "vertical_slash")
+    with pytest.raises(PatchError, match="pooling"):
+        patch_model(model, "block_topk", pooling="median")
+    with pytest.raises(PatchError, match="top_k"):
+        patch_model(model, "block_topk", top_k=-1)
+    kv_heads = model.config.num_key_value_heads
+    patch_model(model, "block_topk", head_top_k=list(range(kv_heads)), block_size=4)
+    ids, mask = tm.text_batch(length=20)
+    model(input_ids=ids, attention_mask=mask)
