@@ -229,3 +229,11 @@ def test_bad_parameters_name_the_fix():
     patch_model(model, "block_topk", head_top_k=list(range(kv_heads)), block_size=4)
     ids, mask = tm.text_batch(length=20)
     model(input_ids=ids, attention_mask=mask)
+
+
+def test_density_counts_computed_blocks():
+    layout = a_shape(64, 64, 8, causal=True, sink_blocks=1, local_blocks=2)
+    # rows 0..7 keep 1, 2, 3, 3, 3, 3, 3, 3 blocks of the 1 + 2 + ... + 8 = 36 causal ones
+    assert abs(layout.density(64, True) - 21 / 36) < 1e-9
+    full = layout_from_block_mask(torch.ones(1, 1, 8, 8, dtype=torch.bool), 8, 0)
+    assert full.density(64, False) == 1.0

@@ -18,6 +18,7 @@ _BLOCK = ParamSpec("block_size", int, 64, "tokens per query and key block", low=
 class BlockSparseMethod(Method):
     family = "sparse"
     params = (_BLOCK,)
+    last_density: float | None = None  # computed / dense key blocks of the latest sparse call
 
     def layout(self, call):
         raise NotImplementedError
@@ -26,7 +27,9 @@ class BlockSparseMethod(Method):
         lq, lk = call.query.shape[-2], call.key.shape[-2]
         if lq == 1 or lk <= self.config["block_size"]:
             return exact_attention(call)  # decoding step or a single block: nothing to skip
-        return block_sparse_attention(call.query, call.key, call.value, self.layout(call), call.mask,
+        layout = self.layout(call)
+        self.last_density = layout.density(lk, call.causal)  # for benchmarks: fraction of blocks computed
+        return block_sparse_attention(call.query, call.key, call.value, layout, call.mask,
                                       causal=call.causal, scaling=call.scaling, softcap=call.softcap)
 
     def check_site(self, site) -> None:  # per-kv-head list parameters must match the layer

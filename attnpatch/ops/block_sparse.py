@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import causal_mask, naive_attention
+from .reference import causal_mask
 
 # elements of one chunk's score tensor: bounds memory at long lengths (~64 MiB of float32 scores)
 _CHUNK_ELEMENTS = 1 << 24
@@ -45,6 +45,17 @@ class BlockLayout:
     def kept_blocks(self) -> torch.Tensor:
         """(B|1, Hkv|1, nQ) number of key blocks each query block computes."""
         return (self.kv_blocks >= 0).sum(-1)
+
+    def density(self, lk: int, causal: bool) -> float:
+        """Computed key blocks / the blocks dense attention computes (causal: those at or below the
+        diagonal), over all rows and heads; single extra keys count as a fraction of a block."""
+        first, nq, nk = self.first_block, self.num_query_blocks, self.num_key_blocks
+        rows = torch.arange(first, first + nq)
+        admissible = float((rows + 1).clamp_max(nk).sum()) if causal else float(nq * nk)
+        kept = self.kept_blocks().float().mean(dim=(0, 1)).sum()
+        if self.extra_keys is not None:
+            kept = kept + (self.extra_keys >= 0).float().mean(dim=(0, 1)).sum() / self.block_size
+        return float(kept) / admissible
 
     def block_mask(self) -> torch.Tensor:
         """(B|1, Hkv|1, nQ, nK) boolean: key block kept for query block."""
@@ -87,18 +98,38 @@ def dense_mask(layout: BlockLayout, lq: int, lk: int, causal: bool) -> torch.Ten
     return per_query
 
 
-def _gather_index(layout: BlockLayout, rows: slice, lk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key positions (b, h, c, M) for query blocks `rows`, and whether each slot is real."""
-    bs = layout.block_size
-    blocks = layout.kv_blocks[..., rows, :]
-    index = (blocks.clamp_min(0)[..., None] * bs + torch.arange(bs, device=blocks.device)).flatten(-2)
-    real = (blocks >= 0).repeat_interleave(bs, dim=-1) & (index < lk)
-    if layout.extra_keys is not None:
-        extra = layout.extra_keys[..., rows, :]
-        shape = torch.broadcast_shapes(index.shape[:-1], extra.shape[:-1])
-        index = torch.cat([index.expand(*shape, -1), extra.clamp_min(0).expand(*shape, -1)], dim=-1)
-        real = torch.cat([real.expand(*shape, -1), (extra >= 0).expand(*shape, -1)], dim=-1)
-    return index.clamp_max(lk - 1), real
+def _items(layout: BlockLayout, b: int, hkv: int, lk: int, causal: bool, plain: bool):
+    """Flatten the layout into items (one query block of one kv head of one sequence), with each
+    item's number of kept blocks and whether it can use the shared causal template: kept blocks
+    ascending with the diagonal last, no extra keys and no model mask (`plain`). Items are sorted
+    so that chunks hold items of equal width: no work is spent on padding slots."""
+    blocks = layout.kv_blocks.expand(b, hkv, *layout.kv_blocks.shape[2:]).reshape(-1, layout.kv_blocks.shape[-1])
+    # kept blocks first, ascending (unused slots last), whatever order the layout listed them in
+    unused = torch.iinfo(blocks.dtype).max
+    blocks = torch.where(blocks < 0, unused, blocks).sort(dim=-1).values
+    blocks = torch.where(blocks == unused, -1, blocks)
+    counts = (blocks >= 0).sum(-1)
+    nq = layout.num_query_blocks
+    template = torch.zeros_like(counts, dtype=torch.bool)
+    if plain and layout.extra_keys is None:
+        if causal:  # the diagonal block is the last kept one
+            last = blocks.gather(-1, (counts - 1).clamp_min(0)[:, None])[:, 0]
+            diagonal = torch.arange(layout.first_block, layout.first_block + nq, device=blocks.device).repeat(b * hkv)
+            template = (last == diagonal) & (counts > 0)
+        elif lk % layout.block_size == 0:  # bidirectional: every kept key is visible
+            template = counts > 0
+    order = torch.argsort(counts * 2 + (~template).long(), stable=True)
+    return blocks, counts, template, order
+
+
+def _causal_template(width: int, groups: int, bs: int, causal: bool, dtype, device) -> torch.Tensor:
+    """(groups * bs, width * bs) additive mask shared by template items: everything visible except
+    the future part of the diagonal (last) block."""
+    mask = torch.zeros(groups * bs, width * bs, dtype=dtype, device=device)
+    if causal:
+        future = torch.ones(bs, bs, dtype=torch.bool, device=device).triu(1).repeat(groups, 1)
+        mask[:, (width - 1) * bs :].masked_fill_(future, float("-inf"))
+    return mask
 
 
 def block_sparse_attention(
@@ -114,7 +145,12 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """Softmax attention of each query over the keys its block keeps (and that causality and `mask`
     allow). query (B, Hq, Lq, D); key/value (B, Hkv, Lk, D); mask boolean broadcastable to
-    (B, Hq|1, Lq, Lk) or None. Rows with no visible key return 0. Output (B, Hq, Lq, D)."""
+    (B, Hq|1, Lq, Lk) or None. Rows with no visible key return 0. Output (B, Hq, Lq, D).
+
+    Work is split into items (a query block of one kv head and sequence, with its query group),
+    processed in chunks of items that keep the same number of blocks. Items whose blocks are
+    plain (no model mask, no single extra keys, diagonal block last) share one small mask; the
+    others get an element-wise mask built from positions and the model's mask."""
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     groups, bs = hq // hkv, layout.block_size
@@ -122,44 +158,82 @@ def block_sparse_attention(
     if (first, nq) != (layout.first_block, layout.num_query_blocks):
         raise ValueError(f"layout covers query blocks {layout.first_block}..+{layout.num_query_blocks}, "
                          f"the call needs {first}..+{nq}")
-    # queries grouped per kv head: (B, Hkv, nQ, groups * bs, D), padded at the front to the grid
+    device = query.device
+    # queries grouped per kv head: (B*Hkv*nQ, groups * bs, D), padded at the front to the grid
     padded = torch.nn.functional.pad(query, (0, 0, pad, nq * bs - lq - pad))
-    grouped = padded.view(b, hkv, groups, nq, bs, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, nq, groups * bs, d)
-    q_pos = query_block_positions(layout, query.device)  # (nQ, bs)
+    grouped = padded.view(b, hkv, groups, nq, bs, d).permute(0, 1, 3, 2, 4, 5).reshape(-1, groups * bs, d)
+    keys, values = key.reshape(b * hkv, lk, d), value.reshape(b * hkv, lk, d)
+    # whole blocks are gathered at once (contiguous copies), so pad the keys to the block grid
+    nk = layout.num_key_blocks
+    key_blocks = torch.nn.functional.pad(keys, (0, 0, 0, nk * bs - lk)).view(b * hkv, nk, bs, d)
+    value_blocks = torch.nn.functional.pad(values, (0, 0, 0, nk * bs - lk)).view(b * hkv, nk, bs, d)
+    q_pos = query_block_positions(layout, device)  # (nQ, bs)
     q_row = q_pos - (lk - lq if causal else 0)  # row of `query` each padded position is (may be < 0)
-    row_ok = (q_row >= 0) & (q_row < lq)
     if mask is not None and mask.shape[1] not in (1, hkv):
         mask = mask.view(mask.shape[0], hkv, groups, *mask.shape[2:])[:, :, 0]  # layouts are per kv head
-    width = layout.kv_blocks.shape[-1] * bs + (0 if layout.extra_keys is None else layout.extra_keys.shape[-1])
-    step = max(1, _CHUNK_ELEMENTS // max(1, b * hq * bs * width))
-    out = torch.empty(b, hkv, nq, groups * bs, d, dtype=query.dtype, device=query.device)
-    batch_index = torch.arange(b, device=query.device).view(b, 1, 1, 1)
-    head_index = torch.arange(hkv, device=query.device).view(1, hkv, 1, 1)
-    for start in range(0, nq, step):
-        rows = slice(start, min(nq, start + step))
-        index, real = _gather_index(layout, rows, lk)  # (b|1, h|1, c, M)
-        index = index.expand(b, hkv, *index.shape[2:])
-        k_g, v_g = key[batch_index, head_index, index], value[batch_index, head_index, index]  # (B, Hkv, c, M, D)
-        pos = q_pos[rows]  # (c, bs)
-        allowed = real[..., None, :] & row_ok[rows][..., None]  # (b|1, h|1, c, bs, M)
-        if causal:
-            allowed = allowed & (index[..., None, :] <= pos[..., None])
-        if mask is not None:
-            q_index = q_row[rows].clamp(0, lq - 1)  # (c, bs)
-            rows_mask = mask[:, :, q_index] if mask.shape[-2] > 1 else mask.expand(*mask.shape[:2], 1, 1, lk)
-            m_index = index[:, :, :, None, :].expand(-1, -1, -1, bs, -1)
-            rows_mask = rows_mask.expand(b, hkv, *rows_mask.shape[2:])
-            allowed = allowed & torch.gather(rows_mask, -1, m_index)
-        allowed = allowed.expand(b, hkv, *allowed.shape[2:])
-        allowed = allowed[:, :, :, None].expand(-1, -1, -1, groups, -1, -1).flatten(3, 4)  # (B, Hkv, c, g*bs, M)
-        q_c = grouped[:, :, rows]
-        if softcap is None:
-            visible = allowed.any(dim=-1, keepdim=True)
-            o = torch.nn.functional.scaled_dot_product_attention(  # 4-D, as SDPA's fused CPU kernels want
-                q_c.flatten(1, 2), k_g.flatten(1, 2), v_g.flatten(1, 2), attn_mask=(allowed | ~visible).flatten(1, 2),
-                scale=scaling)
-            out[:, :, rows] = o.view_as(q_c) * visible.to(o.dtype)
+    blocks, counts, template, order = _items(layout, b, hkv, lk, causal, mask is None)
+    extra = None
+    if layout.extra_keys is not None:
+        extra = layout.extra_keys.expand(b, hkv, *layout.extra_keys.shape[2:]).reshape(-1, layout.extra_keys.shape[-1])
+    out = torch.zeros(b * hkv * nq, groups * bs, d, dtype=query.dtype, device=device)
+    offsets = torch.arange(bs, device=device)
+    counts_sorted, template_sorted = counts[order].tolist(), template[order].tolist()
+    start = 0
+    while start < len(order):
+        width, is_template = counts_sorted[start], template_sorted[start]
+        n_extra = 0 if extra is None else extra.shape[-1]
+        step = max(1, _CHUNK_ELEMENTS // max(1, groups * bs * (width * bs + n_extra)))
+        stop = start
+        while stop < len(order) and stop - start < step and counts_sorted[stop] == width \
+                and template_sorted[stop] == is_template:
+            stop += 1
+        items = order[start:stop]
+        start = stop
+        if width == 0 and n_extra == 0:
+            continue  # nothing kept: output stays 0
+        seq_head = items // nq  # index into keys / values (B*Hkv)
+        kept = blocks[items, :width]  # (n, width), all >= 0
+        k_g = key_blocks[seq_head[:, None], kept].flatten(1, 2)  # (n, width*bs, D)
+        v_g = value_blocks[seq_head[:, None], kept].flatten(1, 2)
+        index = (kept[:, :, None] * bs + offsets).flatten(1)  # (n, width*bs) key positions
+        if extra is not None:
+            singles = extra[items].clamp(0, lk - 1)
+            k_g = torch.cat([k_g, keys[seq_head[:, None], singles]], dim=1)
+            v_g = torch.cat([v_g, values[seq_head[:, None], singles]], dim=1)
+            index = torch.cat([index, extra[items]], dim=-1)
+        real = (index >= 0) & (index < lk)  # unused extra slots; keys past lk in a partial last block
+        index = index.clamp(0, lk - 1)
+        q_c = grouped[items]
+        if is_template:
+            additive = _causal_template(width, groups, bs, causal, q_c.dtype, device)
+            o = _attend(q_c, k_g, v_g, additive, scaling, softcap)
         else:
-            out[:, :, rows] = naive_attention(q_c, k_g, v_g, allowed, scaling=scaling, softcap=softcap)
+            allowed = real[:, None, :]  # (n, 1, M)
+            pos = q_pos[items % nq]  # (n, bs)
+            if causal:
+                allowed = allowed & (index[:, None, :] <= pos[:, :, None])  # (n, bs, M)
+            if mask is not None:
+                rows = q_row[items % nq].clamp(0, lq - 1)  # (n, bs)
+                sequence = (seq_head // hkv) if mask.shape[0] > 1 else torch.zeros_like(seq_head)
+                heads = (seq_head % hkv) if mask.shape[1] > 1 else torch.zeros_like(seq_head)
+                m_rows = rows if mask.shape[2] > 1 else torch.zeros_like(rows)
+                allowed = allowed & mask[sequence[:, None, None], heads[:, None, None], m_rows[:, :, None],
+                                         index[:, None, :]]
+            allowed = allowed.expand(-1, bs, -1).repeat(1, groups, 1)  # (n, g*bs, M)
+            visible = allowed.any(dim=-1, keepdim=True)
+            additive = torch.zeros(allowed.shape, dtype=q_c.dtype, device=device).masked_fill_(
+                ~allowed, float("-inf")).masked_fill_(~visible, 0.0)
+            o = _attend(q_c, k_g, v_g, additive, scaling, softcap) * visible.to(q_c.dtype)
+        out[items] = o
     out = out.view(b, hkv, nq, groups, bs, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hq, nq * bs, d)
     return out[:, :, pad : pad + lq]
+
+
+def _attend(q, k, v, additive, scaling, softcap):
+    """softmax(q k^T * scaling [softcapped] + additive) v for (n, Lq, D) x (n, M, D) items."""
+    if softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(  # 4-D, as SDPA's fused CPU kernels want
+            q[None], k[None], v[None], attn_mask=additive if additive.dim() == 2 else additive[None],
+            scale=scaling)[0]
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * (scaling / softcap)) * softcap + additive
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
