@@ -13,7 +13,7 @@ from torch import nn
 from .adapters import Adapter, AttentionSite, find_adapter
 from .config import PatchConfig
 from .errors import PatchError
-from .registry import Method, get_method, resolve_params
+from .registry import Method, attnpatch_entries, get_method, resolve_params
 
 RECORD_ATTR = "_attnpatch_record"
 INTERVENTIONS_ATTR = "_attnpatch_interventions"  # on each patched module: {intervention: method name}
@@ -178,9 +178,8 @@ def _attnpatch_modules_detached(model: nn.Module):
     objects go back), so a checkpoint saved meanwhile holds only the base model's weights."""
     taken = []
     for module in list(model.modules()):
-        for store in (module._modules, module._parameters, module._buffers):
-            for name in [n for n in store if n.startswith("attnpatch_")]:
-                taken.append((store, name, store.pop(name)))
+        for store, name in attnpatch_entries(module):
+            taken.append((store, name, store.pop(name)))
     try:
         yield
     finally:

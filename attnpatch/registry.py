@@ -37,8 +37,7 @@ class ParamSpec:
         if self.kind is bool:
             return "True or False"
         if self.kind is list:
-            return "a list of " + ParamSpec(self.name, int, None, "", self.low, self.high, self.low_open,
-                                            self.high_open).range_text()
+            return "a list of " + self._item_spec().range_text()
         if self.low is None and self.high is None:
             return "any " + self.kind.__name__
         lo = "-inf" if self.low is None else _fmt(self.low)
@@ -70,7 +69,7 @@ class ParamSpec:
         elif self.kind is list:  # a list of integers (e.g. per-head budgets), each within the range
             if not isinstance(value, (list, tuple)) or not value:
                 raise PatchError(f"{where} must be a non-empty list of integers, got {value!r}")
-            item = ParamSpec(self.name, int, None, self.help, self.low, self.high, self.low_open, self.high_open)
+            item = self._item_spec()
             return [item.validate(v, method) for v in value]
         if self.choices is not None and value not in self.choices:
             raise PatchError(f"{where} is {value!r}; valid values: {self.range_text()}")
@@ -80,6 +79,10 @@ class ParamSpec:
             raise PatchError(f"{where} is {value!r}, out of range: {self.range_text()}")
         return value
 
+    def _item_spec(self) -> "ParamSpec":
+        """The integer spec each element of a list parameter must satisfy (same bounds)."""
+        return ParamSpec(self.name, int, None, self.help, self.low, self.high, self.low_open, self.high_open)
+
     def describe(self) -> dict:
         return {"name": self.name, "type": self.kind.__name__, "default": self.default,
                 "range": self.range_text(), "help": self.help}
@@ -87,6 +90,14 @@ class ParamSpec:
 
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() and math.isfinite(x) else str(x)
+
+
+def attnpatch_entries(module) -> list[tuple[dict, str]]:
+    """(store, name) of the submodules, parameters and buffers attnpatch added directly on `module`
+    (names start with attnpatch_): what `detach` removes and `save_patched` keeps out of the base
+    checkpoint."""
+    return [(store, name) for store in (module._modules, module._parameters, module._buffers)
+            for name in store if name.startswith("attnpatch_")]
 
 
 class Method:
@@ -126,9 +137,8 @@ class Method:
 
     def detach(self, module) -> None:
         """Remove every submodule, parameter and buffer `attach` added (their names start with attnpatch_)."""
-        for store in (module._modules, module._parameters, module._buffers):
-            for name in [n for n in store if n.startswith("attnpatch_")]:
-                del store[name]
+        for store, name in attnpatch_entries(module):
+            del store[name]
 
     def uses_state(self) -> bool:
         return self.uses_state_cache

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from attnpatch import patch_model, unpatch_model
 from attnpatch.evaluation.report import environment
+from attnpatch.evaluation.speed import best_seconds
 from attnpatch.ops.block_sparse import block_sparse_attention
 from attnpatch.ops.sparse_patterns import a_shape, block_topk
 
@@ -58,15 +58,6 @@ def budget_params(method: str, length: int, block: int, density: float) -> dict:
     raise ValueError(method)
 
 
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 @torch.no_grad()
 def model_rows(length: int, args) -> list[dict]:
     model = tiny_wide_llama(max(args.lengths))
@@ -76,20 +67,20 @@ def model_rows(length: int, args) -> list[dict]:
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
     forward()  # warm-up
-    dense = [best_time(forward, args.repeats)]
+    dense = [best_seconds(forward, args.repeats)]
     rows = []
     for density in args.density:
         for method in METHODS:
             params = budget_params(method, length, args.block, density)
             patch_model(model, method, **params)
             forward()
-            seconds = best_time(forward, args.repeats)
+            seconds = best_seconds(forward, args.repeats)
             measured = [m._attnpatch_method.last_density for m in model.modules() if hasattr(m, "_attnpatch_method")]
             unpatch_model(model)
             rows.append({"tokens": length, "method": method, "target_density": density, "params": params,
                          "density": sum(measured) / len(measured), "seconds": seconds})
             print(rows[-1], flush=True)
-    dense.append(best_time(forward, args.repeats))
+    dense.append(best_seconds(forward, args.repeats))
     for row in rows:
         row["dense_seconds"] = min(dense)
         row["speedup"] = min(dense) / row["seconds"]
@@ -106,7 +97,7 @@ def op_rows(length: int, args) -> list[dict]:
         torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     dense()
-    dense_s = best_time(dense, args.repeats)
+    dense_s = best_seconds(dense, args.repeats)
     rows = [{"tokens": length, "op": "sdpa causal", "seconds": dense_s}]
     for density in args.density:
         nk = -(-length // args.block)
@@ -118,7 +109,7 @@ def op_rows(length: int, args) -> list[dict]:
                 block_sparse_attention(q, k, v, layout, causal=True, scaling=0.125)
 
             sparse()
-            seconds = best_time(sparse, args.repeats)
+            seconds = best_seconds(sparse, args.repeats)
             rows.append({"tokens": length, "op": f"block_sparse ({name} layout)", "target_density": density,
                          "density": layout.density(length, True), "seconds": seconds,
                          "speedup": dense_s / seconds})

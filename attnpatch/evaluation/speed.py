@@ -19,6 +19,19 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def best_seconds(fn, repeats: int, device=None) -> float:
+    """The fastest of `repeats` timed calls of fn() (GPU work synchronised before and after)."""
+    device = torch.device("cpu") if device is None else device
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _random_ids(model, length: int, seed: int) -> torch.Tensor:
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(seed)
@@ -33,14 +46,8 @@ def prefill_latency(model, lengths, repeats: int = 2, seed: int = 0) -> list[dic
     model(input_ids=_random_ids(model, min(lengths), seed).to(device), use_cache=False, logits_to_keep=1)  # warm-up
     for length in lengths:
         ids = _random_ids(model, length, seed + length).to(device)
-        best = float("inf")
         with peak_memory() as mem:
-            for _ in range(repeats):
-                _sync(device)
-                t0 = time.perf_counter()
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
-                _sync(device)
-                best = min(best, time.perf_counter() - t0)
+            best = best_seconds(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), repeats, device)
         rows.append({"tokens": length, "seconds": best, "tokens_per_s": length / best, "peak_mb": mem["bytes"] / 2**20})
     return rows
 
