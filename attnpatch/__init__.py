@@ -10,11 +10,13 @@ from .api import (
     load_patched,
     patch_model,
     patched_configs,
+    patched_methods,
     save_patched,
     trainable_parameters,
     unpatch_model,
 )
 from .cache import cache_nbytes
+from .calibration import SparseCalibration, calibrate_block_topk
 from .config import PatchConfig
 from .errors import PatchError, UnsupportedModelError
 from .registry import Method, MethodInfo, ParamSpec, list_methods, register_method
@@ -27,13 +29,16 @@ __all__ = [
     "ParamSpec",
     "PatchConfig",
     "PatchError",
+    "SparseCalibration",
     "UnsupportedModelError",
     "cache_nbytes",
+    "calibrate_block_topk",
     "is_patched",
     "list_methods",
     "load_patched",
     "patch_model",
     "patched_configs",
+    "patched_methods",
     "register_method",
     "save_patched",
     "trainable_parameters",

@@ -38,6 +38,12 @@ def patched_configs(model: nn.Module) -> list[PatchConfig]:
     return [record.config for record in model.__dict__.get(RECORD_ATTR, [])]
 
 
+def patched_methods(model: nn.Module) -> list[Method]:
+    """The method instances placed on the model's attention modules (one per module, in patch
+    order): where per-call statistics such as a sparse method's `last_density` can be read."""
+    return [method for record in model.__dict__.get(RECORD_ATTR, []) for _, method in record.placements]
+
+
 def is_patched(model: nn.Module) -> bool:
     return bool(model.__dict__.get(RECORD_ATTR))
 

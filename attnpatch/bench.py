@@ -16,7 +16,7 @@ from .evaluation.perplexity import windowed_perplexity
 
 def parse_method_spec(spec: str) -> PatchConfig | None:
     """'dense' -> None; 'sliding_window:window=64,sinks=4' -> PatchConfig (values parsed as
-    int, float, bool or string)."""
+    int, float, bool or string; a list of integers as 4/4/8/8)."""
     spec = spec.strip()
     if spec in ("dense", "none", "baseline"):
         return None
@@ -36,6 +36,11 @@ def parse_value(text: str):
         return lowered == "true"
     if lowered in ("none", "null"):
         return None
+    if "/" in text:  # list parameters: per-head budgets 4/4/8/8, a grid 32/48
+        try:
+            return [int(part) for part in text.split("/")]
+        except ValueError:
+            pass
     for cast in (int, float):
         try:
             return cast(text)
@@ -47,7 +52,8 @@ def parse_value(text: str):
 def describe(config: PatchConfig | None) -> str:
     if config is None:
         return "dense"
-    params = ",".join(f"{k}={v}" for k, v in config.params.items() if v is not None)
+    params = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}"
+                      for k, v in config.params.items() if v is not None)
     return f"{config.method}({params})" if params else config.method
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from attnpatch import patch_model, unpatch_model
+from attnpatch import patch_model, patched_methods, unpatch_model
 from attnpatch.evaluation.report import environment
 from attnpatch.evaluation.speed import best_seconds
 from attnpatch.ops.block_sparse import block_sparse_attention
@@ -75,7 +75,7 @@ def model_rows(length: int, args) -> list[dict]:
             patch_model(model, method, **params)
             forward()
             seconds = best_seconds(forward, args.repeats)
-            measured = [m._attnpatch_method.last_density for m in model.modules() if hasattr(m, "_attnpatch_method")]
+            measured = [m.last_density for m in patched_methods(model)]
             unpatch_model(model)
             rows.append({"tokens": length, "method": method, "target_density": density, "params": params,
                          "density": sum(measured) / len(measured), "seconds": seconds})

@@ -1,14 +1,18 @@
-"""Block-sparse attention methods: each builds a `BlockLayout` for the call and computes only the
-key blocks it keeps (ops/block_sparse.py). Prefill (and any multi-token call) is sparse; a single
-decoding query attends its whole dense cache, exactly, so generation stays correct."""
+"""Sparse attention methods. Block-sparse ones build a `BlockLayout` for the call and compute only the
+key blocks it keeps (ops/block_sparse.py): prefill (and any multi-token call) is sparse; a single
+decoding query attends its whole dense cache, exactly, so generation stays correct. Grid methods
+(window_2d, agent) see ViT/DiT tokens as a 2-D patch grid (ops/grid2d.py)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ..errors import PatchError
 from ..ops.block_sparse import block_sparse_attention
-from ..ops.sparse_patterns import a_shape, bigbird, block_topk, star, vertical_slash
+from ..ops.grid2d import PatchGrid, agent_attention, neighbourhood_tiles, pool_agents, window_2d_attention
+from ..ops.sparse_patterns import a_shape, bigbird, block_topk, block_topk_recall, star, vertical_slash
 from ..registry import Method, ParamSpec, register_method
 from .reference import exact_attention
 
@@ -65,8 +69,20 @@ class BlockTopKAttention(BlockSparseMethod):
               ParamSpec("top_k", int, 8, "key blocks chosen per query block, besides the local and sink blocks", low=0),
               ParamSpec("pooling", str, "mean", "key-block summary used for scoring", choices=("mean", "maxmin")),
               ParamSpec("local_blocks", int, 1, "nearest key blocks always computed", low=1),
-              ParamSpec("sink_blocks", int, 0, "initial key blocks always computed", low=0),
+              ParamSpec("sink_blocks", int, 1, "initial key blocks always computed (the attention sink)", low=0),
               ParamSpec("head_top_k", list, None, "per-kv-head top_k (overrides top_k)", low=0, optional=True))
+
+    recorder = None  # set by calibration.calibrate_block_topk: measure recall, attend exactly
+
+    def attention(self, call):
+        if self.recorder is not None and call.query.shape[-2] > 1 and call.key.shape[-2] > self.config["block_size"]:
+            c = self.config
+            self.recorder.add(*block_topk_recall(
+                call.query, call.key, c["block_size"], causal=call.causal, scaling=call.scaling, pooling=c["pooling"],
+                sink_blocks=c["sink_blocks"], local_blocks=c["local_blocks"], mask=call.mask, valid=call.key_valid(),
+                softcap=call.softcap))
+            return exact_attention(call)
+        return super().attention(call)
 
     def layout(self, call):
         c = self.config
@@ -128,3 +144,76 @@ class VerticalSlashAttention(BlockSparseMethod):
         c = self.config
         return vertical_slash(call.query, call.key, c["block_size"], scaling=call.scaling, last_q=c["last_q"],
                               vertical=c["vertical"], slash=c["slash"], valid=call.key_valid())
+
+
+class GridMethod(Method):
+    """Base of the methods that see the tokens as a 2-D patch grid (ViT, CLIP vision, DiT). Self-
+    attention only: cross-attention (DiT text conditioning) stays exact."""
+
+    family = "sparse"
+    model_kinds = ("encoder", "diffusion")
+    grid_params = (
+        ParamSpec("grid", list, None, "[height, width] of the patch grid (default: the largest square that fits "
+                  "the sequence, the rest being global tokens)", low=1, optional=True),
+        ParamSpec("globals_at", str, "auto", "where the global tokens (CLS, registers, a joint model's text) sit: "
+                  "'start', 'end', or 'auto' (start for ViT/CLIP, end for diffusers models, whose joint "
+                  "attention appends the text)", choices=("auto", "start", "end")),
+    )
+
+    def patch_grid(self, call) -> PatchGrid:
+        at = self.config["globals_at"]
+        first = self.site.kind != "diffusion" if at == "auto" else at == "start"
+        return PatchGrid.infer(call.query.shape[-2], self.config["grid"], first)
+
+    def attention(self, call):
+        # text towers (causal) and cross-attention have no patch grid: they stay exact
+        if call.causal or self.site.cross or call.query.shape[-2] != call.key.shape[-2]:
+            return exact_attention(call)
+        return self.grid_attention(call, self.patch_grid(call))
+
+    def grid_attention(self, call, patch_grid: PatchGrid):
+        raise NotImplementedError
+
+    def check_site(self, site) -> None:
+        if self.config.get("grid") is not None and len(self.config["grid"]) != 2:
+            raise PatchError(f"{self.name}: grid must be [height, width] in patches, got {self.config['grid']}")
+
+
+@register_method
+class Window2DAttention(GridMethod):
+    name = "window_2d"
+    summary = ("2-D neighbourhood window for ViT/DiT: patches grouped in tile x tile tiles; each tile attends the "
+               "window_tiles x window_tiles tiles around it (shifted inward at borders) and the global tokens, "
+               "which attend everything. Computed block-sparse: only the kept tiles.")
+    params = (ParamSpec("tile", int, 4, "side of a tile in patches (queries of a tile share one window)", low=1,
+                        high=64),
+              ParamSpec("window_tiles", int, 3, "side of the neighbourhood in tiles", low=1),
+              *GridMethod.grid_params)
+    last_density: float | None = None  # computed / dense query-key pairs among patches, latest call
+
+    def grid_attention(self, call, patch_grid):
+        c = self.config
+        tiles = neighbourhood_tiles(math.ceil(patch_grid.height / c["tile"]), math.ceil(patch_grid.width / c["tile"]),
+                                    c["window_tiles"])
+        self.last_density = float(tiles.float().mean())
+        return window_2d_attention(call.query, call.key, call.value, patch_grid, tile=c["tile"],
+                                   window_tiles=c["window_tiles"], scaling=call.scaling, mask=call.mask,
+                                   softcap=call.softcap)
+
+
+@register_method
+class AgentAttention(GridMethod):
+    name = "agent"
+    summary = ("Agent attention for ViT/DiT: agent tokens (the patch queries average-pooled to an "
+               "agent_grid x agent_grid grid) attend all keys, then every query attends the agents: "
+               "O(L * agents) instead of O(L^2). Training-free it approximates; recipes can fine-tune after.")
+    params = (ParamSpec("agent_grid", int, 7, "side of the agent grid (agent_grid^2 agent tokens)", low=1),
+              *GridMethod.grid_params)
+
+    def grid_attention(self, call, patch_grid):
+        if call.softcap is not None:
+            raise PatchError("agent attention has no softcapped form; use window_2d or a dense method here")
+        agents = pool_agents(call.query, patch_grid, min(self.config["agent_grid"], patch_grid.height,
+                                                         patch_grid.width))
+        return agent_attention(call.query, call.key, call.value, agents, scaling=call.scaling,
+                               key_valid=call.key_valid())

@@ -100,9 +100,11 @@ def dense_mask(layout: BlockLayout, lq: int, lk: int, causal: bool) -> torch.Ten
 
 def _items(layout: BlockLayout, b: int, hkv: int, lk: int, causal: bool, plain: bool):
     """Flatten the layout into items (one query block of one kv head of one sequence), with each
-    item's number of kept blocks and whether it can use the shared causal template: kept blocks
-    ascending with the diagonal last, no extra keys and no model mask (`plain`). Items are sorted
-    so that chunks hold items of equal width: no work is spent on padding slots."""
+    item's number of kept blocks and its template kind: 0 = element mask needed, 1 = the shared
+    template (everything visible but the future part of a causal diagonal block), 2 = the template
+    with the padded tail of a partial last key block hidden (bidirectional). Templates need plain
+    items: no extra keys, no model mask, and when causal the diagonal block last. Items are sorted
+    so that chunks hold items of equal width and kind: no work is spent on padding slots."""
     blocks = layout.kv_blocks.expand(b, hkv, *layout.kv_blocks.shape[2:]).reshape(-1, layout.kv_blocks.shape[-1])
     # kept blocks first, ascending (unused slots last), whatever order the layout listed them in
     unused = torch.iinfo(blocks.dtype).max
@@ -110,25 +112,29 @@ def _items(layout: BlockLayout, b: int, hkv: int, lk: int, causal: bool, plain: 
     blocks = torch.where(blocks == unused, -1, blocks)
     counts = (blocks >= 0).sum(-1)
     nq = layout.num_query_blocks
-    template = torch.zeros_like(counts, dtype=torch.bool)
+    kind = torch.zeros_like(counts)
     if plain and layout.extra_keys is None:
+        last = blocks.gather(-1, (counts - 1).clamp_min(0)[:, None])[:, 0]
         if causal:  # the diagonal block is the last kept one
-            last = blocks.gather(-1, (counts - 1).clamp_min(0)[:, None])[:, 0]
             diagonal = torch.arange(layout.first_block, layout.first_block + nq, device=blocks.device).repeat(b * hkv)
-            template = (last == diagonal) & (counts > 0)
-        elif lk % layout.block_size == 0:  # bidirectional: every kept key is visible
-            template = counts > 0
-    order = torch.argsort(counts * 2 + (~template).long(), stable=True)
-    return blocks, counts, template, order
+            kind = ((last == diagonal) & (counts > 0)).long()
+        else:  # bidirectional: every kept key is visible, but for a partial last block's padding
+            partial_tail = (lk % layout.block_size != 0) & (last == layout.num_key_blocks - 1)
+            kind = torch.where(counts > 0, 1 + partial_tail.long(), 0)
+    order = torch.argsort(counts * 3 + kind, stable=True)
+    return blocks, counts, kind, order
 
 
-def _causal_template(width: int, groups: int, bs: int, causal: bool, dtype, device) -> torch.Tensor:
+def _template(width: int, groups: int, bs: int, causal: bool, tail: int, dtype, device) -> torch.Tensor:
     """(groups * bs, width * bs) additive mask shared by template items: everything visible except
-    the future part of the diagonal (last) block."""
+    the future part of the diagonal (last) block when causal, and the last `tail` key slots
+    (padding past the final key) otherwise."""
     mask = torch.zeros(groups * bs, width * bs, dtype=dtype, device=device)
     if causal:
         future = torch.ones(bs, bs, dtype=torch.bool, device=device).triu(1).repeat(groups, 1)
         mask[:, (width - 1) * bs :].masked_fill_(future, float("-inf"))
+    elif tail:
+        mask[:, width * bs - tail :] = float("-inf")
     return mask
 
 
@@ -171,21 +177,21 @@ def block_sparse_attention(
     q_row = q_pos - (lk - lq if causal else 0)  # row of `query` each padded position is (may be < 0)
     if mask is not None and mask.shape[1] not in (1, hkv):
         mask = mask.view(mask.shape[0], hkv, groups, *mask.shape[2:])[:, :, 0]  # layouts are per kv head
-    blocks, counts, template, order = _items(layout, b, hkv, lk, causal, mask is None)
+    blocks, counts, kinds, order = _items(layout, b, hkv, lk, causal, mask is None)
     extra = None
     if layout.extra_keys is not None:
         extra = layout.extra_keys.expand(b, hkv, *layout.extra_keys.shape[2:]).reshape(-1, layout.extra_keys.shape[-1])
     out = torch.zeros(b * hkv * nq, groups * bs, d, dtype=query.dtype, device=device)
     offsets = torch.arange(bs, device=device)
-    counts_sorted, template_sorted = counts[order].tolist(), template[order].tolist()
+    counts_sorted, kinds_sorted = counts[order].tolist(), kinds[order].tolist()
     start = 0
     while start < len(order):
-        width, is_template = counts_sorted[start], template_sorted[start]
+        width, kind = counts_sorted[start], kinds_sorted[start]
         n_extra = 0 if extra is None else extra.shape[-1]
         step = max(1, _CHUNK_ELEMENTS // max(1, groups * bs * (width * bs + n_extra)))
         stop = start
         while stop < len(order) and stop - start < step and counts_sorted[stop] == width \
-                and template_sorted[stop] == is_template:
+                and kinds_sorted[stop] == kind:
             stop += 1
         items = order[start:stop]
         start = stop
@@ -204,8 +210,9 @@ def block_sparse_attention(
         real = (index >= 0) & (index < lk)  # unused extra slots; keys past lk in a partial last block
         index = index.clamp(0, lk - 1)
         q_c = grouped[items]
-        if is_template:
-            additive = _causal_template(width, groups, bs, causal, q_c.dtype, device)
+        if kind:
+            tail = nk * bs - lk if kind == 2 else 0
+            additive = _template(width, groups, bs, causal, tail, q_c.dtype, device)
             o = _attend(q_c, k_g, v_g, additive, scaling, softcap)
         else:
             allowed = real[:, None, :]  # (n, 1, M)

@@ -119,12 +119,11 @@ def block_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, *, cau
     return scores.view(b, hkv, hq // hkv, -1, block_size, nk).amax(dim=(2, 4))
 
 
-def block_topk(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, top_k,
-               pooling: str = "mean", sink_blocks: int = 0, local_blocks: int = 1,
-               valid: torch.Tensor | None = None) -> BlockLayout:
-    """Per query block and kv head: the `local_blocks` nearest blocks (the diagonal first), the
-    first `sink_blocks`, and the `top_k` best-scoring other admissible blocks (`block_scores`).
-    top_k: an int, or a (Hkv,) tensor of per-head budgets."""
+def _topk_ranking(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, pooling: str,
+                  sink_blocks: int, local_blocks: int, valid: torch.Tensor | None):
+    """(first, fixed (nQ, nK) blocks always kept, ranked): `ranked` holds, per (B, Hkv, query block),
+    the other admissible blocks from best to worst score as (values, indices) of a full topk;
+    values are -inf past the last candidate."""
     lq, lk = query.shape[-2], key.shape[-2]
     first, _, nq, nk = grid(lq, lk, block_size, causal)
     qb, kb, allowed = _allowed_blocks(first, nq, nk, causal, query.device)
@@ -133,16 +132,69 @@ def block_topk(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causa
     if valid is not None:  # blocks of padding only are never worth computing
         block_has_key = torch.nn.functional.pad(valid, (0, nk * block_size - lk)).view(valid.shape[0], nk, -1).any(-1)
         allowed = allowed & block_has_key[:, None, None, :]
-    candidates = allowed & ~fixed
+    ranked = scores.masked_fill(~(allowed & ~fixed), float("-inf")).sort(dim=-1, descending=True)
+    return first, fixed, ranked
+
+
+def block_topk(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, top_k,
+               pooling: str = "mean", sink_blocks: int = 0, local_blocks: int = 1,
+               valid: torch.Tensor | None = None) -> BlockLayout:
+    """Per query block and kv head: the `local_blocks` nearest blocks (the diagonal first), the
+    first `sink_blocks`, and the `top_k` best-scoring other admissible blocks (`block_scores`).
+    top_k: an int, or a (Hkv,) tensor of per-head budgets."""
+    first, fixed, ranked = _topk_ranking(query, key, block_size, causal=causal, pooling=pooling,
+                                         sink_blocks=sink_blocks, local_blocks=local_blocks, valid=valid)
     budgets = torch.as_tensor(top_k, device=query.device).reshape(-1)  # (1,) or (Hkv,)
-    k_max = int(budgets.max())
-    mask = fixed.expand(*scores.shape).clone()
-    if k_max > 0:
-        ranked = scores.masked_fill(~candidates, float("-inf")).topk(min(k_max, nk), dim=-1)
-        rank = torch.arange(ranked.indices.shape[-1], device=query.device)
-        take = (rank < budgets.view(1, -1, 1, 1)) & torch.isfinite(ranked.values)
-        mask.scatter_(-1, ranked.indices, take | mask.gather(-1, ranked.indices))
+    mask = fixed.expand(*ranked.values.shape).clone()
+    rank = torch.arange(ranked.indices.shape[-1], device=query.device)
+    take = (rank < budgets.view(1, -1, 1, 1)) & torch.isfinite(ranked.values)
+    mask.scatter_(-1, ranked.indices, take | mask.gather(-1, ranked.indices))
     return layout_from_block_mask(mask, block_size, first)
+
+
+def block_topk_recall(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, scaling: float,
+                      pooling: str = "mean", sink_blocks: int = 0, local_blocks: int = 1,
+                      mask: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                      softcap: float | None = None, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention recall of block top-k at every budget: (recall_sum (Hkv, nK + 1), rows (Hkv,)).
+    recall_sum[h, k] sums, over the call's queries (and the kv head's query group), the softmax
+    mass that block_topk with top_k=k keeps; divide by rows for the mean. The exact softmax is
+    computed `chunk` queries at a time (the model's mask and causality apply)."""
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    groups = hq // hkv
+    first, fixed, ranked = _topk_ranking(query, key, block_size, causal=causal, pooling=pooling,
+                                         sink_blocks=sink_blocks, local_blocks=local_blocks, valid=valid)
+    nk = ranked.values.shape[-1]
+    keys = key.float().repeat_interleave(groups, dim=1)
+    k_block = torch.arange(lk, device=query.device) // block_size
+    q_pos = torch.arange(lk - lq, lk, device=query.device) if causal else torch.arange(lq, device=query.device)
+    recall = torch.zeros(hkv, nk + 1, device=query.device)
+    rows = torch.zeros(hkv, device=query.device)
+    for start in range(0, lq, chunk):
+        q = query[:, :, start : start + chunk].float()
+        scores = (q @ keys.transpose(-1, -2)) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=query.device)
+        if causal:
+            allowed = q_pos[start : start + chunk, None] >= torch.arange(lk, device=query.device)[None, :]
+        if mask is not None:
+            allowed = allowed & mask[..., start : start + chunk, :] if mask.shape[-2] > 1 else allowed & mask
+        weights = torch.nan_to_num(scores.masked_fill(~allowed, float("-inf")).softmax(-1), nan=0.0)
+        # mass per key block: (B, Hq, n, nK)
+        mass = torch.zeros(*weights.shape[:-1], nk, device=query.device).index_add_(-1, k_block, weights)
+        qb = (q_pos[start : start + chunk] // block_size - first).clamp(0, ranked.indices.shape[-2] - 1)
+        order = ranked.indices.repeat_interleave(groups, dim=1)[:, :, qb]  # (B, Hq, n, nK) best first
+        finite = torch.isfinite(ranked.values).repeat_interleave(groups, dim=1)[:, :, qb]
+        in_order = mass.gather(-1, order) * finite
+        base = (mass * fixed[qb]).sum(-1, keepdim=True)
+        curve = torch.cat([base, base + in_order.cumsum(-1)], dim=-1)  # (B, Hq, n, nK + 1)
+        has_key = weights.sum(-1) > 0  # rows with no visible key (padding) do not count
+        curve = (curve * has_key[..., None]).view(b, hkv, groups, -1, nk + 1).sum(dim=(0, 2, 3))
+        recall += curve
+        rows += has_key.view(b, hkv, groups, -1).sum(dim=(0, 2, 3))
+    return recall, rows
 
 
 def vertical_slash(query: torch.Tensor, key: torch.Tensor, block_size: int, *, scaling: float, last_q: int,
