@@ -44,8 +44,8 @@ def budget_params(method: str, length: int, block: int, density: float) -> dict:
     kept = max(1, round(density * (nk + 1) / 2))  # mean causal row has (nk + 1) / 2 blocks
     if method == "a_shape":
         return {"block_size": block, "sink_blocks": 1, "local_blocks": max(1, kept - 1)}
-    if method == "block_topk":
-        return {"block_size": block, "top_k": max(0, kept - 1)}
+    if method == "block_topk":  # the sink block, the diagonal, and the chosen ones
+        return {"block_size": block, "top_k": max(0, kept - 2)}
     if method == "bigbird":
         window = max(0, kept // 2 - 1)
         return {"block_size": block, "window_blocks": window, "global_blocks": 1,

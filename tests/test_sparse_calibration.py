@@ -99,3 +99,21 @@ def test_calibration_errors():
     assert not patched_configs(model)
     with pytest.raises(PatchError, match="towers"):
         calibrate_block_topk(tm.build("clip"), [], block_size=4, progress=False)
+
+
+def test_budget_allocation_maximises_summed_recall():
+    """mean_top_k spends at most that many blocks per head, and its summed recall is at least that
+    of any uniform budget with no more blocks in total (uniform is one of the allocations it weighs)."""
+    model = tm.build("llama")
+    ids, mask = tm.text_batch(length=40, left_pad=3)
+    found = calibrate_block_topk(model, [{"input_ids": ids, "attention_mask": mask}], mean_top_k=2.5,
+                                 block_size=4, progress=False)
+    assert found.recall is None and found.mean_budget() <= 2.5 + 1e-9
+    summed = sum(sum(r) for r in found.achieved.values())
+    heads = sum(c.shape[0] for c in found.curves.values())
+    uniform = int(found.mean_budget() * heads) // heads
+    assert summed >= sum(float(c[:, uniform].sum()) for c in found.curves.values()) - 1e-6
+    again = found.choose(recall=0.9)  # the same curves, another choice, no model run
+    assert again.recall == 0.9 and again.config.layer_params[0]["head_top_k"] == again.budgets[0]
+    with pytest.raises(PatchError, match="mean_top_k"):
+        found.choose(mean_top_k=-1)
