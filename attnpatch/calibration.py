@@ -35,14 +35,14 @@ class RecallRecorder:
             self.recall, self.rows = recall, rows
             return
         width = max(self.recall.shape[-1], recall.shape[-1])  # budgets past a call's blocks keep everything
-        self.recall = _extend(self.recall, width, self.rows) + _extend(recall, width, rows)
+        self.recall = _extend(self.recall, width) + _extend(recall, width)
         self.rows = self.rows + rows
 
     def mean(self) -> torch.Tensor:
         return self.recall / self.rows.clamp_min(1)[:, None]
 
 
-def _extend(curve: torch.Tensor, width: int, rows: torch.Tensor) -> torch.Tensor:
+def _extend(curve: torch.Tensor, width: int) -> torch.Tensor:
     """Pad a (H, K+1) recall-sum curve to `width` budgets: beyond its last block it keeps everything."""
     if curve.shape[-1] == width:
         return curve
@@ -69,18 +69,15 @@ class SparseCalibration:
         """Budgets from the curves: with `recall`, each head's smallest budget reaching it; with
         `mean_top_k`, at most that many blocks per head on average, spent where they add the most
         recall summed over all heads of all layers."""
+        _check_choice(recall, mean_top_k)
         if mean_top_k is not None:
-            if mean_top_k < 0:
-                raise PatchError(f"mean_top_k must be >= 0 blocks per head, got {mean_top_k}")
             chosen = _allocate(self.curves, mean_top_k)
-        elif recall is not None and 0.0 < recall <= 1.0:
+        else:
             chosen = {}
             for layer, curve in self.curves.items():
                 reaches = curve >= recall - 1e-6
                 # the smallest budget reaching the target (the largest if none does: keep everything)
                 chosen[layer] = torch.where(reaches.any(-1), reaches.float().argmax(-1), curve.shape[-1] - 1)
-        else:
-            raise PatchError(f"recall must be in (0, 1] (or pass mean_top_k), got {recall}")
         budgets = {layer: b.tolist() for layer, b in sorted(chosen.items())}
         achieved = {layer: self.curves[layer].gather(-1, b[:, None])[:, 0].tolist() for layer, b in chosen.items()}
         params = {**self.fixed_params, "top_k": max(max(b) for b in budgets.values())}
@@ -102,6 +99,14 @@ class SparseCalibration:
             cells = [f"{k} ({r:.3f})" for k, r in zip(budgets, self.achieved[layer])]
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+
+def _check_choice(recall: float | None, mean_top_k: float | None) -> None:
+    if mean_top_k is not None:
+        if mean_top_k < 0:
+            raise PatchError(f"mean_top_k must be >= 0 blocks per head, got {mean_top_k}")
+    elif recall is None or not 0.0 < recall <= 1.0:
+        raise PatchError(f"recall must be in (0, 1] (or pass mean_top_k), got {recall}")
 
 
 def _allocate(curves: dict[int, torch.Tensor], mean_top_k: float) -> dict[int, torch.Tensor]:
@@ -134,10 +139,7 @@ def calibrate_block_topk(model, batches, *, recall: float | None = 0.95, mean_to
     batches: an iterable of model keyword dicts (input_ids, attention_mask, pixel_values...) or of
     input_ids tensors. The model runs densely (each layer's output is exact), so later layers are
     measured on the activations they will really see with dense earlier layers."""
-    if mean_top_k is None and (recall is None or not 0.0 < recall <= 1.0):
-        raise PatchError(f"recall must be in (0, 1] (or pass mean_top_k), got {recall}")
-    if mean_top_k is not None and mean_top_k < 0:
-        raise PatchError(f"mean_top_k must be >= 0 blocks per head, got {mean_top_k}")
+    _check_choice(recall, mean_top_k)  # before the model runs
     fixed = dict(block_size=block_size, pooling=pooling, sink_blocks=sink_blocks, local_blocks=local_blocks)
     patch_model(model, "block_topk", towers=towers, **fixed)
     try:

@@ -27,10 +27,14 @@ class BlockSparseMethod(Method):
     def layout(self, call):
         raise NotImplementedError
 
+    def skips_blocks(self, call) -> bool:
+        """False for a decoding step or a single key block: nothing to skip."""
+        return call.query.shape[-2] > 1 and call.key.shape[-2] > self.config["block_size"]
+
     def attention(self, call):
-        lq, lk = call.query.shape[-2], call.key.shape[-2]
-        if lq == 1 or lk <= self.config["block_size"]:
-            return exact_attention(call)  # decoding step or a single block: nothing to skip
+        lk = call.key.shape[-2]
+        if not self.skips_blocks(call):
+            return exact_attention(call)
         layout = self.layout(call)
         self.last_density = layout.density(lk, call.causal)  # for benchmarks: fraction of blocks computed
         return block_sparse_attention(call.query, call.key, call.value, layout, call.mask,
@@ -75,7 +79,7 @@ class BlockTopKAttention(BlockSparseMethod):
     recorder = None  # set by calibration.calibrate_block_topk: measure recall, attend exactly
 
     def attention(self, call):
-        if self.recorder is not None and call.query.shape[-2] > 1 and call.key.shape[-2] > self.config["block_size"]:
+        if self.recorder is not None and self.skips_blocks(call):
             c = self.config
             self.recorder.add(*block_topk_recall(
                 call.query, call.key, c["block_size"], causal=call.causal, scaling=call.scaling, pooling=c["pooling"],
