@@ -18,12 +18,15 @@ from .api import (
 from .cache import cache_nbytes
 from .calibration import SparseCalibration, calibrate_block_topk
 from .config import PatchConfig
+from .head_importance import HeadImportance, greedy_head_pruning, head_importance
+from .methods.heads import compact_heads
 from .errors import PatchError, UnsupportedModelError
 from .registry import Method, MethodInfo, ParamSpec, list_methods, register_method
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HeadImportance",
     "Method",
     "MethodInfo",
     "ParamSpec",
@@ -33,6 +36,9 @@ __all__ = [
     "UnsupportedModelError",
     "cache_nbytes",
     "calibrate_block_topk",
+    "compact_heads",
+    "greedy_head_pruning",
+    "head_importance",
     "is_patched",
     "list_methods",
     "load_patched",

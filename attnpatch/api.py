@@ -13,10 +13,9 @@ from torch import nn
 from .adapters import Adapter, AttentionSite, find_adapter
 from .config import PatchConfig
 from .errors import PatchError
-from .registry import Method, attnpatch_entries, get_method, resolve_params
+from .registry import INTERVENTIONS_ATTR, Method, attnpatch_entries, get_method, resolve_params
 
 RECORD_ATTR = "_attnpatch_record"
-INTERVENTIONS_ATTR = "_attnpatch_interventions"  # on each patched module: {intervention: method name}
 CONFIG_FILE = "attnpatch_config.json"
 PARAMS_FILE = "attnpatch_params.safetensors"
 FORMAT_VERSION = 1
@@ -27,6 +26,12 @@ class _AppliedPatch:
     config: PatchConfig
     adapter: Adapter
     placements: list[tuple[AttentionSite, Method]] = field(default_factory=list)
+    undo_model: object = None  # what the method's finish_patch returned
+
+    @property
+    def baked(self) -> bool:
+        """A structural change lives in the weights and config: a checkpoint holds it already."""
+        return "structure" in get_method(self.config.method).interventions
 
 
 def _records(model: nn.Module) -> list[_AppliedPatch]:
@@ -106,8 +111,13 @@ def _plan(model: nn.Module, config: PatchConfig) -> tuple[Adapter, list[tuple[At
     return adapter, plan
 
 
+def _routes_attention(method: Method) -> bool:
+    return "attention" in method.interventions
+
+
 def _remove(adapter: Adapter, site: AttentionSite, method: Method) -> None:
-    adapter.uninstall(site)
+    if _routes_attention(method):
+        adapter.uninstall(site)
     method.detach(site.module)
     taken = site.module.__dict__.get(INTERVENTIONS_ATTR, {})
     for intervention in method.interventions:
@@ -148,10 +158,12 @@ def patch_model(
         for site, method in plan:
             record.placements.append((site, method))
             method.attach(site.module)
-            adapter.install(site, method)
+            if _routes_attention(method):
+                adapter.install(site, method)
             taken = site.module.__dict__.setdefault(INTERVENTIONS_ATTR, {})
             for intervention in method.interventions:
                 taken[intervention] = method.name
+        record.undo_model = get_method(config.method).finish_patch(model, adapter, record.placements)
     except BaseException:
         for site, method in reversed(record.placements):
             _remove(adapter, site, method)
@@ -164,6 +176,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     """Undo every patch: modules, configs, processors and parameters as they were before patching."""
     records = model.__dict__.pop(RECORD_ATTR, [])
     for record in reversed(records):
+        if record.undo_model is not None:
+            record.undo_model()
         for site, method in reversed(record.placements):
             _remove(record.adapter, site, method)
     return model
@@ -219,7 +233,9 @@ def save_patched(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> Pa
         "format_version": FORMAT_VERSION,
         "library": _library(model),
         "model_class": type(model).__name__,
-        "patches": [c.to_dict() for c in patched_configs(model)],
+        # structural patches (head pruning) are in the saved weights and config already
+        "patches": [r.config.to_dict() for r in _records(model) if not r.baked],
+        "baked": [r.config.to_dict() for r in _records(model) if r.baked],
         "parameters_file": PARAMS_FILE if extra else None,
     }
     (path / CONFIG_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -257,6 +273,8 @@ def load_patched(path_or_id: str | os.PathLike, **from_pretrained_kwargs) -> nn.
     if model_cls is None:
         raise PatchError(f"{library} has no class {class_name!r}; is the installed {library} too old?")
     model = model_cls.from_pretrained(str(path), **from_pretrained_kwargs)
+    for method in dict.fromkeys(patch["method"] for patch in manifest.get("baked", [])):
+        get_method(method).after_reload(model)
     for patch in manifest["patches"]:
         patch_model(model, PatchConfig.from_dict(patch))
     params_file = manifest.get("parameters_file")

@@ -16,6 +16,18 @@ import contextvars
 import torch
 
 _transfer: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_transfer", default=None)
+_observer: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_observer", default=None)
+
+
+@contextlib.contextmanager
+def observe_attention(observer):
+    """While the block runs, every patched module's attention output (B, Hq, Lq, D) is passed
+    through `observer(call, output) -> output` (head importance gates and statistics use this)."""
+    token = _observer.set(observer)
+    try:
+        yield
+    finally:
+        _observer.reset(token)
 
 
 @contextlib.contextmanager
@@ -40,7 +52,14 @@ def attention_cross_entropy(teacher: torch.Tensor, student: torch.Tensor, eps: f
 
 
 def run_method(method, call) -> torch.Tensor:
-    """What adapters call: the method's attention, or the teacher/student pair under transfer."""
+    """What adapters call: the method's attention, or the teacher/student pair under transfer,
+    seen by the active observer if any."""
+    out = _run_method(method, call)
+    observer = _observer.get()
+    return out if observer is None else observer(call, out)
+
+
+def _run_method(method, call) -> torch.Tensor:
     transfer = _transfer.get()
     if transfer is None or not method.is_trainable:
         return method.attention(call)

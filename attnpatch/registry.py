@@ -14,6 +14,7 @@ from .errors import PatchError
 # interventions they use are disjoint, e.g. a KV-cache method on a head-pruned model.
 INTERVENTIONS = ("attention", "cache", "structure", "parameters", "tokens")
 MODEL_KINDS = ("decoder", "encoder", "diffusion")
+INTERVENTIONS_ATTR = "_attnpatch_interventions"  # on each patched module: {intervention: method name}
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,17 @@ class Method:
         """Remove every submodule, parameter and buffer `attach` added (their names start with attnpatch_)."""
         for store, name in attnpatch_entries(module):
             del store[name]
+
+    @classmethod
+    def finish_patch(cls, model, adapter, placements):
+        """Model-level changes once every module of a patch is attached (e.g. config fields a
+        structural change needs); returns a callable that undoes them, or None."""
+        return None
+
+    @classmethod
+    def after_reload(cls, model) -> None:
+        """For methods whose change is baked into saved weights ("structure"): what `load_patched`
+        runs on the reloaded checkpoint instead of patching again."""
 
     def uses_state(self) -> bool:
         return self.uses_state_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import SUPPORTED_FAMILIES, Adapter, AttentionSite
+from .base import SUPPORTED_FAMILIES, Adapter, AttentionSite, HeadAccess
 from .hf_diffusers import DiffusersAdapter
 from .hf_transformers import TransformersAdapter
 
@@ -29,4 +29,4 @@ def find_adapter(model: nn.Module) -> tuple[Adapter, list[AttentionSite]]:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "AttentionSite", "SUPPORTED_FAMILIES", "find_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "AttentionSite", "HeadAccess", "SUPPORTED_FAMILIES", "find_adapter"]

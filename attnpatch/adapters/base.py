@@ -15,6 +15,19 @@ SUPPORTED_FAMILIES = (
 )
 
 
+@dataclass(frozen=True)
+class HeadAccess:
+    """How to reach one attention module's per-head weights, for head surgery (adapters fill it in,
+    methods use it without naming the model family)."""
+
+    projections: tuple[str, str, str, str]  # attribute names of the q, k, v and output projections
+    # the module class builds its projections from config.head_dim, so a config with fewer heads
+    # and an explicit head_dim rebuilds the pruned shapes; otherwise (CLIP) head_dim is
+    # hidden_size / num_heads and a saved checkpoint must keep the full head count
+    config_sets_head_dim: bool
+    count_attrs: tuple[tuple[str, str], ...] = ()  # (module attribute, "heads" | "kv_heads" | "groups")
+
+
 @dataclass
 class AttentionSite:
     """One attention module of a model, with the geometry methods need."""
@@ -30,6 +43,7 @@ class AttentionSite:
     num_kv_heads: int
     head_dim: int
     cross: bool = False
+    heads: HeadAccess | None = None  # None where the adapter cannot do head surgery (fused qkv, diffusers)
 
     @property
     def label(self) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 from ..cache import RecurrentStateLayer, state_layer_for
 from ..call import AttentionCall, normalise_mask
 from ..distill import run_method
-from .base import Adapter, AttentionSite, split_layer_path, tower_depths
+from .base import Adapter, AttentionSite, HeadAccess, split_layer_path, tower_depths
 
 ATTENTION_NAME = "attnpatch"
 METHOD_ATTR = "_attnpatch_method"
@@ -25,6 +25,10 @@ ORIGINAL_CONFIG_ATTR = "_attnpatch_original_config"
 HOOKS_ATTR = "_attnpatch_hooks"
 
 _routes_cache: dict[type, bool] = {}
+_head_dim_cache: dict[type, bool] = {}
+# per-head counts a module may keep as attributes, read by its forward or attention function
+_COUNT_ATTRS = (("num_heads", "heads"), ("num_attention_heads", "heads"), ("num_key_value_heads", "kv_heads"),
+                ("num_key_value_groups", "groups"))
 
 
 def _routes_through_interface(cls: type) -> bool:
@@ -36,6 +40,26 @@ def _routes_through_interface(cls: type) -> bool:
             source = ""
         _routes_cache[cls] = "ALL_ATTENTION_FUNCTIONS" in source
     return _routes_cache[cls]
+
+
+def _reads_config_head_dim(cls: type) -> bool:
+    """Whether the module's __init__ sizes its projections from config.head_dim when it is set."""
+    if cls not in _head_dim_cache:
+        try:
+            source = inspect.getsource(cls.__init__)
+        except (OSError, TypeError):
+            source = ""
+        _head_dim_cache[cls] = 'config, "head_dim"' in source or "config.head_dim" in source
+    return _head_dim_cache[cls]
+
+
+def _head_access(module) -> HeadAccess | None:
+    """Separate q/k/v/output projections are sliced per head; fused ones (Phi3 qkv_proj) are not."""
+    for out in ("o_proj", "out_proj"):
+        if all(isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", out)):
+            counts = tuple((attr, what) for attr, what in _COUNT_ATTRS if isinstance(getattr(module, attr, None), int))
+            return HeadAccess(("q_proj", "k_proj", "v_proj", out), _reads_config_head_dim(type(module)), counts)
+    return None
 
 
 def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -115,6 +139,10 @@ class TransformersAdapter(Adapter):
             num_heads = getattr(module, "num_heads", None) or config.num_attention_heads
             head_dim = getattr(module, "head_dim", None) or config.hidden_size // num_heads
             num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+            heads = _head_access(module)
+            if heads is not None:  # the projections' shapes are the truth once heads were pruned
+                q, k = getattr(module, heads.projections[0]), getattr(module, heads.projections[1])
+                num_heads, num_kv_heads = q.out_features // head_dim, k.out_features // head_dim
             # CLIP's text tower is causal through a call-time flag, not the module attribute
             causal = bool(getattr(module, "is_causal", False)) or (
                 "text_model" in tower and getattr(config, "model_type", "").startswith("clip")
@@ -132,6 +160,7 @@ class TransformersAdapter(Adapter):
                     num_heads=int(num_heads),
                     num_kv_heads=int(num_kv_heads),
                     head_dim=int(head_dim),
+                    heads=heads,
                 )
             )
         return sites

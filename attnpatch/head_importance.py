@@ -1,0 +1,349 @@
+"""Which attention heads matter, measured on calibration data, and the pruning plans built from it.
+
+Three scores per layer and query head, each averaged over the calibration examples:
+- gradient ("Are Sixteen Heads Really Better than One?"): every head's output is multiplied by a
+  gate xi_h = 1 and I_h = E_x |dL(x)/dxi_h|, the first-order loss change from removing the head;
+- output_norm: the mean L2 norm of the head's contribution to the layer output, ||W_o,h o_h||;
+- entropy: 1 - the attention entropy of the head's rows divided by log(number of visible keys),
+  so focused heads score near 1 and heads that spread attention evenly near 0.
+`plan(ratio, ...)` turns a score into a `prune_heads` PatchConfig; `greedy_head_pruning` removes
+heads in steps, rescoring with the removed heads masked after each step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import find_adapter
+from .config import PatchConfig
+from .distill import observe_attention
+from .errors import PatchError
+from .methods.reference import _visible_keys, exact_attention_weights
+from .registry import INTERVENTIONS_ATTR
+
+SCORES = ("gradient", "output_norm", "entropy")
+PLAN_SCORES = SCORES + ("random",)
+
+
+@dataclass
+class HeadImportance:
+    """scores[score][tower]: (layers, query heads) tensor (NaN where a layer has fewer heads);
+    group_size[tower]: query heads per kv head (GQA), for plans that remove whole kv groups."""
+
+    scores: dict[str, dict[str, torch.Tensor]]
+    group_size: dict[str, int]
+    examples: int
+    removed: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # heads masked while scoring
+
+    @property
+    def towers(self) -> list[str]:
+        return sorted(self.group_size)
+
+    def _tower(self, tower: str | None) -> str:
+        if tower is None:
+            if len(self.towers) > 1:
+                raise PatchError(f"this model has several attention stacks {self.towers}; pass tower=<one of them>")
+            return self.towers[0]
+        matches = [t for t in self.towers if tower in t]
+        if len(matches) != 1:
+            raise PatchError(f"tower={tower!r} matches {matches or 'none'} of {self.towers}; pass a unique substring")
+        return matches[0]
+
+    def table(self, score: str = "gradient", tower: str | None = None, digits: int = 4) -> str:
+        """Markdown: one row per layer, one column per query head."""
+        values = self._scores(score)[self._tower(tower)]
+        header = "| layer | " + " | ".join(f"h{h}" for h in range(values.shape[1])) + " |"
+        lines = [header, "|" + "---|" * (values.shape[1] + 1)]
+        for layer, row in enumerate(values.tolist()):
+            cells = ["" if math.isnan(v) else f"{v:.{digits}g}" for v in row]
+            lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def plot(self, path, tower: str | None = None):
+        """One heat map per score (layers x query heads), saved to `path`."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tower = self._tower(tower)
+        names = [s for s in SCORES if s in self.scores]
+        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 0.22 * len(self.scores[names[0]][tower]) + 2),
+                                 squeeze=False)
+        for ax, name in zip(axes[0], names):
+            image = ax.imshow(self.scores[name][tower].numpy(), aspect="auto", cmap="viridis")
+            ax.set_title(name)
+            ax.set_xlabel("query head")
+            ax.set_ylabel("layer")
+            fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.suptitle(f"head importance, {tower} ({self.examples} examples)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def _scores(self, score: str) -> dict[str, torch.Tensor]:
+        if score not in self.scores:
+            raise PatchError(f"score {score!r} was not measured; measured: {sorted(self.scores)}")
+        return self.scores[score]
+
+    def plan(self, ratio: float, score: str = "gradient", scope: str = "layer", unit: str = "query",
+             tower: str | None = None, seed: int = 0) -> PatchConfig:
+        """A prune_heads config removing `ratio` of the tower's heads with the lowest `score`.
+
+        scope="layer": the same fraction in every layer; "global": the lowest across all layers
+        (scores divided by their layer's L2 norm first, as in Michel et al.), every layer keeping
+        at least one unit. unit="query": query heads; "group": whole kv groups (a group's score is
+        the sum of its query heads'), which removes kv heads too. score="random" is the control.
+        Heads masked while scoring (greedy mode) stay removed and count towards the ratio."""
+        if not 0.0 <= ratio < 1.0:
+            raise PatchError(f"ratio is the fraction of heads to remove, in [0, 1); got {ratio}")
+        if scope not in ("layer", "global"):
+            raise PatchError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if unit not in ("query", "group"):
+            raise PatchError(f"unit must be 'query' (query heads) or 'group' (whole kv groups), got {unit!r}")
+        if score not in PLAN_SCORES:
+            raise PatchError(f"unknown score {score!r}; scores: {', '.join(PLAN_SCORES)}")
+        tower = self._tower(tower)
+        reference = next(iter(self.scores.values()))[tower]
+        if score == "random":
+            generator = torch.Generator().manual_seed(seed)
+            values = torch.rand(reference.shape, generator=generator).masked_fill(reference.isnan(), float("nan"))
+        else:
+            values = self._scores(score)[tower].clone()
+        group = self.group_size[tower] if unit == "group" else 1
+        already = self.removed.get(tower, {})
+        for layer, heads in already.items():
+            values[layer, heads] = -math.inf  # removed before: always among the lowest
+        units = values.unflatten(1, (-1, group)).sum(-1)  # (layers, units)
+        if scope == "global" and score != "random":
+            norms = torch.nan_to_num(units.masked_fill(units.isinf(), 0.0), nan=0.0).norm(dim=1, keepdim=True)
+            units = units / norms.clamp_min(1e-12)
+        present = ~units.isnan()
+        target = round(ratio * int(present.sum()))
+        chosen: dict[int, list[int]] = {}
+        if scope == "layer":
+            for layer in range(units.shape[0]):
+                count = min(round(ratio * int(present[layer].sum())), int(present[layer].sum()) - 1)
+                order = torch.argsort(torch.nan_to_num(units[layer], nan=math.inf))[:count].tolist()
+                chosen[layer] = order
+        else:
+            order = torch.argsort(torch.nan_to_num(units, nan=math.inf).flatten()).tolist()
+            left = present.sum(dim=1).tolist()
+            taken = 0
+            for flat in order:
+                if taken == target:
+                    break
+                layer, index = divmod(flat, units.shape[1])
+                if not present[layer, index] or left[layer] <= 1:
+                    continue
+                chosen.setdefault(layer, []).append(index)
+                left[layer] -= 1
+                taken += 1
+        layer_params = {}
+        for layer, indices in sorted(chosen.items()):
+            heads = sorted(h for i in indices for h in range(i * group, (i + 1) * group))
+            if heads:
+                layer_params[layer] = {"heads": heads}
+        if not layer_params:
+            raise PatchError(f"ratio={ratio} removes no head of {tower}; raise the ratio")
+        return PatchConfig("prune_heads", layers=sorted(layer_params), layer_params=layer_params,
+                           towers=[tower]).validated()
+
+
+# --- measuring
+def _default_loss(model, batch: dict, output) -> torch.Tensor:
+    """Per-example losses: next-token cross-entropy for causal LMs (labels or input_ids as
+    targets), cross-entropy against the labels (or the model's own prediction) for classifiers,
+    the symmetric contrastive loss of matched image-text pairs for CLIP-style models."""
+    logits = getattr(output, "logits", None)
+    if logits is not None and logits.dim() == 3:
+        targets = batch.get("labels", batch.get("input_ids"))
+        if targets is None:
+            raise PatchError("a causal LM loss needs input_ids (or labels) in the batch")
+        shift_logits, shift_targets = logits[:, :-1].float(), targets[:, 1:]
+        valid = shift_targets != -100
+        if "attention_mask" in batch and "labels" not in batch:
+            valid = valid & batch["attention_mask"][:, 1:].bool()
+        losses = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_targets.clamp_min(0),
+                                                   reduction="none")
+        return (losses * valid).sum(1) / valid.sum(1).clamp_min(1)
+    if logits is not None and logits.dim() == 2:
+        targets = batch.get("labels", logits.argmax(-1).detach())
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    per_image = getattr(output, "logits_per_image", None)
+    if per_image is not None and per_image.shape[0] == per_image.shape[1]:
+        targets = torch.arange(per_image.shape[0], device=per_image.device)
+        image = torch.nn.functional.cross_entropy(per_image.float(), targets, reduction="none")
+        text = torch.nn.functional.cross_entropy(per_image.float().t(), targets, reduction="none")
+        return (image + text) / 2
+    raise PatchError(f"no default loss for {type(output).__name__} outputs; pass loss_fn(model, batch, output) -> "
+                     "one loss per example")
+
+
+class _HeadProbe:
+    """The observer: gates every head's output and accumulates the per-head statistics."""
+
+    def __init__(self, sites, scores, removed):
+        self.sites = {id(site.module): site for site in sites}
+        self.scores = scores
+        self.masked = {id(site.module): removed.get(site.tower, {}).get(site.layer, []) for site in sites}
+        self.sums = {name: {key: 0.0 for key in self.sites} for name in scores}
+        self.gates: dict[int, torch.Tensor] = {}
+        self.token_valid: torch.Tensor | None = None
+
+    def __call__(self, call, out):
+        key = id(call.module)
+        site = self.sites.get(key)
+        if site is None:
+            return out
+        rows = self._row_weights(call)
+        if "entropy" in self.scores:
+            self.sums["entropy"][key] = self.sums["entropy"][key] + self._focus(call, rows)
+        if "output_norm" in self.scores:
+            with torch.no_grad():
+                weight = getattr(site.module, site.heads.projections[3]).weight
+                blocks = weight.detach().float().unflatten(1, (-1, site.head_dim))  # (hidden, Hq, D)
+                norms = torch.einsum("bhld,ohd->bhlo", out.detach().float(), blocks).norm(dim=-1)
+                self.sums["output_norm"][key] = self.sums["output_norm"][key] + (norms * rows).sum(-1).sum(0)
+        gate = torch.ones(out.shape[0], out.shape[1], device=out.device, dtype=out.dtype)
+        gate[:, self.masked[key]] = 0
+        if "gradient" in self.scores:
+            gate.requires_grad_(True)
+            self.gates[key] = gate
+        return out * gate[:, :, None, None]
+
+    def _row_weights(self, call) -> torch.Tensor:
+        """(B, 1, Lq) weights averaging over each example's valid query rows."""
+        batch, length = call.query.shape[0], call.query.shape[-2]
+        valid = torch.ones(batch, length, device=call.query.device)
+        if self.token_valid is not None and self.token_valid.shape[-1] == length:
+            valid = self.token_valid.to(valid)
+        return (valid / valid.sum(-1, keepdim=True).clamp_min(1))[:, None]
+
+    @staticmethod
+    @torch.no_grad()
+    def _focus(call, rows) -> torch.Tensor:
+        weights = exact_attention_weights(call)  # (B, Hq, Lq, Lk)
+        entropy = -(weights * torch.log(weights.clamp_min(1e-30))).sum(-1)
+        allowed = _visible_keys(call)
+        if allowed is None:
+            visible = torch.full(weights.shape[:-1], weights.shape[-1], device=weights.device)
+        else:
+            visible = allowed.expand(*weights.shape).sum(-1).float()
+        focus = torch.where(visible > 1, 1 - entropy / torch.log(visible.clamp_min(2)), torch.ones_like(entropy))
+        return (focus * rows).sum(-1).sum(0)
+
+
+def _to_device(batch, device) -> dict:
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def head_importance(model, batches, scores=SCORES, loss_fn=None, towers: list[str] | str | None = None,
+                    removed: dict[str, dict[int, list[int]]] | None = None, progress: bool = True) -> HeadImportance:
+    """Score every query head on calibration `batches` (dicts of model inputs, or input_ids
+    tensors). `loss_fn(model, batch, output) -> (B,) losses` overrides the default loss the
+    gradient score differentiates; `removed` masks heads ({tower: {layer: [heads]}}) while scoring.
+    The model runs with exact attention routed through attnpatch (patched for the duration if it
+    is not patched already); its weights get no gradients."""
+    from .api import patch_model, unpatch_model
+
+    scores = tuple(scores)
+    unknown = sorted(set(scores) - set(SCORES))
+    if unknown or not scores:
+        raise PatchError(f"unknown head scores {unknown or scores}; scores: {', '.join(SCORES)}")
+    removed = removed or {}
+    _, sites = find_adapter(model)
+    if isinstance(towers, str):
+        towers = [towers]
+    sites = [s for s in sites if not s.cross and (towers is None or any(t in s.tower for t in towers))]
+    if not sites:
+        raise PatchError(f"towers={towers} selects no self-attention stack of this model")
+    missing = [s.path for s in sites if s.heads is None]
+    if missing:
+        raise PatchError(f"head importance needs separate q/k/v/output projections; {missing[0]} has none")
+    routed = ["attention" in s.module.__dict__.get(INTERVENTIONS_ATTR, {}) for s in sites]
+    if any(routed) and not all(routed):
+        raise PatchError("some selected attention modules are patched with an attention method and some are not; "
+                         "unpatch the model or select towers patched alike")
+    patched_here = not any(routed)
+    if patched_here:
+        patch_model(model, "softmax", towers=sorted({s.tower for s in sites}))
+    probe = _HeadProbe(sites, scores, removed)
+    device = next(model.parameters()).device
+    loss_fn = loss_fn or _default_loss
+    examples = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with observe_attention(probe):
+            for batch in tqdm(list(batches), desc="head importance", disable=not progress):
+                batch = _to_device(batch, device)
+                probe.token_valid = batch.get("attention_mask")
+                probe.gates = {}
+                with torch.set_grad_enabled("gradient" in scores):
+                    output = model(**{k: v for k, v in batch.items() if k != "labels"})
+                    if "gradient" in scores:
+                        losses = loss_fn(model, batch, output)
+                        keys = list(probe.gates)
+                        grads = torch.autograd.grad(losses.sum(), [probe.gates[k] for k in keys], allow_unused=True)
+                        for key, grad in zip(keys, grads):
+                            if grad is not None:
+                                probe.sums["gradient"][key] = probe.sums["gradient"][key] + grad.abs().sum(0).float()
+                examples += next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+    finally:
+        probe.gates = {}
+        if patched_here:
+            unpatch_model(model)
+        model.train(was_training)
+    if examples == 0:
+        raise PatchError("batches is empty; give at least one calibration batch")
+    return _collect(probe, sites, examples, removed)
+
+
+def _collect(probe: _HeadProbe, sites, examples: int, removed) -> HeadImportance:
+    by_tower: dict[str, list] = {}
+    for site in sites:
+        by_tower.setdefault(site.tower, []).append(site)
+    result: dict[str, dict[str, torch.Tensor]] = {name: {} for name in probe.scores}
+    groups = {}
+    for tower, tower_sites in by_tower.items():
+        depth = tower_sites[0].num_layers
+        width = max(s.num_heads for s in tower_sites)
+        groups[tower] = max(s.num_heads // s.num_kv_heads for s in tower_sites)
+        for name in probe.scores:
+            table = torch.full((depth, width), float("nan"))
+            for site in tower_sites:
+                total = probe.sums[name][id(site.module)]
+                if isinstance(total, torch.Tensor):
+                    table[site.layer, : site.num_heads] = total.detach().cpu().float() / examples
+            result[name][tower] = table
+    return HeadImportance(result, groups, examples, {t: dict(v) for t, v in removed.items()})
+
+
+def greedy_head_pruning(model, batches, ratio: float, steps: int = 4, score: str = "gradient", scope: str = "global",
+                        unit: str = "query", tower: str | None = None, loss_fn=None,
+                        progress: bool = True) -> tuple[PatchConfig, HeadImportance]:
+    """Remove `ratio` of the heads in `steps` rounds: each round scores the heads with the ones
+    already chosen masked, and adds the lowest. Returns the final prune_heads config (patch it with
+    patch_model) and the last round's importance."""
+    if score not in SCORES:
+        raise PatchError(f"greedy pruning rescores with one of {', '.join(SCORES)}; got {score!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise PatchError(f"steps must be a positive integer, got {steps!r}")
+    batches = list(batches)
+    removed: dict[str, dict[int, list[int]]] = {}
+    config = None
+    for step in range(1, steps + 1):
+        importance = head_importance(model, batches, scores=(score,), loss_fn=loss_fn, towers=tower,
+                                     removed=removed, progress=progress)
+        name = importance._tower(tower)
+        config = importance.plan(ratio * step / steps, score=score, scope=scope, unit=unit, tower=name)
+        removed = {name: {layer: params["heads"] for layer, params in config.layer_params.items()}}
+    return config, importance

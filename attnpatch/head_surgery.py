@@ -1,0 +1,121 @@
+"""Physical removal of attention heads: which original head sits where after pruning, and the
+slicing of projection weights by head blocks. No model knowledge: adapters say which projections
+a module has (HeadAccess), methods/heads.py decides what to remove.
+
+Layout rules. Query head h uses kv head h // group_size (transformers' repeat_kv). After pruning
+a layer keeps the kv groups that still have a query head; every kept group gets the same number
+of query slots (the largest group), and groups with fewer kept heads are filled with zero heads
+(zero q rows, zero output columns), which add exactly nothing to the output. A saved checkpoint
+needs the same geometry in every layer of a tower, so `padded_blocks` maps a layer onto the
+tower's widest geometry with zero heads as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import PatchError
+
+
+@dataclass(frozen=True)
+class HeadArrangement:
+    """Where the original heads of one layer sit after pruning.
+
+    kv_heads[g]: original kv head of kept group g; query_heads[g][i]: original query head in slot
+    i of group g, or None for a zero (padding) head."""
+
+    kv_heads: tuple[int, ...]
+    query_heads: tuple[tuple[int | None, ...], ...]
+
+    @classmethod
+    def removing(cls, num_heads: int, num_kv_heads: int, removed, where: str = "this layer") -> "HeadArrangement":
+        removed = sorted(set(int(h) for h in removed))
+        bad = [h for h in removed if not 0 <= h < num_heads]
+        if bad:
+            raise PatchError(f"heads {bad} are out of range for {where}, which has {num_heads} query heads "
+                             f"(valid: 0..{num_heads - 1})")
+        if len(removed) == num_heads:
+            raise PatchError(f"removing all {num_heads} heads of {where} would leave no attention; keep at least one "
+                             "head (to drop a whole layer, use fewer layers instead)")
+        group = num_heads // num_kv_heads
+        kept = [[h for h in range(g * group, (g + 1) * group) if h not in removed] for g in range(num_kv_heads)]
+        kv = tuple(g for g in range(num_kv_heads) if kept[g])
+        width = max(len(kept[g]) for g in kv)
+        return cls(kv, tuple(tuple(kept[g]) + (None,) * (width - len(kept[g])) for g in kv))
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.kv_heads)
+
+    @property
+    def group_size(self) -> int:
+        return len(self.query_heads[0])
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_kv_heads * self.group_size
+
+    @property
+    def query_blocks(self) -> list[int | None]:
+        return [h for group in self.query_heads for h in group]
+
+    @property
+    def padding_heads(self) -> int:
+        return sum(h is None for h in self.query_blocks)
+
+
+def gather_blocks(tensor: torch.Tensor, blocks: list[int | None], size: int, dim: int) -> torch.Tensor:
+    """Blocks of `size` along `dim`: block i of the result is block blocks[i] of `tensor`, or zeros."""
+    zeros = None
+    parts = []
+    for b in blocks:
+        if b is None:
+            if zeros is None:
+                shape = list(tensor.shape)
+                shape[dim] = size
+                zeros = tensor.new_zeros(shape)
+            parts.append(zeros)
+        else:
+            parts.append(tensor.narrow(dim, b * size, size))
+    return torch.cat(parts, dim=dim).contiguous()
+
+
+def sliced_linear(linear: nn.Linear, blocks: list[int | None], size: int, rows: bool) -> nn.Linear:
+    """A new Linear keeping the output rows (rows=True) or input columns (False) of the given head
+    blocks; bias follows the rows (an output projection keeps its whole bias)."""
+    weight = gather_blocks(linear.weight.detach(), blocks, size, 0 if rows else 1)
+    out_features, in_features = weight.shape
+    new = nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if linear.bias is not None:
+            new.bias.copy_(gather_blocks(linear.bias.detach(), blocks, size, 0) if rows else linear.bias.detach())
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    if new.bias is not None:
+        new.bias.requires_grad_(linear.bias.requires_grad)
+    return new
+
+
+def padded_blocks(num_kv_heads: int, group_size: int, full_kv_heads: int, full_group_size: int):
+    """Where a layer of (num_kv_heads, group_size) heads sits inside a (full_kv_heads,
+    full_group_size) geometry: (query blocks, kv blocks), each the layer's own block index or None."""
+    query = [g * group_size + i if g < num_kv_heads and i < group_size else None
+             for g in range(full_kv_heads) for i in range(full_group_size)]
+    kv = [g if g < num_kv_heads else None for g in range(full_kv_heads)]
+    return query, kv
+
+
+def unpadded_blocks(num_kv_heads: int, group_size: int, full_group_size: int):
+    """The inverse of `padded_blocks`: (query blocks, kv blocks) of the padded tensor to keep."""
+    query = [g * full_group_size + i for g in range(num_kv_heads) for i in range(group_size)]
+    return query, list(range(num_kv_heads))
+
+
+def zero_heads(out_proj: nn.Linear, head_dim: int) -> list[int]:
+    """Query heads whose output-projection columns are all exactly zero: they add nothing (the
+    padding a saved pruned checkpoint carries)."""
+    blocks = out_proj.weight.detach().reshape(out_proj.out_features, -1, head_dim)
+    return [h for h in range(blocks.shape[1]) if not bool(blocks[:, h].any())]
