@@ -92,13 +92,15 @@ class HeadImportance:
         return self.scores[score]
 
     def plan(self, ratio: float, score: str = "gradient", scope: str = "layer", unit: str = "query",
-             tower: str | None = None, seed: int = 0) -> PatchConfig:
+             balanced: bool = False, tower: str | None = None, seed: int = 0) -> PatchConfig:
         """A prune_heads config removing `ratio` of the tower's heads with the lowest `score`.
 
         scope="layer": the same fraction in every layer; "global": the lowest across all layers
         (scores divided by their layer's L2 norm first, as in Michel et al.), every layer keeping
         at least one unit. unit="query": query heads; "group": whole kv groups (a group's score is
-        the sum of its query heads'), which removes kv heads too. score="random" is the control.
+        the sum of its query heads'), which removes kv heads too. balanced=True (scope "layer", unit
+        "query") takes the same number of query heads from every kv group, so no group needs zero
+        padding and parameters fall by exactly the heads removed. score="random" is the control.
         Heads masked while scoring (greedy mode) stay removed and count towards the ratio."""
         if not 0.0 <= ratio < 1.0:
             raise PatchError(f"ratio is the fraction of heads to remove, in [0, 1); got {ratio}")
@@ -108,6 +110,9 @@ class HeadImportance:
             raise PatchError(f"unit must be 'query' (query heads) or 'group' (whole kv groups), got {unit!r}")
         if score not in PLAN_SCORES:
             raise PatchError(f"unknown score {score!r}; scores: {', '.join(PLAN_SCORES)}")
+        if balanced and (scope, unit) != ("layer", "query"):
+            raise PatchError("balanced=True takes query heads evenly from each kv group of a layer: it needs "
+                             "scope='layer' and unit='query'")
         tower = self._tower(tower)
         reference = next(iter(self.scores.values()))[tower]
         if score == "random":
@@ -115,10 +120,21 @@ class HeadImportance:
             values = torch.rand(reference.shape, generator=generator).masked_fill(reference.isnan(), float("nan"))
         else:
             values = self._scores(score)[tower].clone()
-        group = self.group_size[tower] if unit == "group" else 1
+        group = self.group_size[tower] if unit == "group" or balanced else 1
         already = self.removed.get(tower, {})
         for layer, heads in already.items():
             values[layer, heads] = -math.inf  # removed before: always among the lowest
+        if balanced:  # rank inside each group: every group loses round(ratio * group size) heads
+            count = min(round(ratio * group), group - 1)
+            order = torch.argsort(torch.nan_to_num(values, nan=math.inf).unflatten(1, (-1, group)), dim=-1)
+            offsets = torch.arange(0, values.shape[1], group)[None, :, None]
+            lowest = (order[..., :count] + offsets).flatten(1)  # (layers, groups * count)
+            layer_params = {layer: {"heads": sorted(row)} for layer, row in enumerate(lowest.tolist())
+                            if row and not reference[layer].isnan().all()}
+            if not layer_params:
+                raise PatchError(f"ratio={ratio} of a {group}-head group rounds to no head; raise the ratio")
+            return PatchConfig("prune_heads", layers=sorted(layer_params), layer_params=layer_params,
+                               towers=[tower]).validated()
         units = values.unflatten(1, (-1, group)).sum(-1)  # (layers, units)
         if scope == "global" and score != "random":
             norms = torch.nan_to_num(units.masked_fill(units.isinf(), 0.0), nan=0.0).norm(dim=1, keepdim=True)

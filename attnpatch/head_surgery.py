@@ -31,8 +31,8 @@ class HeadArrangement:
     query_heads: tuple[tuple[int | None, ...], ...]
 
     @classmethod
-    def removing(cls, num_heads: int, num_kv_heads: int, removed, where: str = "this layer") -> "HeadArrangement":
-        removed = sorted(set(int(h) for h in removed))
+    def removing(cls, num_heads: int, num_kv_heads: int, removed, where: str = "this layer") -> HeadArrangement:
+        removed = sorted({int(h) for h in removed})
         bad = [h for h in removed if not 0 <= h < num_heads]
         if bad:
             raise PatchError(f"heads {bad} are out of range for {where}, which has {num_heads} query heads "

@@ -4,9 +4,9 @@ head importance scores against independent references, pruning plans."""
 import math
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from attnpatch import (
     PatchError,
     compact_heads,
@@ -184,7 +184,7 @@ def test_gradient_and_output_norm_match_gates_on_the_output_projection():
         for i, layer in enumerate(model.model.layers):
             out = layer.self_attn.o_proj
 
-            def gated(module, args, i=i):
+            def gated(module, args, i=i, gates=gates):
                 heads = args[0].unflatten(-1, (4, 16))  # (B, L, H, D)
                 blocks = module.weight.unflatten(1, (4, 16))
                 contribution = torch.einsum("blhd,ohd->bhlo", heads.detach(), blocks.detach()).norm(dim=-1)
@@ -232,7 +232,7 @@ def test_importance_on_encoders_and_with_masked_heads():
     vit = tm.build("vit")
     with pytest.raises(PatchError, match="pass loss_fn"):
         head_importance(vit, [{"pixel_values": tm.pixels()}], progress=False)
-    loss = lambda model, batch, output: output.last_hidden_state.pow(2).mean((1, 2))  # noqa: E731
+    loss = lambda model, batch, output: output.last_hidden_state.pow(2).mean((1, 2))
     masked = head_importance(vit, [{"pixel_values": tm.pixels()}], loss_fn=loss, progress=False,
                              removed={"layers": {1: [0, 2]}}, scores=["gradient", "output_norm"])
     grads = masked.scores["gradient"]["layers"]
@@ -251,6 +251,15 @@ def test_plans_follow_scope_unit_and_ratio():
     assert layer.layer_params[0]["heads"] == sorted(torch.argsort(scores[0])[:2].tolist())
     group = importance.plan(0.5, scope="layer", unit="group")
     assert all(p["heads"] in ([0, 1], [2, 3]) for p in group.layer_params.values())
+    balanced = importance.plan(0.5, balanced=True)  # one head of each 2-head group
+    for layer, params in balanced.layer_params.items():
+        assert [h // 2 for h in params["heads"]] == [0, 1]
+        assert all(scores[layer, h] <= scores[layer, h ^ 1] for h in params["heads"])
+    patch_model(model, balanced)
+    assert all(layer.self_attn.q_proj.out_features == 32 for layer in model.model.layers)  # no zero padding
+    unpatch_model(model)
+    with pytest.raises(PatchError, match="scope='layer' and unit='query'"):
+        importance.plan(0.5, balanced=True, unit="group")
     glob = importance.plan(0.75, scope="global")
     assert sum(len(p["heads"]) for p in glob.layer_params.values()) == 9
     assert all(len(p["heads"]) <= 3 for p in glob.layer_params.values())  # every layer keeps a head

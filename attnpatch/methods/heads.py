@@ -17,7 +17,14 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ..errors import PatchError
-from ..head_surgery import HeadArrangement, gather_blocks, padded_blocks, sliced_linear, unpadded_blocks, zero_heads
+from ..head_surgery import (
+    HeadArrangement,
+    gather_blocks,
+    padded_blocks,
+    sliced_linear,
+    unpadded_blocks,
+    zero_heads,
+)
 from ..registry import INTERVENTIONS_ATTR, Method, ParamSpec, register_method
 
 

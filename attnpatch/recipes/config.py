@@ -42,12 +42,27 @@ class StageConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Head pruning before the stages: heads scored on the first training blocks, the lowest
+    removed with prune_heads (see HeadImportance.plan); ratio 0 skips it."""
+
+    ratio: float = 0.0
+    score: str = "gradient"  # gradient | output_norm | entropy | random
+    scope: str = "layer"  # layer | global
+    unit: str = "query"  # query | group (whole kv groups)
+    balanced: bool = False  # the same number of query heads from every kv group
+    greedy_steps: int = 1  # > 1: rescore with the chosen heads masked, in this many rounds
+    calibration_blocks: int = 16
+
+
+@dataclass
 class RecipeConfig:
     model: str
-    attention: dict  # a PatchConfig dict: {"method": "lolcats", "params": {...}, ...}
+    attention: dict | None  # a PatchConfig dict: {"method": "lolcats", "params": {...}, ...}, or None
     data: DataConfig
     stage1: StageConfig = field(default_factory=StageConfig)  # attention transfer
     stage2: StageConfig = field(default_factory=StageConfig)  # LoRA recovery
+    prune: PruneConfig = field(default_factory=PruneConfig)  # head pruning, before the attention patch
     output_dir: str = "out/recipe"
     seed: int = 0
     dtype: str = "float32"
@@ -74,17 +89,24 @@ class RecipeConfig:
                 raise PatchError(f"{where}: unknown field(s) {unknown} in '{name}'; known: {sorted(known)}")
             return kind(**(data or {}))
 
-        missing = [k for k in ("model", "attention", "data") if k not in raw]
+        missing = [k for k in ("model", "data") if k not in raw]
         if missing:
             raise PatchError(f"{where}: missing required field(s) {missing}")
-        top = {k: v for k, v in raw.items() if k not in ("data", "stage1", "stage2")}
-        config = build(cls, {**top, "data": None, "stage1": None, "stage2": None}, "top level")
+        if raw.get("attention") is None and not (raw.get("prune") or {}).get("ratio"):
+            raise PatchError(f"{where}: give an 'attention' patch, a 'prune' section with a ratio, or both")
+        sections = ("data", "stage1", "stage2", "prune")
+        top = {k: v for k, v in raw.items() if k not in sections}
+        config = build(cls, {"attention": None, **top, **dict.fromkeys(sections)}, "top level")
         config.data = build(DataConfig, raw["data"], "data")
         config.stage1 = build(StageConfig, raw.get("stage1"), "stage1")
         config.stage2 = build(StageConfig, raw.get("stage2"), "stage2")
+        config.prune = build(PruneConfig, raw.get("prune"), "prune")
         from ..config import PatchConfig
 
-        PatchConfig.from_dict(config.attention)  # validate the attention early, with attnpatch's errors
+        if config.attention is not None:  # validate early, with attnpatch's errors
+            PatchConfig.from_dict(config.attention)
+        if config.prune.ratio and (config.prune.greedy_steps < 1 or config.prune.calibration_blocks < 1):
+            raise PatchError(f"{where}: prune.greedy_steps and prune.calibration_blocks must be >= 1")
         return config
 
     def to_dict(self) -> dict:

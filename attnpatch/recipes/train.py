@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..api import patch_model, save_patched
 from ..config import PatchConfig
 from ..distill import attention_transfer
+from ..errors import PatchError
 from .config import RecipeConfig, StageConfig
 from .data import packed_blocks
 
@@ -144,6 +145,26 @@ def run_stage(name: str, model, stage: StageConfig, train: torch.Tensor, evaluat
             "history": history}
 
 
+def _prune(model, prune, train: torch.Tensor) -> dict:
+    """Score heads on the first training blocks and remove the lowest (recipe `prune` section)."""
+    from ..head_importance import greedy_head_pruning, head_importance
+
+    batches = [block[None] for block in train[: prune.calibration_blocks]]
+    options = {"score": prune.score, "scope": prune.scope, "unit": prune.unit}
+    if prune.greedy_steps > 1:
+        if prune.balanced:
+            raise PatchError("prune.balanced works with one scoring round (greedy_steps: 1)")
+        plan, _ = greedy_head_pruning(model, batches, prune.ratio, steps=prune.greedy_steps, **options)
+    else:
+        scores = ("gradient",) if prune.score == "random" else (prune.score,)
+        importance = head_importance(model, batches, scores=scores)
+        plan = importance.plan(prune.ratio, balanced=prune.balanced, **options)
+    before = sum(p.numel() for p in model.parameters())
+    patch_model(model, plan)
+    return {"config": plan.to_dict(), "params_before": before, "params_after": sum(p.numel() for p in model.parameters()),
+            "heads_removed": sum(len(p["heads"]) for p in plan.layer_params.values())}
+
+
 def convert(config: RecipeConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -162,7 +183,13 @@ def convert(config: RecipeConfig) -> Path:
     batch = max(config.stage1.batch_size, 1)
     dense_loss = _evaluate(model, evaluation, "stage2", batch, accelerator.device)
     summary["dense_eval_perplexity"] = math.exp(min(dense_loss, 50.0))
-    patch_model(model, PatchConfig.from_dict(config.attention))
+    if config.prune.ratio:
+        summary["pruning"] = _prune(model, config.prune, train)
+        accelerator.print(f"pruned {summary['pruning']['heads_removed']} heads: "
+                          f"{summary['pruning']['params_before'] / 1e6:.2f}M -> "
+                          f"{summary['pruning']['params_after'] / 1e6:.2f}M parameters")
+    if config.attention is not None:
+        patch_model(model, PatchConfig.from_dict(config.attention))
     summary["untrained_eval_perplexity"] = math.exp(min(_evaluate(model, evaluation, "stage2", batch,
                                                                   accelerator.device), 50.0))
     accelerator.print(f"eval perplexity: dense {summary['dense_eval_perplexity']:.2f}, "
