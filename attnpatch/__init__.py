@@ -18,6 +18,7 @@ from .api import (
 from .cache import cache_nbytes
 from .calibration import SparseCalibration, calibrate_block_topk
 from .config import PatchConfig
+from .duo_training import DuoCalibration, train_duo_heads
 from .head_importance import HeadImportance, greedy_head_pruning, head_importance
 from .methods.heads import compact_heads
 from .errors import PatchError, UnsupportedModelError
@@ -26,6 +27,7 @@ from .registry import Method, MethodInfo, ParamSpec, list_methods, register_meth
 __version__ = "0.1.0"
 
 __all__ = [
+    "DuoCalibration",
     "HeadImportance",
     "Method",
     "MethodInfo",
@@ -47,6 +49,7 @@ __all__ = [
     "patched_methods",
     "register_method",
     "save_patched",
+    "train_duo_heads",
     "trainable_parameters",
     "unpatch_model",
 ]

@@ -1,0 +1,118 @@
+"""duo_heads (DuoAttention): per-head full vs sinks+window attention against naive attention under
+the per-head mask, cached decoding equal to full recomputation, cache bytes equal to the pattern,
+gate training and the saved per-layer pattern."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import tiny_models as tm
+from attnpatch import PatchError, cache_nbytes, load_patched, patch_model, patched_methods, save_patched, unpatch_model
+from attnpatch.call import AttentionCall
+from attnpatch.duo_training import passkey_batches, train_duo_heads
+from attnpatch.methods.duo import duo_reference_mask
+from attnpatch.ops.reference import naive_attention
+
+PATTERN = {0: {"retrieval_heads": [1]}, 2: {"retrieval_heads": [0]}}  # layer 1: both kv heads stream
+
+
+def ids(length=40, seed=0):
+    return torch.randint(3, tm.V - 2, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_attention_equals_naive_attention_under_the_per_head_mask():
+    model = tm.build("llama")
+    patch_model(model, "duo_heads", sinks=2, window=5, layer_params={0: {"retrieval_heads": [1]}})
+    method = patched_methods(model)[0]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 23, 16, generator=g) for h in (4, 2, 2))
+    call = AttentionCall(module=model.model.layers[0].self_attn, query=q, key=k, value=v, mask=None, causal=True,
+                         scaling=0.25)
+    mask = duo_reference_mask(23, 23, [1], num_kv_heads=2, groups=2, sinks=2, window=5)
+    expected = naive_attention(q, k, v, mask[None], scaling=0.25)
+    assert torch.allclose(method.attention(call), expected, atol=1e-5)
+
+
+def test_all_retrieval_is_dense_and_all_streaming_is_sliding_window():
+    model = tm.build("llama")
+    x = ids()
+    dense = tm.run("llama", model), model(x).logits
+    patch_model(model, "duo_heads", sinks=2, window=6, layer_params={i: {"retrieval_heads": [0, 1]} for i in range(3)})
+    assert torch.allclose(model(x).logits, dense[1], atol=1e-5)
+    assert torch.allclose(tm.run("llama", model, left_pad=3), tm.run("llama", unpatch_model(model), left_pad=3),
+                          atol=1e-5)
+    patch_model(model, "sliding_window", sinks=2, window=6)
+    window = model(x).logits
+    unpatch_model(model)
+    patch_model(model, "duo_heads", sinks=2, window=6)
+    assert torch.allclose(model(x).logits, window, atol=1e-5)
+    unpatch_model(model)
+    assert torch.equal(tm.run("llama", model), dense[0])
+
+
+def test_cached_decoding_matches_full_recomputation_and_cache_bytes_match_the_pattern():
+    model = tm.build("llama")
+    patch_model(model, "duo_heads", sinks=2, window=6, layer_params=PATTERN)
+    x = ids(40)
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :25], past_key_values=cache).logits[:, -1]]
+        for t in range(25, 39):
+            steps.append(model(x[:, t:t + 1], past_key_values=cache).logits[:, -1])
+    assert torch.allclose(torch.stack(steps, 1), full[:, 24:39], atol=1e-5)
+    # 39 tokens seen; retrieval kv heads hold all, streaming ones 2 sinks + the 5 newest (window - 1)
+    per_token = 16 * 2 * 4  # head_dim x (k, v) x float32
+    retrieval = [1, 0, 1]
+    expected = sum(r * 39 * per_token + (2 - r) * (2 + 5) * per_token for r in retrieval)
+    assert cache_nbytes(cache) == expected
+    dense_bytes = 3 * 2 * 39 * per_token
+    assert cache_nbytes(cache) < dense_bytes / 2
+    generated = model.generate(x[:, :20], max_new_tokens=6, do_sample=False)
+    assert generated.shape == (1, 26)
+
+
+def test_left_padded_batch_decodes_like_each_sequence_alone():
+    model = tm.build("llama")
+    patch_model(model, "duo_heads", sinks=2, window=6, layer_params=PATTERN)
+    a, b = ids(20, 1), ids(16, 2)
+    batch = torch.zeros(2, 20, dtype=torch.long)
+    batch[0], batch[1, 4:] = a[0], b[0]
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        together = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)[:, 20:]
+        alone = model.generate(a, max_new_tokens=5, do_sample=False)[:, 20:]
+    assert torch.equal(together[0], alone[0])
+
+
+def test_pattern_saves_and_errors_are_clear(tmp_path):
+    model = tm.build("llama")
+    patch_model(model, "duo_heads", sinks=2, window=6, layer_params=PATTERN)
+    expected = tm.run("llama", model)
+    save_patched(model, tmp_path)
+    assert torch.allclose(tm.run("llama", load_patched(tmp_path)), expected, atol=1e-6)
+    with pytest.raises(PatchError, match=r"retrieval_heads \[2\] are out of range .* 2 kv heads"):
+        patch_model(tm.build("llama"), "duo_heads", layer_params={1: {"retrieval_heads": [2]}})
+    with pytest.raises(PatchError, match="supports \\['decoder'\\]"):
+        patch_model(tm.build("vit"), "duo_heads")
+
+
+def test_gate_training_lowers_gates_and_builds_patterns():
+    model = tm.build("llama")
+    batches = [ids(48, s) for s in range(3)]
+    calibration = train_duo_heads(model, batches, sinks=2, window=8, steps=25, lr=0.05, l1=0.05, supervise=8,
+                                  progress=False)
+    assert calibration.gates.shape == (3, 2)
+    assert bool((calibration.gates < 1).all()) and bool((calibration.gates >= 0).all())
+    assert calibration.history[0][1] == 0.0  # gates start at 1: the mixed model is the full model
+    assert not model.__dict__.get("_attnpatch_record") and all(p.requires_grad for p in model.parameters())
+    half = calibration.config(retrieval_ratio=0.5)
+    assert calibration.retrieval_fraction(half) == 0.5
+    top = calibration.gates.flatten().argsort(descending=True, stable=True)[:3].tolist()
+    assert sorted((layer * 2 + h) for layer, p in half.layer_params.items() for h in p["retrieval_heads"]) == sorted(top)
+    patch_model(model, half)
+    with pytest.raises(PatchError, match="exactly one of retrieval_ratio"):
+        calibration.config()
+    tokens = passkey_batches(tm.tiny_tokenizer(), 2, 64)
+    assert len(tokens) == 2 and abs(tokens[0].shape[-1] - 64) <= 8
