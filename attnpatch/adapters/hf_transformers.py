@@ -31,26 +31,25 @@ _COUNT_ATTRS = (("num_heads", "heads"), ("num_attention_heads", "heads"), ("num_
                 ("num_key_value_groups", "groups"))
 
 
-def _routes_through_interface(cls: type) -> bool:
-    """Whether the module's forward picks its attention function from AttentionInterface."""
-    if cls not in _routes_cache:
+def _source_mentions(cls: type, function: str, needles: tuple[str, ...], cache: dict[type, bool]) -> bool:
+    """Whether the source of cls.<function> contains any of `needles` (memoised per class)."""
+    if cls not in cache:
         try:
-            source = inspect.getsource(cls.forward)
+            source = inspect.getsource(getattr(cls, function))
         except (OSError, TypeError):
             source = ""
-        _routes_cache[cls] = "ALL_ATTENTION_FUNCTIONS" in source
-    return _routes_cache[cls]
+        cache[cls] = any(needle in source for needle in needles)
+    return cache[cls]
+
+
+def _routes_through_interface(cls: type) -> bool:
+    """Whether the module's forward picks its attention function from AttentionInterface."""
+    return _source_mentions(cls, "forward", ("ALL_ATTENTION_FUNCTIONS",), _routes_cache)
 
 
 def _reads_config_head_dim(cls: type) -> bool:
     """Whether the module's __init__ sizes its projections from config.head_dim when it is set."""
-    if cls not in _head_dim_cache:
-        try:
-            source = inspect.getsource(cls.__init__)
-        except (OSError, TypeError):
-            source = ""
-        _head_dim_cache[cls] = 'config, "head_dim"' in source or "config.head_dim" in source
-    return _head_dim_cache[cls]
+    return _source_mentions(cls, "__init__", ('config, "head_dim"', "config.head_dim"), _head_dim_cache)
 
 
 def _head_access(module) -> HeadAccess | None:
