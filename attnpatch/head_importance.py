@@ -22,7 +22,7 @@ from .adapters import find_adapter
 from .config import PatchConfig
 from .distill import observe_attention
 from .errors import PatchError
-from .methods.reference import _visible_keys, exact_attention_weights
+from .methods.reference import visible_keys, exact_attention_weights
 from .registry import INTERVENTIONS_ATTR
 
 SCORES = ("gradient", "output_norm", "entropy")
@@ -246,7 +246,7 @@ class _HeadProbe:
     def _focus(call, rows) -> torch.Tensor:
         weights = exact_attention_weights(call)  # (B, Hq, Lq, Lk)
         entropy = -(weights * torch.log(weights.clamp_min(1e-30))).sum(-1)
-        allowed = _visible_keys(call)
+        allowed = visible_keys(call)
         if allowed is None:
             visible = torch.full(weights.shape[:-1], weights.shape[-1], device=weights.device)
         else:

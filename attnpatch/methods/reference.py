@@ -47,7 +47,7 @@ def sdpa_attention(call, allowed: torch.Tensor | None, is_causal: bool) -> torch
     return out * visible.to(out.dtype)
 
 
-def _visible_keys(call) -> torch.Tensor | None:
+def visible_keys(call) -> torch.Tensor | None:
     """The call's boolean mask joined with its causality (bottom-right aligned)."""
     allowed = call.mask
     if call.causal and call.query.shape[-2] > 1:
@@ -58,9 +58,9 @@ def _visible_keys(call) -> torch.Tensor | None:
 
 def exact_attention(call) -> torch.Tensor:
     """Exact softmax attention under the model's mask and causality (bottom-right aligned)."""
-    return sdpa_attention(call, _visible_keys(call), False)
+    return sdpa_attention(call, visible_keys(call), False)
 
 
 def exact_attention_weights(call) -> torch.Tensor:
     """The (B, Hq, Lq, Lk) float32 softmax weights behind `exact_attention` (rows with no key are 0)."""
-    return attention_weights(call.query, call.key, _visible_keys(call), call.scaling, call.softcap)
+    return attention_weights(call.query, call.key, visible_keys(call), call.scaling, call.softcap)
