@@ -26,6 +26,8 @@ from .methods.reference import visible_keys, exact_attention_weights
 from .registry import INTERVENTIONS_ATTR
 
 SCORES = ("gradient", "output_norm", "entropy")
+_TITLES = {"gradient": "gradient: E|dL/d gate|", "output_norm": "output norm ||W_o,h o_h||",
+           "entropy": "entropy: 1 - H / log n"}
 PLAN_SCORES = SCORES + ("random",)
 
 
@@ -76,7 +78,7 @@ class HeadImportance:
                                  squeeze=False)
         for ax, name in zip(axes[0], names):
             image = ax.imshow(self.scores[name][tower].numpy(), aspect="auto", cmap="viridis")
-            ax.set_title(name)
+            ax.set_title(_TITLES[name])
             ax.set_xlabel("query head")
             ax.set_ylabel("layer")
             fig.colorbar(image, ax=ax, shrink=0.8)

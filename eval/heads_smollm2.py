@@ -197,9 +197,11 @@ def write_report(results: dict, importance, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     settings = sorted({row["setting"] for row in rows}, key=lambda s: [r["setting"] for r in rows].index(s))
-    for setting in settings:
+    colours = plt.get_cmap("tab20").colors
+    for i, setting in enumerate(settings):
         points = sorted((r["heads_removed"] / 270, r["perplexity"]) for r in rows if r["setting"] == setting)
-        ax.plot(*zip(*[(0.0, dense["perplexity"])] + points), marker="o", label=setting)
+        ax.plot(*zip(*[(0.0, dense["perplexity"])] + points), marker="osD^v"[i % 5], color=colours[i % 20],
+                label=setting)
     ax.set_yscale("log")
     ax.set_xlabel("fraction of query heads removed")
     ax.set_ylabel("WikiText-2 perplexity")
@@ -210,5 +212,20 @@ def write_report(results: dict, importance, out: Path) -> None:
     plt.close(fig)
 
 
+def rewrite_report(out: Path) -> None:
+    """Tables and plot again from a finished run's results.json and importance.pt."""
+    from attnpatch import HeadImportance
+
+    results = json.loads((out / "results.json").read_text())
+    scores = torch.load(out / "importance.pt")
+    importance = HeadImportance(scores, {tower: 3 for tower in next(iter(scores.values()))},
+                                results["setup"]["calibration"])
+    importance.plot(out / "importance_heatmaps.png")
+    write_report(results, importance, out)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--report-only"]:
+        rewrite_report(Path(sys.argv[2] if len(sys.argv) > 2 else "eval/results/heads-smollm2"))
+    else:
+        main()
