@@ -242,7 +242,7 @@ def test_importance_on_encoders_and_with_masked_heads():
     assert plan.layer_params[1]["heads"] == [0, 2]
 
 
-def test_plans_follow_scope_unit_and_ratio():
+def test_plans_follow_scope_unit_and_ratio(tmp_path):
     model = tm.build("llama")
     importance = head_importance(model, _batches(), progress=False)
     scores = importance.scores["gradient"]["model.layers"]
@@ -270,6 +270,7 @@ def test_plans_follow_scope_unit_and_ratio():
     with pytest.raises(PatchError, match="unknown score 'size'"):
         importance.plan(0.5, score="size")
     assert "| 0 |" in importance.table() and not math.isnan(float(importance.table().split("|")[-2]))
+    assert importance.plot(tmp_path / "heads.png").stat().st_size > 5000  # three heat maps
 
 
 def test_greedy_pruning_reaches_the_ratio_in_steps():
