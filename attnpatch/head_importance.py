@@ -131,12 +131,8 @@ class HeadImportance:
             order = torch.argsort(torch.nan_to_num(values, nan=math.inf).unflatten(1, (-1, group)), dim=-1)
             offsets = torch.arange(0, values.shape[1], group)[None, :, None]
             lowest = (order[..., :count] + offsets).flatten(1)  # (layers, groups * count)
-            layer_params = {layer: {"heads": sorted(row)} for layer, row in enumerate(lowest.tolist())
-                            if row and not reference[layer].isnan().all()}
-            if not layer_params:
-                raise PatchError(f"ratio={ratio} of a {group}-head group rounds to no head; raise the ratio")
-            return PatchConfig("prune_heads", layers=sorted(layer_params), layer_params=layer_params,
-                               towers=[tower]).validated()
+            return _prune_config({layer: row for layer, row in enumerate(lowest.tolist())
+                                  if not reference[layer].isnan().all()}, tower, ratio)
         units = values.unflatten(1, (-1, group)).sum(-1)  # (layers, units)
         if scope == "global" and score != "random":
             norms = torch.nan_to_num(units.masked_fill(units.isinf(), 0.0), nan=0.0).norm(dim=1, keepdim=True)
@@ -162,15 +158,18 @@ class HeadImportance:
                 chosen.setdefault(layer, []).append(index)
                 left[layer] -= 1
                 taken += 1
-        layer_params = {}
-        for layer, indices in sorted(chosen.items()):
-            heads = sorted(h for i in indices for h in range(i * group, (i + 1) * group))
-            if heads:
-                layer_params[layer] = {"heads": heads}
-        if not layer_params:
-            raise PatchError(f"ratio={ratio} removes no head of {tower}; raise the ratio")
-        return PatchConfig("prune_heads", layers=sorted(layer_params), layer_params=layer_params,
-                           towers=[tower]).validated()
+        heads = {layer: [h for i in indices for h in range(i * group, (i + 1) * group)]
+                 for layer, indices in chosen.items()}
+        return _prune_config(heads, tower, ratio)
+
+
+def _prune_config(heads: dict[int, list[int]], tower: str, ratio: float) -> PatchConfig:
+    """The prune_heads config removing heads[layer] in each layer that loses any."""
+    layer_params = {layer: {"heads": sorted(h)} for layer, h in sorted(heads.items()) if h}
+    if not layer_params:
+        raise PatchError(f"ratio={ratio} removes no head of {tower}; raise the ratio")
+    return PatchConfig("prune_heads", layers=sorted(layer_params), layer_params=layer_params,
+                       towers=[tower]).validated()
 
 
 # --- measuring
