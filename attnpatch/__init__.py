@@ -23,6 +23,7 @@ from .head_importance import HeadImportance, greedy_head_pruning, head_importanc
 from .methods.heads import compact_heads
 from .errors import PatchError, UnsupportedModelError
 from .registry import Method, MethodInfo, ParamSpec, list_methods, register_method
+from .sinks import SinkReport, inspect_sinks
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "ParamSpec",
     "PatchConfig",
     "PatchError",
+    "SinkReport",
     "SparseCalibration",
     "UnsupportedModelError",
     "cache_nbytes",
@@ -41,6 +43,7 @@ __all__ = [
     "compact_heads",
     "greedy_head_pruning",
     "head_importance",
+    "inspect_sinks",
     "is_patched",
     "list_methods",
     "load_patched",
