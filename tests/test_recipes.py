@@ -105,6 +105,27 @@ output_dir: {workdir / 'pruned'}
         assert model.config.num_attention_heads == 2 and model.model.layers[0].self_attn.q_proj.out_features == 32
 
 
+def test_gate_only_training_of_gated_attention(workdir):
+    recipe = workdir / "gated.yaml"
+    recipe.write_text(f"""
+model: {workdir / 'tiny'}
+attention: {{method: gated}}
+data: {{train: [{workdir / 'train.txt'}], eval: [{workdir / 'eval.txt'}], seq_len: 32, train_tokens: 4000, eval_tokens: 256}}
+stage2: {{steps: 6, lr: 0.05, batch_size: 4, eval_every: 3, checkpoint_every: 3, lora_r: 0, train_attnpatch: true}}
+output_dir: {workdir / 'gated'}
+""")
+    launch(recipe)
+    summary = json.loads((workdir / "gated" / "summary.json").read_text())
+    assert abs(summary["untrained_eval_perplexity"] - summary["dense_eval_perplexity"]) < 1e-3  # identity at start
+    history = summary["stages"]["stage2"]["history"]
+    assert history[-1]["eval_lm_loss"] < history[0]["eval_lm_loss"]
+    model = load_patched(workdir / "gated" / "final").eval()
+    assert model.model.layers[0].self_attn.attnpatch_gate.weight.abs().sum() > 0  # the gates trained
+    probe = torch.load(workdir / "gated" / "probe.pt")
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-6)
+
+
 def test_bad_recipes_fail_clearly(tmp_path):
     base = {"model": "x", "attention": {"method": "lolcats"}, "data": {}}
     with pytest.raises(PatchError, match=r"unknown field\(s\) \['step'\] in 'stage1'"):

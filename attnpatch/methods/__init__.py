@@ -1,3 +1,3 @@
 """Built-in methods; importing this package registers them."""
 
-from . import duo, heads, kv, linear, lolcats, reference, sliding, sparse  # noqa: F401
+from . import duo, gated, heads, kv, linear, lolcats, reference, sliding, sparse  # noqa: F401

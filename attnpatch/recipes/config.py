@@ -35,7 +35,8 @@ class StageConfig:
     # stage 1 only: weight of Hedgehog's cross-entropy between softmax and student attention
     # weights, added to the per-layer output MSE (0 = MSE only)
     attention_ce: float = 0.0
-    # stage 2 only
+    # stage 2 only: LoRA (lora_r 0 = none) and/or attnpatch's own parameters (e.g. gated's gates)
+    train_attnpatch: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])

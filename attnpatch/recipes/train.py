@@ -31,6 +31,10 @@ from .data import packed_blocks
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _is_attnpatch(name: str) -> bool:
+    return ".attnpatch_" in name or name.startswith("attnpatch_")
+
+
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -197,24 +201,33 @@ def convert(config: RecipeConfig) -> Path:
 
     if config.stage1.steps:
         for name, p in model.named_parameters():
-            p.requires_grad_(".attnpatch_" in name or name.startswith("attnpatch_"))
+            p.requires_grad_(_is_attnpatch(name))
         summary["stages"]["stage1"] = run_stage("stage1", model, config.stage1, train, evaluation, accelerator, out,
                                                 config.seed)
         model = accelerator.unwrap_model(model)
     if config.stage2.steps:
-        from peft import LoraConfig, get_peft_model
-
         for p in model.parameters():
             p.requires_grad_(False)
-        lora = LoraConfig(r=config.stage2.lora_r, lora_alpha=config.stage2.lora_alpha,
-                          target_modules=config.stage2.lora_targets, lora_dropout=0.0, bias="none")
-        model = get_peft_model(model, lora)
+        use_lora = config.stage2.lora_r > 0
+        if use_lora:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=config.stage2.lora_r, lora_alpha=config.stage2.lora_alpha,
+                              target_modules=config.stage2.lora_targets, lora_dropout=0.0, bias="none")
+            model = get_peft_model(model, lora)
+        if config.stage2.train_attnpatch:  # e.g. gated attention's gates, with or without LoRA
+            for name, p in model.named_parameters():
+                if _is_attnpatch(name):
+                    p.requires_grad_(True)
+        if not _trainable(model):
+            raise PatchError("stage2 has nothing to train: set lora_r > 0, or train_attnpatch: true for a method "
+                             "with parameters (list_methods() says which train)")
         summary["stages"]["stage2"] = run_stage("stage2", model, config.stage2, train, evaluation, accelerator, out,
                                                 config.seed + 1)
         model = accelerator.unwrap_model(model)
-        if config.merge_lora:
+        if use_lora and config.merge_lora:
             model = model.merge_and_unload()
-        else:
+        elif use_lora:
             model.save_pretrained(out / "lora_adapter")
             model = model.base_model.model
     accelerator.wait_for_everyone()
