@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", nargs="+", default=DEFAULT_COMPARE, help="method specs; dense is always included")
     p.add_argument("--metrics", nargs="+", default=["ppl", "decode_ppl", "lm_eval", "passkey", "speed"],
-                   help="ppl decode_ppl lm_eval passkey needle speed | vit clip dit")
+                   help="ppl decode_ppl lm_eval passkey needle speed sinks | vit clip dit")
     p.add_argument("--out", default=None, help="output folder (default eval/results/<model>)")
     p.add_argument("--data", default=None, help="perplexity text (see compare --data)")
     p.add_argument("--ppl-tokens", type=int, default=16384, help="tokens scored by ppl (0 = all)")

@@ -135,7 +135,7 @@ def test_report_grid_on_tiny_decoder(tmp_path):
                             lm_eval_limit=4, task_items=4, task_text=str(text_file),
                             retrieval_lengths=[48, 64], retrieval_depths=[0.0, 1.0], speed_lengths=[16, 32],
                             decode_prompt=8, decode_new_tokens=4)
-    metrics = ["ppl", "decode_ppl", "passkey", "speed"]
+    metrics = ["ppl", "decode_ppl", "passkey", "speed", "sinks"]
     report = run_grid(model, tok, ["sliding_window:window=4,sinks=1", "linear"], metrics, settings, tmp_path / "out",
                       progress=False)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -147,7 +147,10 @@ def test_report_grid_on_tiny_decoder(tmp_path):
     assert set(r["dense"]["passkey"]["grid"]) == {"48", "64"}  # JSON-ready keys
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Decoding perplexity" in md and "| linear |" in md and "## Time per metric" in md
-    for plot in ("quality_vs_compression.png", "perplexity.png", "latency_vs_length.png", "passkey_heatmap.png"):
+    assert "## Attention sinks" in md and 0 < r["dense"]["sinks"]["first_token_mass"] < 1
+    assert r["dense"]["sinks"]["heads"] == 12  # 3 layers x 4 heads
+    for plot in ("quality_vs_compression.png", "perplexity.png", "latency_vs_length.png", "passkey_heatmap.png",
+                 "sinks_dense.png", "sinks_linear.png"):
         assert (tmp_path / "out" / plot).stat().st_size > 1000
 
 

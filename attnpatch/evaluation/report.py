@@ -20,7 +20,7 @@ from . import lm_tasks, retrieval, speed, vision
 from .data import load_text
 from .perplexity import decoding_perplexity, windowed_perplexity
 
-TEXT_METRICS = ("ppl", "decode_ppl", "lm_eval", "passkey", "needle", "speed")
+TEXT_METRICS = ("ppl", "decode_ppl", "lm_eval", "passkey", "needle", "speed", "sinks")
 VISION_METRICS = ("vit", "clip", "dit")
 METRICS = TEXT_METRICS + VISION_METRICS
 
@@ -71,9 +71,10 @@ class _Inputs:
         self.settings = settings
         self.vision = vision_inputs or {}
         self.text_desc = None
-        if {"ppl", "decode_ppl"} & set(metrics):
+        if {"ppl", "decode_ppl", "sinks"} & set(metrics):
             text, self.text_desc = load_text(settings.data, "test")
             self.ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        self.out_dir = out_dir
         if "lm_eval" in metrics:
             local = [t for t in settings.lm_eval_tasks if t in lm_tasks.LOCAL_TASKS]
             self.tasks_dir = None
@@ -106,6 +107,20 @@ def _measure(metric, model, tokenizer, inputs: _Inputs, dense: dict, label: str,
     if metric == "speed":
         return {"prefill": speed.prefill_latency(model, s.speed_lengths, seed=s.seed),
                 "decode": speed.decode_speed(model, s.decode_prompt, s.decode_new_tokens, s.seed)}
+    if metric == "sinks":  # 4 sequences of 512 tokens; exact-softmax attention of the (patched) model's q/k
+        from ..sinks import inspect_sinks
+
+        batches = [inputs.ids[i * 512:(i + 1) * 512][None] for i in range(4) if inputs.ids.numel() >= (i + 1) * 512]
+        report = inspect_sinks(model, batches or [inputs.ids[None, :512]], progress=progress)
+        tower = report.towers[0]
+        plot = inputs.out_dir / f"sinks_{''.join(c if c.isalnum() else '_' for c in label)}.png"
+        report.plot(plot, tower=tower)
+        first, massive = report.first_token[tower], report.massive.get(tower, [])
+        return {"first_token_mass": float(first.nanmean()), "heads_over_half": int((first > 0.5).sum()),
+                "heads": int((~first.isnan()).sum()), "other_sink_mass": float(report.other_sinks[tower].nanmean()),
+                "max_activation": max((row["values"][0] for row in massive), default=float("nan")),
+                "max_activation_vs_median": max((row["ratio"] for row in massive), default=float("nan")),
+                "plot": plot.name, "table": report.table(tower)}
     v = inputs.vision
     if metric == "vit":
         out = vision.classifier_outputs(model, v["pixel_values"])
@@ -222,6 +237,16 @@ def render_markdown(report: dict) -> str:
                 cells = [f"{sum(g[length].values()) / len(g[length]):.2f}" for length in lengths]
                 lines.append(f"| {spec} | {r[spec][kind]['accuracy']:.2f} | " + " | ".join(cells) + " |")
             lines.append("")
+    if "sinks" in report["metrics"]:
+        lines += ["## Attention sinks (sink inspector, 4 x 512 tokens)", "",
+                  "| method | first-token mass | heads > 0.5 on it | other-sink mass | largest activation (x median) | plot |",
+                  "|---|---|---|---|---|---|"]
+        for spec in specs:
+            k = r[spec]["sinks"]
+            lines.append(f"| {spec} | {k['first_token_mass']:.3f} | {k['heads_over_half']} of {k['heads']} | "
+                         f"{k['other_sink_mass']:.3f} | {k['max_activation']:.3g} ({k['max_activation_vs_median']:.0f}x) | "
+                         f"{k['plot']} |")
+        lines.append("")
     if "speed" in report["metrics"]:
         lengths = [row["tokens"] for row in r["dense"]["speed"]["prefill"]]
         lines += ["## Speed and memory (ratios to dense measured in this run)", "",
