@@ -49,6 +49,29 @@ def main() -> None:
                      + " | ".join(cells) + " |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(runs, control, Path(args.out).with_suffix(".png"))
+
+
+def plot(runs: list[dict], control: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    curve = perplexity_by_step(control)
+    ax.plot(list(curve), list(curve.values()), "k--", marker="o", label="dense + LoRA (control)")
+    for run in runs:
+        curve = perplexity_by_step(run)
+        ax.plot(list(curve), list(curve.values()), marker="o", label=describe(run))
+    ax.set_yscale("log")
+    ax.set_xlabel("LoRA steps (1024 tokens each)")
+    ax.set_ylabel("eval perplexity")
+    ax.set_title("SmolLM2-135M: pruned heads, LoRA recovery")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
