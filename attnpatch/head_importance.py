@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import find_adapter
 from .config import PatchConfig
-from .distill import observe_attention
 from .errors import PatchError
 from .methods.reference import visible_keys, exact_attention_weights
-from .registry import INTERVENTIONS_ATTR
+from .observing import model_inputs, observed, pick_tower, self_attention_sites
 
 SCORES = ("gradient", "output_norm", "entropy")
 _TITLES = {"gradient": "gradient: E|dL/d gate|", "output_norm": "output norm ||W_o,h o_h||",
@@ -46,14 +44,7 @@ class HeadImportance:
         return sorted(self.group_size)
 
     def _tower(self, tower: str | None) -> str:
-        if tower is None:
-            if len(self.towers) > 1:
-                raise PatchError(f"this model has several attention stacks {self.towers}; pass tower=<one of them>")
-            return self.towers[0]
-        matches = [t for t in self.towers if tower in t]
-        if len(matches) != 1:
-            raise PatchError(f"tower={tower!r} matches {matches or 'none'} of {self.towers}; pass a unique substring")
-        return matches[0]
+        return pick_tower(self.towers, tower)
 
     def table(self, score: str = "gradient", tower: str | None = None, digits: int = 4) -> str:
         """Markdown: one row per layer, one column per query head."""
@@ -256,12 +247,6 @@ class _HeadProbe:
         return (focus * rows).sum(-1).sum(0)
 
 
-def _to_device(batch, device) -> dict:
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def head_importance(model, batches, scores=SCORES, loss_fn=None, towers: list[str] | str | None = None,
                     removed: dict[str, dict[int, list[int]]] | None = None, progress: bool = True) -> HeadImportance:
     """Score every query head on calibration `batches` (dicts of model inputs, or input_ids
@@ -269,29 +254,15 @@ def head_importance(model, batches, scores=SCORES, loss_fn=None, towers: list[st
     gradient score differentiates; `removed` masks heads ({tower: {layer: [heads]}}) while scoring.
     The model runs with exact attention routed through attnpatch (patched for the duration if it
     is not patched already); its weights get no gradients."""
-    from .api import patch_model, unpatch_model
-
     scores = tuple(scores)
     unknown = sorted(set(scores) - set(SCORES))
     if unknown or not scores:
         raise PatchError(f"unknown head scores {unknown or scores}; scores: {', '.join(SCORES)}")
     removed = removed or {}
-    _, sites = find_adapter(model)
-    if isinstance(towers, str):
-        towers = [towers]
-    sites = [s for s in sites if not s.cross and (towers is None or any(t in s.tower for t in towers))]
-    if not sites:
-        raise PatchError(f"towers={towers} selects no self-attention stack of this model")
+    sites = self_attention_sites(model, towers)
     missing = [s.path for s in sites if s.heads is None]
     if missing:
         raise PatchError(f"head importance needs separate q/k/v/output projections; {missing[0]} has none")
-    routed = ["attention" in s.module.__dict__.get(INTERVENTIONS_ATTR, {}) for s in sites]
-    if any(routed) and not all(routed):
-        raise PatchError("some selected attention modules are patched with an attention method and some are not; "
-                         "unpatch the model or select towers patched alike")
-    patched_here = not any(routed)
-    if patched_here:
-        patch_model(model, "softmax", towers=sorted({s.tower for s in sites}))
     probe = _HeadProbe(sites, scores, removed)
     device = next(model.parameters()).device
     loss_fn = loss_fn or _default_loss
@@ -299,9 +270,9 @@ def head_importance(model, batches, scores=SCORES, loss_fn=None, towers: list[st
     was_training = model.training
     model.eval()
     try:
-        with observe_attention(probe):
+        with observed(model, sites, probe):
             for batch in tqdm(list(batches), desc="head importance", disable=not progress):
-                batch = _to_device(batch, device)
+                batch = model_inputs(batch, device)
                 probe.token_valid = batch.get("attention_mask")
                 probe.gates = {}
                 with torch.set_grad_enabled("gradient" in scores):
@@ -316,8 +287,6 @@ def head_importance(model, batches, scores=SCORES, loss_fn=None, towers: list[st
                 examples += next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
     finally:
         probe.gates = {}
-        if patched_here:
-            unpatch_model(model)
         model.train(was_training)
     if examples == 0:
         raise PatchError("batches is empty; give at least one calibration batch")

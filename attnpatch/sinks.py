@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import find_adapter
-from .distill import observe_attention
 from .errors import PatchError
 from .methods.reference import exact_attention_weights
-from .registry import INTERVENTIONS_ATTR
+from .observing import model_inputs, observed, pick_tower, self_attention_sites
 
 
 @dataclass
@@ -88,14 +86,7 @@ class SinkReport:
         return path
 
     def _tower(self, tower: str | None) -> str:
-        if tower is None:
-            if len(self.towers) > 1:
-                raise PatchError(f"this model has several attention stacks {self.towers}; pass tower=<one of them>")
-            return self.towers[0]
-        matches = [t for t in self.towers if tower in t]
-        if len(matches) != 1:
-            raise PatchError(f"tower={tower!r} matches {matches or 'none'} of {self.towers}; pass a unique substring")
-        return matches[0]
+        return pick_tower(self.towers, tower)
 
 
 class _SinkProbe:
@@ -144,40 +135,20 @@ def inspect_sinks(model, batches, top_tokens: int = 3, top_dims: int = 3, towers
                   progress: bool = True) -> SinkReport:
     """Attention-sink statistics and massive activations of `model` on `batches` (dicts of model
     inputs, or input_ids tensors); see the module docstring."""
-    from .api import patch_model, unpatch_model
-
-    _, sites = find_adapter(model)
-    if isinstance(towers, str):
-        towers = [towers]
-    sites = [s for s in sites if not s.cross and (towers is None or any(t in s.tower for t in towers))]
-    if not sites:
-        raise PatchError(f"towers={towers} selects no self-attention stack of this model")
-    routed = ["attention" in s.module.__dict__.get(INTERVENTIONS_ATTR, {}) for s in sites]
-    if any(routed) and not all(routed):
-        raise PatchError("some selected attention modules are patched with an attention method and some are not; "
-                         "unpatch the model or select towers patched alike")
-    patched_here = not any(routed)
-    if patched_here:
-        patch_model(model, "softmax", towers=sorted({s.tower for s in sites}))
+    sites = self_attention_sites(model, towers)
     probe = _SinkProbe(sites, top_tokens)
     device = next(model.parameters()).device
     hidden_by_tower: dict[str, list[list[dict]]] = {}
     examples = 0
-    try:
-        with observe_attention(probe), torch.no_grad():
-            for batch in tqdm(list(batches), desc="sink inspector", disable=not progress):
-                if isinstance(batch, torch.Tensor):
-                    batch = {"input_ids": batch}
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                output = model(**batch, output_hidden_states=True)
-                examples += next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
-                for tower, states in _hidden_states(output, sites).items():
-                    valid = None if "vision" in tower else batch.get("attention_mask")  # text padding
-                    rows = [_massive(h, valid, top_dims) for h in states[1:]]  # layer outputs
-                    hidden_by_tower.setdefault(tower, []).append(rows)
-    finally:
-        if patched_here:
-            unpatch_model(model)
+    with observed(model, sites, probe), torch.no_grad():
+        for batch in tqdm(list(batches), desc="sink inspector", disable=not progress):
+            batch = model_inputs(batch, device)
+            output = model(**batch, output_hidden_states=True)
+            examples += next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+            for tower, states in _hidden_states(output, sites).items():
+                valid = None if "vision" in tower else batch.get("attention_mask")  # text padding
+                rows = [_massive(h, valid, top_dims) for h in states[1:]]  # layer outputs
+                hidden_by_tower.setdefault(tower, []).append(rows)
     if examples == 0:
         raise PatchError("batches is empty; give at least one batch")
     return _report(probe, sites, examples, hidden_by_tower)
