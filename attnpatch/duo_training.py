@@ -100,14 +100,12 @@ def train_duo_heads(model, batches, sinks: int = 16, window: int = 256, steps: i
     for p, _ in frozen:
         p.requires_grad_(False)
     gates = torch.ones(len(methods), methods[0].site.num_kv_heads, device=device, requires_grad=True)
-    for i, method in enumerate(methods):
-        method.gate = gates[i]
     optimizer = torch.optim.Adam([gates], lr=lr)
     history = []
     try:
         for step in tqdm(range(steps), desc="duo_heads gates", disable=not progress):
             index = step % len(batches)
-            # gates[i] views are taken again each step so they follow the optimiser's in-place updates
+            # fresh views of the gates each step: the last step's graph was freed by backward
             for i, method in enumerate(methods):
                 method.gate = gates[i]
             hidden = model(input_ids=batches[index].to(device), output_hidden_states=True, use_cache=False)

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .config import PatchConfig
 from .errors import PatchError
-from .methods.reference import visible_keys, exact_attention_weights
+from .methods.reference import visible_keys
+from .ops.kv_select import attention_weights
 from .observing import model_inputs, observed, pick_tower, self_attention_sites
 
 SCORES = ("gradient", "output_norm", "entropy")
@@ -236,9 +237,9 @@ class _HeadProbe:
     @staticmethod
     @torch.no_grad()
     def _focus(call, rows) -> torch.Tensor:
-        weights = exact_attention_weights(call)  # (B, Hq, Lq, Lk)
-        entropy = -(weights * torch.log(weights.clamp_min(1e-30))).sum(-1)
         allowed = visible_keys(call)
+        weights = attention_weights(call.query, call.key, allowed, call.scaling, call.softcap)  # (B, Hq, Lq, Lk)
+        entropy = -(weights * torch.log(weights.clamp_min(1e-30))).sum(-1)
         if allowed is None:
             visible = torch.full(weights.shape[:-1], weights.shape[-1], device=weights.device)
         else:

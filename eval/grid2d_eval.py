@@ -24,7 +24,7 @@ import torch
 
 from attnpatch import patch_model, patched_methods, unpatch_model
 from attnpatch.evaluation.report import environment
-from attnpatch.evaluation.speed import best_seconds
+from attnpatch.evaluation.speed import best_seconds, style_speedup_axes
 from attnpatch.evaluation.vision import compare_dit
 
 METHODS = {
@@ -123,10 +123,7 @@ def plot(rows: list[dict], path: Path) -> None:
         for label in METHODS:
             sel = [r for r in rows if r["model"] == kind and r["method"] == label]
             ax.plot([r["tokens"] for r in sel], [r["speedup"] for r in sel], "o-", label=label)
-        ax.axhline(1.0, color="gray", ls=":")
-        ax.set(xscale="log", xlabel="tokens", ylabel="speedup vs dense SDPA (same run)", title=kind.upper())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        style_speedup_axes(ax, "tokens", kind.upper())
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

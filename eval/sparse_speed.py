@@ -21,7 +21,7 @@ import torch
 
 from attnpatch import patch_model, patched_methods, unpatch_model
 from attnpatch.evaluation.report import environment
-from attnpatch.evaluation.speed import best_seconds
+from attnpatch.evaluation.speed import best_seconds, style_speedup_axes
 from attnpatch.ops.block_sparse import block_sparse_attention
 from attnpatch.ops.sparse_patterns import a_shape, block_topk
 
@@ -147,11 +147,7 @@ def plot(results: dict, path: Path) -> None:
             rows = [r for r in results["model"] if r.get("method") == method and r.get("target_density") == density]
             ax.plot([r["tokens"] for r in rows], [r["speedup"] for r in rows], "o-",
                     label=f"{method} @ {density:.0%} of blocks")
-    ax.axhline(1.0, color="gray", ls=":")
-    ax.set(xscale="log", xlabel="prompt tokens", ylabel="speedup vs dense SDPA (same run)",
-           title="block-sparse prefill, tiny-width Llama")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    style_speedup_axes(ax, "prompt tokens", "block-sparse prefill, tiny-width Llama")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -72,3 +72,11 @@ def decode_speed(model, prompt_tokens: int = 256, new_tokens: int = 64, seed: in
         seconds = time.perf_counter() - t0
     return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "decode_tokens_per_s": new_tokens / seconds,
             "kv_bytes": cache_nbytes(cache), "peak_mb": mem["bytes"] / 2**20}
+
+
+def style_speedup_axes(ax, xlabel: str, title: str) -> None:
+    """The look shared by speed-up plots: log tokens axis, the dense baseline at 1, grid, legend."""
+    ax.axhline(1.0, color="gray", ls=":")
+    ax.set(xscale="log", xlabel=xlabel, ylabel="speedup vs dense SDPA (same run)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

@@ -142,10 +142,10 @@ class DuoHeads(Method):
                                         softcap=call.softcap)
 
     @staticmethod
-    def _heads(call, kv_heads: list[int], **changes):
+    def _heads(call, kv_heads: list[int]):
         q = _query_heads(kv_heads, call.kv_groups)
-        return dataclasses.replace(call, query=call.query[:, q], key=call.key[:, kv_heads], value=call.value[:, kv_heads],
-                                   **changes), q
+        sub = dataclasses.replace(call, query=call.query[:, q], key=call.key[:, kv_heads], value=call.value[:, kv_heads])
+        return sub, q
 
     def attention(self, call):
         layer = call.cache_layer
