@@ -85,6 +85,8 @@ def _select_sites(sites: list[AttentionSite], config: PatchConfig) -> list[Atten
 def _plan(model: nn.Module, config: PatchConfig) -> tuple[Adapter, list[tuple[AttentionSite, Method]]]:
     method_cls = get_method(config.method)
     adapter, sites = find_adapter(model)
+    if config.towers is None and config.layers == "all" and not config.layer_params:
+        sites = method_cls.default_sites(model, sites)
     sites = _select_sites(sites, config)
     plan = []
     for site in sites:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 
 from .api import patch_model, unpatch_model
 from .config import PatchConfig
+from .errors import PatchError
 from .evaluation.data import load_text  # noqa: F401  (re-exported for callers of the main job)
 from .evaluation.memory import peak_memory  # noqa: F401
 from .evaluation.perplexity import windowed_perplexity
@@ -16,10 +19,16 @@ from .evaluation.perplexity import windowed_perplexity
 
 def parse_method_spec(spec: str) -> PatchConfig | None:
     """'dense' -> None; 'sliding_window:window=64,sinks=4' -> PatchConfig (values parsed as
-    int, float, bool or string; a list of integers as 4/4/8/8)."""
+    int, float, bool or string; a list of integers as 4/4/8/8); a path to a .json file -> the
+    PatchConfig saved in it (per-layer settings from a calibration, e.g. calibrate_act)."""
     spec = spec.strip()
     if spec in ("dense", "none", "baseline"):
         return None
+    if spec.endswith(".json"):
+        path = Path(spec)
+        if not path.is_file():
+            raise PatchError(f"method spec {spec!r} names a JSON patch config, but there is no such file")
+        return PatchConfig.from_json(path.read_text())
     name, _, rest = spec.partition(":")
     params = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):

@@ -110,6 +110,8 @@ def _vision_inputs(args, model) -> dict:
         labels = args.clip_labels or ["a photo of a cat", "a photo of a dog", "a photo of a car", "a photo of a tree"]
         text = AutoTokenizer.from_pretrained(args.model)(labels, padding=True, return_tensors="pt")
         inputs.update(input_ids=text.input_ids, attention_mask=text.attention_mask)
+    if "llava" in metrics:
+        inputs["llava"] = _llava_inputs(args, model)
     if "dit" in metrics:
         cfg = model.config
         inputs["sample"] = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
@@ -119,9 +121,35 @@ def _vision_inputs(args, model) -> dict:
     return inputs
 
 
+def _llava_inputs(args, model) -> dict:
+    """Llava prompts: images from --images with the model's processor and a describe-the-image
+    prompt, or (no images) seeded noise images and token ids, for agreement and speed only."""
+    from .evaluation.vision import llava_prompt_inputs
+
+    if not args.images:
+        print("attnpatch: no --images given; using 4 seeded noise images and random prompts (agreement and speed only)",
+              file=sys.stderr)
+        return llava_prompt_inputs(model, seed=args.seed)
+    from pathlib import Path
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    processor = AutoProcessor.from_pretrained(args.model)
+    prompt = "USER: <image>\nDescribe the image in one sentence. ASSISTANT:"
+    batch = processor(images=[Image.open(f).convert("RGB") for f in files], text=[prompt] * len(files),
+                      return_tensors="pt", padding=True)
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+
 def _load_for_metrics(args):
     """(model, tokenizer) for text metrics, or a vision model for vit/clip/dit."""
     metrics = set(args.metrics)
+    if "llava" in metrics:
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(args.model), None
     if "dit" in metrics:
         from diffusers import DiTTransformer2DModel
 
@@ -148,7 +176,7 @@ def _cmd_eval(args) -> int:
         torch.set_num_threads(args.threads)
     vision = [m for m in args.metrics if m in VISION_METRICS]
     if vision and len(vision) != len(args.metrics):
-        raise PatchError("vision metrics (vit, clip, dit) and text metrics need different models; run them separately")
+        raise PatchError("vision metrics (vit, clip, dit, llava) and text metrics need different models; run them separately")
     from .bench import parse_method_spec
 
     for spec in args.methods:  # fail on a bad method before loading anything
@@ -204,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", nargs="+", default=DEFAULT_COMPARE, help="method specs; dense is always included")
     p.add_argument("--metrics", nargs="+", default=["ppl", "decode_ppl", "lm_eval", "passkey", "speed"],
-                   help="ppl decode_ppl lm_eval passkey needle speed sinks | vit clip dit")
+                   help="ppl decode_ppl lm_eval passkey needle speed sinks | vit clip dit llava")
     p.add_argument("--out", default=None, help="output folder (default eval/results/<model>)")
     p.add_argument("--data", default=None, help="perplexity text (see compare --data)")
     p.add_argument("--ppl-tokens", type=int, default=16384, help="tokens scored by ppl (0 = all)")

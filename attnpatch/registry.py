@@ -142,6 +142,13 @@ class Method:
             del store[name]
 
     @classmethod
+    def default_sites(cls, model, sites):
+        """The attention modules a config that names no towers and no layers patches (default:
+        all of `sites`); a method tied to one place in the model (e.g. a vision tower's feature
+        layer) picks it here."""
+        return sites
+
+    @classmethod
     def finish_patch(cls, model, adapter, placements):
         """Model-level changes once every module of a patch is attached (e.g. config fields a
         structural change needs); returns a callable that undoes them, or None."""

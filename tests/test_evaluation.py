@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tiny_models as tm
-from attnpatch import patch_model
+from attnpatch import PatchConfig, PatchError, patch_model
 from attnpatch.evaluation import decoding_perplexity, windowed_perplexity
 from attnpatch.evaluation import lm_tasks, retrieval, vision
 from attnpatch.evaluation.report import EvalSettings, run_grid
@@ -189,3 +189,22 @@ def test_report_grid_clip_zero_shot(tmp_path):
     assert r["sliding_window:window=4096"]["clip"]["image_embedding_cosine"] == pytest.approx(1.0, abs=1e-6)
     assert r["linear"]["clip"]["image_embedding_cosine"] < 0.9999
     assert "## clip agreement with the dense model" in (tmp_path / "report.md").read_text()
+
+
+def test_report_grid_llava_and_config_file_specs(tmp_path):
+    from attnpatch.evaluation.vision import llava_prompt_inputs
+
+    model = tm.build("llava")
+    inputs = {"llava": llava_prompt_inputs(model, batch=2, text_tokens=8)}
+    config = tmp_path / "prune.json"
+    config.write_text(PatchConfig("visual_token_prune", {"ratio": 0.25}).to_json())
+    report = run_grid(model, None, ["visual_token_prune:ratio=1.0", str(config), "var:p=1.0,tau=1.5,dims=0/1/2"],
+                      ["llava"], out_dir=tmp_path / "out", vision_inputs=inputs, progress=False)
+    r = report["results"]
+    assert r["dense"]["llava"]["lm_tokens"] == 8 + 16 and r[str(config)]["llava"]["lm_tokens"] == 8 + 4
+    assert r["visual_token_prune:ratio=1.0"]["llava"]["logit_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert r["visual_token_prune:ratio=1.0"]["llava"]["greedy_token_agreement"] == 1.0
+    assert r[str(config)]["llava"]["logit_cosine"] < 0.99999
+    assert "## llava agreement with the dense model" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(PatchError, match="no such file"):
+        run_grid(model, None, [str(tmp_path / "missing.json")], ["llava"], out_dir=tmp_path, vision_inputs=inputs)

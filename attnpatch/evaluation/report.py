@@ -21,7 +21,7 @@ from .data import load_text
 from .perplexity import decoding_perplexity, windowed_perplexity
 
 TEXT_METRICS = ("ppl", "decode_ppl", "lm_eval", "passkey", "needle", "speed", "sinks")
-VISION_METRICS = ("vit", "clip", "dit")
+VISION_METRICS = ("vit", "clip", "dit", "llava")
 METRICS = TEXT_METRICS + VISION_METRICS
 
 
@@ -134,6 +134,10 @@ def _measure(metric, model, tokenizer, inputs: _Inputs, dense: dict, label: str,
         out = vision.dit_outputs(model, v["sample"], v["timesteps"], **v.get("conditioning", {}))
         dense.setdefault("dit", out)
         return vision.compare_dit(dense["dit"], out)
+    if metric == "llava":
+        out = vision.llava_outputs(model, v["llava"])
+        dense.setdefault("llava", out)
+        return vision.compare_llava(dense["llava"], out)
     raise ValueError(f"unknown metric {metric!r}; known metrics: {', '.join(METRICS)}")
 
 

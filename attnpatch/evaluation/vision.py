@@ -58,3 +58,54 @@ def compare_dit(dense: torch.Tensor, patched: torch.Tensor) -> dict:
     mse = float(((patched - dense) ** 2).mean())
     peak = float(dense.abs().max()) ** 2  # signal range of the dense output
     return {"mse": mse, "psnr_db": float("inf") if mse == 0 else 10 * math.log10(peak / mse)}
+
+
+def llava_prompt_inputs(model, images: torch.Tensor | None = None, prompt_ids: torch.Tensor | None = None,
+                        batch: int = 4, text_tokens: int = 32, seed: int = 0) -> dict:
+    """Inputs of a Llava-style VLM: pixel_values (given, or seeded noise at the tower's size) and
+    input_ids with one image's placeholder run after `prompt_ids` (given, or seeded token ids)."""
+    cfg = model.config
+    vision = cfg.vision_config
+    g = torch.Generator().manual_seed(seed)
+    if images is None:
+        images = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=g)
+    count = images.shape[0]
+    if prompt_ids is None:
+        vocab = cfg.text_config.vocab_size
+        prompt_ids = torch.randint(3, vocab, (count, text_tokens), generator=g)
+        prompt_ids[prompt_ids == cfg.image_token_id] = 3
+    patches = (vision.image_size // vision.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
+    placeholders = torch.full((count, patches), cfg.image_token_id)
+    head = prompt_ids.shape[1] // 4  # a short system prefix, the image, then the question
+    ids = torch.cat([prompt_ids[:, :head], placeholders, prompt_ids[:, head:]], dim=1)
+    return {"input_ids": ids, "pixel_values": images}
+
+
+@torch.no_grad()
+def llava_outputs(model, inputs: dict, new_tokens: int = 8, repeats: int = 3) -> dict:
+    """Last-position logits, the tokens the language model saw, best-of-`repeats` prefill time, and
+    `new_tokens` greedy tokens."""
+    import time
+
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = model(**inputs)
+        seconds.append(time.perf_counter() - start)
+    generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+    return {"logits": out.logits[:, -1].float(), "lm_tokens": out.logits.shape[1], "prefill_seconds": min(seconds),
+            "new_tokens": generated[:, -new_tokens:]}
+
+
+def compare_llava(dense: dict, patched: dict) -> dict:
+    """Agreement of a patched VLM with the dense one: next-token top-1 and logit cosine at the last
+    prompt position, the share of greedy new tokens equal position by position, and prefill time."""
+    cos = torch.nn.functional.cosine_similarity
+    return {
+        "lm_tokens": patched["lm_tokens"],
+        "prefill_seconds": patched["prefill_seconds"],
+        "prefill_speedup": dense["prefill_seconds"] / patched["prefill_seconds"],
+        "next_token_agreement": float((patched["logits"].argmax(-1) == dense["logits"].argmax(-1)).float().mean()),
+        "logit_cosine": float(cos(patched["logits"], dense["logits"], dim=-1).mean()),
+        "greedy_token_agreement": float((patched["new_tokens"] == dense["new_tokens"]).float().mean()),
+    }

@@ -1,3 +1,3 @@
 """Built-in methods; importing this package registers them."""
 
-from . import duo, gated, heads, kv, linear, lolcats, reference, sliding, sparse  # noqa: F401
+from . import act, duo, gated, heads, kv, linear, lolcats, reference, sliding, sparse, visual_sinks, visual_tokens  # noqa: F401

@@ -1,0 +1,121 @@
+"""`var` (visual attention redistribution, "See What You Are Told", Kang et al. 2025) for Llava-style
+VLMs: in the language model, image tokens whose hidden state carries a massive activation in the
+sink dimensions are visual sinks; in image-centric heads (most of the image attention already on
+non-sink image tokens, share >= rho) a share p of the attention on visual sinks moves to the other
+image tokens (ops/sink_calibration.py). Training-free.
+
+The image positions come from input_ids (the image placeholder id) at each prefill; sinks are found
+per layer from the layer's input hidden states (the residual stream). Decoding steps keep them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..errors import PatchError
+from ..ops.sink_calibration import massive_tokens, visual_sink_redistribution
+from ..registry import Method, ParamSpec, register_method
+from .reference import exact_attention, visible_keys
+from .visual_tokens import _vlm
+
+
+def _fit(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """A (B, L) key mask grown with False (new decoded tokens) or cut to the last `length` keys."""
+    if mask.shape[-1] >= length:
+        return mask[:, -length:]
+    return torch.cat([mask, mask.new_zeros(mask.shape[0], length - mask.shape[-1])], dim=-1)
+
+
+@register_method
+class VisualAttentionRedistribution(Method):
+    name = "var"
+    family = "sink-recalibrated"
+    summary = ("VAR for Llava-style VLMs: visual sink tokens (massive activation in the sink dimensions) give a share p "
+               "of their attention to the other image tokens, in image-centric heads of the language model.")
+    model_kinds = ("decoder",)
+    params = (
+        ParamSpec("p", float, 0.6, "share of the attention on visual sinks that moves to other image tokens",
+                  low=0.0, high=1.0),
+        ParamSpec("tau", float, 50.0, "a token is a sink when max |h[d]| / median |h| over the sink dimensions exceeds "
+                  "tau",
+                  low=0.0, low_open=True),
+        ParamSpec("rho", float, 0.5, "a head is image-centric when non-sink image tokens get >= rho of its image "
+                  "attention", low=0.0, high=1.0),
+        ParamSpec("dims", list, None, "the sink dimensions; unset = where the first token's activation is massive",
+                  low=0, optional=True),
+        ParamSpec("block_size", int, 256, "queries whose weights are formed together", low=1, high=65536),
+    )
+
+    def __init__(self, site, **params):
+        super().__init__(site, **params)
+        self.state: dict = {}  # shared by the layers of one patch: {"image": (B, L) bool or None}
+        self.hidden = None  # this layer's input hidden states for the current call
+        self.sinks = None  # (B, L) visual sinks of this layer, from the last prefill
+
+    @classmethod
+    def default_sites(cls, model, sites):
+        vlm = _vlm(model)
+        language = [s for s in sites if s.module in set(vlm.language_model.modules()) and not s.cross]
+        if not language:
+            raise PatchError("var found no attention module in the language model")
+        return language
+
+    def attention(self, call):
+        image = self.state.get("image")
+        if image is None:
+            return exact_attention(call)
+        lk = call.key.shape[-2]
+        image = _fit(image.to(call.query.device), lk)
+        if self.hidden is not None and self.hidden.shape[-2] == lk:  # a prefill: find this layer's sinks
+            self.sinks = massive_tokens(self.hidden, self.config["tau"], self.config["dims"], call.key_valid()) & image
+        elif self.sinks is None:
+            return exact_attention(call)
+        sinks = _fit(self.sinks, lk)
+        if not bool(sinks.any()):
+            return exact_attention(call)
+        c = self.config
+        return visual_sink_redistribution(call.query, call.key, call.value, visible_keys(call), call.scaling, image,
+                                          sinks, c["p"], c["rho"], call.softcap, c["block_size"])
+
+    @classmethod
+    def finish_patch(cls, model, adapter, placements):
+        vlm = _vlm(model)
+        dims = placements[0][1].config["dims"]
+        width = vlm.config.text_config.hidden_size
+        if dims and max(dims) >= width:
+            raise PatchError(f"var dims {sorted(d for d in dims if d >= width)} exceed the language model's hidden size "
+                             f"{width} (valid: 0..{width - 1})")
+        state: dict = {"image": None}
+        hooks = []
+        for site, method in placements:
+            method.state = state
+            layer = model.get_submodule(site.path.rsplit(".", 1)[0])
+
+            def capture(module, args, kwargs, method=method):
+                method.hidden = kwargs.get("hidden_states", args[0] if args else None)
+
+            hooks.append(layer.register_forward_pre_hook(capture, with_kwargs=True))
+        names = list(inspect.signature(model.forward).parameters)
+
+        def find_images(module, args, kwargs):
+            kwargs = {**dict(zip(names, args)), **kwargs}
+            ids = kwargs.get("input_ids")
+            cache = kwargs.get("past_key_values")
+            fresh = cache is None or cache.get_seq_length() == 0
+            if ids is not None and bool((ids == vlm.config.image_token_id).any()):
+                state["image"] = ids == vlm.config.image_token_id
+            elif fresh:
+                state["image"] = None  # a new prompt without images
+            return None
+
+        hooks.append(model.register_forward_pre_hook(find_images, with_kwargs=True))
+
+        def undo():
+            for hook in hooks:
+                hook.remove()
+            for _, method in placements:
+                method.hidden = method.sinks = None
+
+        return undo

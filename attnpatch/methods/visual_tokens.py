@@ -1,0 +1,220 @@
+"""`visual_token_prune` (FasterVLM / FoPru) for Llava-style VLMs: the vision tower's [CLS] attention
+in the layer whose output feeds the projector (vision_feature_layer, the penultimate layer for
+LLaVA-1.5), averaged over heads, ranks the image tokens; only a `ratio` of them reaches the
+projector and the language model, in their original order. mode="rank" keeps the best tokens,
+mode="row" the patch-grid rows with the best mean score (keeps rows whole).
+
+The language model's inputs stay consistent: each image's run of placeholder tokens in input_ids is
+shortened to the kept count, and attention_mask, position_ids, labels and cache_position lose the
+same columns (positions of later tokens close up). `generate` shortens the prompt first, so the
+sequences it returns carry the shortened prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from ..errors import PatchError
+from ..ops.kv_select import attention_weights
+from ..registry import Method, ParamSpec, register_method
+from .reference import exact_attention, visible_keys
+
+MODES = ("rank", "row")
+
+
+def _vlm(model):
+    """(the module owning vision_tower + multi_modal_projector, its config), or PatchError."""
+    for module in (model, getattr(model, "model", None)):
+        if module is not None and hasattr(module, "vision_tower") and hasattr(module, "multi_modal_projector") \
+                and hasattr(module, "get_image_features"):
+            return module
+    raise PatchError(f"visual_token_prune needs a Llava-style VLM (a vision_tower, a multi_modal_projector and "
+                     f"get_image_features, e.g. LlavaForConditionalGeneration); got {type(model).__name__}")
+
+
+def kept_count(tokens: int, ratio: float, mode: str, grid: int) -> int:
+    """How many of an image's `tokens` patch tokens survive (at least one, or one grid row)."""
+    if mode == "row":
+        return max(1, round(ratio * grid)) * (tokens // grid)
+    return max(1, round(ratio * tokens))
+
+
+def keep_indices(scores: torch.Tensor, ratio: float, mode: str = "rank") -> torch.Tensor:
+    """(images, tokens) scores -> (images, kept) indices in ascending (original) order."""
+    tokens = scores.shape[-1]
+    grid = int(round(tokens ** 0.5))
+    if mode == "row":
+        if grid * grid != tokens:
+            raise PatchError(f"mode='row' needs a square patch grid; this image has {tokens} tokens")
+        rows = kept_count(tokens, ratio, "row", grid) // grid
+        best = scores.unflatten(-1, (grid, grid)).mean(-1).topk(rows, dim=-1).indices.sort(dim=-1).values
+        return (best[..., None] * grid + torch.arange(grid, device=scores.device)).flatten(-2)
+    keep = kept_count(tokens, ratio, "rank", grid)
+    return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+
+def shorten_placeholders(input_ids: torch.Tensor, image_token_id: int, per_image: int, keep: int) -> torch.Tensor:
+    """(B, L) bool columns to keep: each run of `per_image` placeholders loses its last
+    per_image - keep. Every sequence must lose the same number (same number of images)."""
+    placeholder = input_ids == image_token_id
+    counts = placeholder.sum(-1)
+    if bool((counts % per_image).any()):
+        raise PatchError(f"each image needs {per_image} placeholder tokens (id {image_token_id}); found "
+                         f"{counts.tolist()} per sequence")
+    if bool((counts != counts[0]).any()):
+        raise PatchError(f"visual_token_prune shortens every sequence by the same amount, so every sequence needs the "
+                         f"same number of images; placeholder counts per sequence: {counts.tolist()}")
+    rank = placeholder.long().cumsum(-1) - 1  # index of each placeholder within its sequence
+    drop = placeholder & (rank % per_image >= keep)
+    return ~drop
+
+
+@register_method
+class VisualTokenPrune(Method):
+    name = "visual_token_prune"
+    family = "sparse"
+    summary = ("FasterVLM / FoPru for Llava-style VLMs: rank image tokens by the vision tower's [CLS] attention at the "
+               "feature layer and pass only a ratio of them (by rank or by grid row, in order) to the language model.")
+    model_kinds = ("encoder",)
+    interventions = frozenset({"attention", "tokens"})
+    params = (
+        ParamSpec("ratio", float, 0.25, "fraction of each image's tokens kept (1 = all)", low=0.0, high=1.0,
+                  low_open=True),
+        ParamSpec("mode", str, "rank", "rank: the best tokens; row: the patch-grid rows with the best mean score",
+                  choices=MODES),
+    )
+
+    def __init__(self, site, **params):
+        super().__init__(site, **params)
+        self.capture = False
+        self.scores = None  # (images, patches) [CLS] attention while the image features are computed
+
+    @classmethod
+    def default_sites(cls, model, sites):
+        vlm = _vlm(model)
+        layer = vlm.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise PatchError(f"visual_token_prune scores tokens at one vision layer; this model concatenates layers "
+                             f"{layer} (vision_feature_layer)")
+        tower = [s for s in sites if s.module in set(vlm.vision_tower.modules()) and not s.cross]
+        if not tower:
+            raise PatchError("visual_token_prune found no attention module in the vision tower")
+        depth = tower[0].num_layers
+        # hidden_states[i] is the output of layer i - 1, so feature layer f comes from layer (f mod depth+1) - 1
+        index = layer % (depth + 1) - 1
+        if index < 0:
+            raise PatchError(f"vision_feature_layer={layer} selects the embeddings, which have no [CLS] attention")
+        return [s for s in tower if s.layer == index]
+
+    def check_site(self, site) -> None:
+        if site.causal:
+            raise PatchError(f"visual_token_prune reads [CLS] attention in a vision encoder; {site.label} is causal")
+
+    def attention(self, call):
+        if self.capture:
+            allowed = visible_keys(call)
+            weights = attention_weights(call.query[:, :, :1], call.key, None if allowed is None else allowed[..., :1, :],
+                                        call.scaling, call.softcap)
+            self.scores = weights.mean(dim=1)[:, 0, 1:]  # [CLS] row, mean over heads, patch keys
+        return exact_attention(call)
+
+    @classmethod
+    def finish_patch(cls, model, adapter, placements):
+        if len(placements) != 1:
+            raise PatchError("visual_token_prune scores tokens at one vision layer; leave towers and layers unset (it "
+                             "picks the feature layer) or select exactly one layer of the vision tower")
+        (site, method), = placements
+        vlm = _vlm(model)
+        vision = vlm.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        grid = vision.image_size // vision.patch_size
+        keep = kept_count(patches, method.config["ratio"], method.config["mode"], grid)
+        owner = model  # the outermost forward: it holds labels, which must shrink with the tokens
+        if "generate" in owner.__dict__ or "get_image_features" in vlm.__dict__:
+            raise PatchError("visual_token_prune is already applied to this model (or generate was replaced); unpatch first")
+        signature = inspect.signature(owner.forward)
+        names = list(signature.parameters)
+
+        def features_per_image(strategy):
+            strategy = strategy or vlm.config.vision_feature_select_strategy
+            return patches + (1 if strategy == "full" else 0), keep + (1 if strategy == "full" else 0)
+
+        original_features = vlm.get_image_features  # bound method of the class (or an earlier wrapper)
+
+        @functools.wraps(original_features)
+        def get_image_features(*args, **kwargs):
+            method.capture = True
+            try:
+                image = original_features(*args, **kwargs)
+            finally:
+                method.capture = False
+            scores, method.scores = method.scores, None
+            if kwargs.get("image_sizes") is not None:
+                raise PatchError("visual_token_prune supports fixed-size images (Llava); image_sizes was given")
+            order = keep_indices(scores, method.config["ratio"], method.config["mode"])
+            features = image.pooler_output if isinstance(image.pooler_output, (list, tuple)) else list(image.pooler_output)
+            if features and features[0].shape[0] == order.shape[1] + patches - keep + 1:  # "full": [CLS] stays first
+                order = torch.cat([order.new_zeros(order.shape[0], 1), order + 1], dim=-1)
+            image.pooler_output = [f[i.to(f.device)] for f, i in zip(features, order)]
+            return image
+
+        def shorten(module, args, kwargs):
+            kwargs = {**dict(zip(names, args)), **kwargs}
+            ids = kwargs.get("input_ids")
+            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+            if kwargs.get("pixel_values") is not None:
+                images = kwargs["pixel_values"].shape[0]
+            elif encoded is not None:
+                images = len(encoded.pooler_output)
+            else:
+                return None  # text only, or a decoding step
+            if ids is None:
+                raise PatchError("visual_token_prune needs input_ids (it shortens each image's placeholder run)")
+            full, kept = features_per_image(kwargs.get("vision_feature_select_strategy"))
+            per_image = int((ids == vlm.config.image_token_id).sum()) // max(1, images)
+            if per_image == kept:
+                return None  # already shortened (generate, or inputs prepared by the caller)
+            if per_image != full:
+                raise PatchError(f"each image needs {full} placeholder tokens ({kept} after pruning); found {per_image}")
+            columns = shorten_placeholders(ids, vlm.config.image_token_id, full, kept)
+            width = int(columns[0].sum())
+            for name in ("input_ids", "attention_mask", "labels", "position_ids"):
+                value = kwargs.get(name)
+                if isinstance(value, torch.Tensor) and value.shape[-1] == ids.shape[-1]:
+                    kwargs[name] = value[..., columns.to(value.device).expand(value.shape)].view(*value.shape[:-1], width)
+            if isinstance(kwargs.get("cache_position"), torch.Tensor):
+                kwargs["cache_position"] = kwargs["cache_position"][:width]
+            return (), kwargs
+
+        vlm.get_image_features = get_image_features
+        hook = owner.register_forward_pre_hook(shorten, with_kwargs=True)
+        bound_generate = getattr(owner, "generate", None)
+
+        if bound_generate is not None:
+            @functools.wraps(bound_generate)
+            def generate(*args, **kwargs):
+                if args:
+                    kwargs["input_ids"], args = args[0], args[1:]
+                ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+                if kwargs.get("pixel_values") is not None and ids is not None:
+                    full, kept = features_per_image(kwargs.get("vision_feature_select_strategy"))
+                    images = kwargs["pixel_values"].shape[0]
+                    if int((ids == vlm.config.image_token_id).sum()) == full * images and full != kept:
+                        columns = shorten_placeholders(ids, vlm.config.image_token_id, full, kept)
+                        width = int(columns[0].sum())
+                        kwargs["input_ids"] = ids[columns].view(ids.shape[0], width)
+                        if mask is not None:
+                            kwargs["attention_mask"] = mask[columns.to(mask.device)].view(mask.shape[0], width)
+                return bound_generate(*args, **kwargs)
+
+            owner.generate = generate
+
+        def undo():
+            hook.remove()
+            for module, name in ((owner, "generate"), (vlm, "get_image_features")):
+                module.__dict__.pop(name, None)
+
+        return undo
