@@ -72,6 +72,12 @@ def shorten_placeholders(input_ids: torch.Tensor, image_token_id: int, per_image
     return ~drop
 
 
+def drop_columns(value: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(..., B, L) -> (..., B, kept): the kept `columns` (B, L) of every row (same count per row)."""
+    width = int(columns[0].sum())
+    return value[..., columns.to(value.device).expand(value.shape)].view(*value.shape[:-1], width)
+
+
 @register_method
 class VisualTokenPrune(Method):
     name = "visual_token_prune"
@@ -180,13 +186,12 @@ class VisualTokenPrune(Method):
             if per_image != full:
                 raise PatchError(f"each image needs {full} placeholder tokens ({kept} after pruning); found {per_image}")
             columns = shorten_placeholders(ids, vlm.config.image_token_id, full, kept)
-            width = int(columns[0].sum())
             for name in ("input_ids", "attention_mask", "labels", "position_ids"):
                 value = kwargs.get(name)
                 if isinstance(value, torch.Tensor) and value.shape[-1] == ids.shape[-1]:
-                    kwargs[name] = value[..., columns.to(value.device).expand(value.shape)].view(*value.shape[:-1], width)
+                    kwargs[name] = drop_columns(value, columns)
             if isinstance(kwargs.get("cache_position"), torch.Tensor):
-                kwargs["cache_position"] = kwargs["cache_position"][:width]
+                kwargs["cache_position"] = kwargs["cache_position"][:int(columns[0].sum())]
             return (), kwargs
 
         vlm.get_image_features = get_image_features
@@ -204,10 +209,9 @@ class VisualTokenPrune(Method):
                     images = kwargs["pixel_values"].shape[0]
                     if int((ids == vlm.config.image_token_id).sum()) == full * images and full != kept:
                         columns = shorten_placeholders(ids, vlm.config.image_token_id, full, kept)
-                        width = int(columns[0].sum())
-                        kwargs["input_ids"] = ids[columns].view(ids.shape[0], width)
+                        kwargs["input_ids"] = drop_columns(ids, columns)
                         if mask is not None:
-                            kwargs["attention_mask"] = mask[columns.to(mask.device)].view(mask.shape[0], width)
+                            kwargs["attention_mask"] = drop_columns(mask, columns)
                 return bound_generate(*args, **kwargs)
 
             owner.generate = generate

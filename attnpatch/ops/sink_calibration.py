@@ -28,6 +28,7 @@ def _rows(allowed: torch.Tensor | None, start: int, stop: int) -> torch.Tensor |
     return allowed[..., start:stop, :]
 
 
+@torch.no_grad()  # a discrete choice: no gradient flows through which keys are sinks
 def sink_keys(query, key, allowed, scaling: float, alpha: float, softcap: float | None = None,
               key_valid: torch.Tensor | None = None, block: int = 256) -> torch.Tensor:
     """(B, Hq, Lk) bool: per head, the non-initial keys whose mean received attention exceeds
