@@ -107,11 +107,18 @@ def load_default_model(dtype=None, prefer_hub: bool | None = None):
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None):
-    """(model, tokenizer) for the default name, a local checkpoint folder or a hub id."""
+    """(model, tokenizer) for the default name, a local checkpoint folder or a hub id; a folder
+    written by save_patched (a recipe's final/) comes back patched, through load_patched."""
+    from pathlib import Path
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .api import CONFIG_FILE, load_patched
+
     if name_or_path in (DEFAULT_MODEL, DEFAULT_HUB_ID):
         return load_default_model(dtype)
+    if (Path(name_or_path) / CONFIG_FILE).is_file():
+        return load_patched(name_or_path, dtype=dtype or torch.float32), AutoTokenizer.from_pretrained(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
     return model, AutoTokenizer.from_pretrained(name_or_path)

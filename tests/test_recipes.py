@@ -125,6 +125,12 @@ output_dir: {workdir / 'gated'}
     probe = torch.load(workdir / "gated" / "probe.pt")
     with torch.no_grad():
         assert torch.allclose(model(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-6)
+    from attnpatch.models import load_model  # what `attnpatch eval --model .../final` loads: patched again
+
+    reloaded, tokenizer = load_model(str(workdir / "gated" / "final"))
+    assert patched_configs(reloaded)[0].method == "gated" and tokenizer is not None
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-6)
 
 
 def test_bad_recipes_fail_clearly(tmp_path):
