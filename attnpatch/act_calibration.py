@@ -22,6 +22,11 @@ from .config import PatchConfig
 from .errors import PatchError
 
 
+def _choice_loss(loglik: torch.Tensor, label: int) -> torch.Tensor:
+    """Cross-entropy of the right choice among the choices' summed log-likelihoods."""
+    return -torch.log_softmax(loglik, 0)[label]
+
+
 @dataclass
 class ChoiceScores:
     """Per item: log-likelihood of each choice (summed over its tokens) and the choice's length in
@@ -33,7 +38,7 @@ class ChoiceScores:
 
     @property
     def loss(self) -> float:
-        return float(torch.stack([-torch.log_softmax(s.detach().float(), 0)[y] for s, y in zip(self.loglik, self.labels)]).mean())
+        return float(torch.stack([_choice_loss(s.float(), y) for s, y in zip(self.loglik, self.labels)]).mean())
 
     @property
     def accuracy(self) -> float:
@@ -51,8 +56,8 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def choice_scores(model, tokenizer, items: list[dict], items_per_batch: int = 4, grad: bool = False,
-                  backward=None, progress: bool = False) -> ChoiceScores:
+def choice_scores(model, tokenizer, items: list[dict], items_per_batch: int = 4, backward=None,
+                  progress: bool = False) -> ChoiceScores:
     """Score multiple-choice items {"context", "choices", "label"} (the local task's format): each
     choice is the continuation " " + choice of the context. `backward(loss_of_batch)`, when given,
     is called per batch with the batch's share of the mean cross-entropy (for gradients)."""
@@ -75,7 +80,7 @@ def choice_scores(model, tokenizer, items: list[dict], items_per_batch: int = 4,
         for i, row in enumerate(rows):
             ids[i, :len(row)] = torch.tensor(row)
             mask[i, :len(row)] = 1
-        with torch.set_grad_enabled(grad or backward is not None):
+        with torch.set_grad_enabled(backward is not None):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             sums = []
@@ -88,7 +93,7 @@ def choice_scores(model, tokenizer, items: list[dict], items_per_batch: int = 4,
                 per_item.append(torch.stack(sums[offset:offset + count]))
                 offset += count
             if backward is not None:
-                loss = torch.stack([-torch.log_softmax(s, 0)[item["label"]] for s, item in zip(per_item, chunk)]).sum()
+                loss = torch.stack([_choice_loss(s, item["label"]) for s, item in zip(per_item, chunk)]).sum()
                 backward(loss / len(items))
         loglik += [s.detach().cpu() for s in per_item]
         nbytes += [torch.tensor([len((" " + c).encode()) for c in item["choices"]], dtype=torch.float32) for item in chunk]
@@ -201,21 +206,15 @@ def calibrate_act(model, tokenizer, items: list[dict], beta: float = 0.4, alpha:
         for i, method in enumerate(methods):
             method.strength = strength[i, :method.site.num_heads]
         choice_scores(model, tokenizer, items, items_per_batch, backward=lambda loss: loss.backward(), progress=progress)
-        for method in methods:
-            method.strength = None
-        unpatch_model(model)
+        unpatch_model(model)  # the patched methods, and the strengths they hold, go with it
         calibration = ActCalibration(strength.grad.detach().cpu().clone(), tower, beta, alpha)
         calibration.search.append({"heads": 0, **base.summary()})
         for count in tqdm(_ladder(len(calibration.ranked), counts), desc="act head search", disable=not progress):
             patch_model(model, calibration.config(count))
-            try:
-                calibration.search.append({"heads": count, **choice_scores(model, tokenizer, items, items_per_batch).summary()})
-            finally:
-                unpatch_model(model)
+            calibration.search.append({"heads": count, **choice_scores(model, tokenizer, items, items_per_batch).summary()})
+            unpatch_model(model)
     finally:
-        for method in patched_methods(model) if is_patched(model) else []:
-            method.strength = None
-        if is_patched(model):
+        if is_patched(model):  # an error midway: leave the model as it came
             unpatch_model(model)
         for p, flag in frozen:
             p.requires_grad_(flag)

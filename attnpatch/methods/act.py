@@ -72,10 +72,9 @@ class AttentionCalibration(Method):
         heads = self.heads
         if len(heads) == call.query.shape[1]:
             return self._calibrated(call)
-        out = exact_attention(call) if not heads else torch.empty_like(call.query)
-        if heads:
-            rest = [h for h in range(call.query.shape[1]) if h not in set(heads)]
-            if rest:
-                out[:, rest] = exact_attention(_head_subset(call, rest))
-            out[:, heads] = self._calibrated(_head_subset(call, heads))
+        chosen = set(heads)
+        rest = [h for h in range(call.query.shape[1]) if h not in chosen]  # never empty: heads is a strict subset
+        out = torch.empty_like(call.query)
+        out[:, rest] = exact_attention(_head_subset(call, rest))
+        out[:, heads] = self._calibrated(_head_subset(call, heads))
         return out

@@ -10,15 +10,13 @@ per layer from the layer's input hidden states (the residual stream). Decoding s
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from ..errors import PatchError
 from ..ops.sink_calibration import massive_tokens, visual_sink_redistribution
 from ..registry import Method, ParamSpec, register_method
 from .reference import exact_attention, visible_keys
-from .visual_tokens import _vlm
+from .visual_tokens import _vlm, named_inputs, sites_within
 
 
 def _fit(mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -57,7 +55,7 @@ class VisualAttentionRedistribution(Method):
     @classmethod
     def default_sites(cls, model, sites):
         vlm = _vlm(model)
-        language = [s for s in sites if s.module in set(vlm.language_model.modules()) and not s.cross]
+        language = sites_within(sites, vlm.language_model)
         if not language:
             raise PatchError("var found no attention module in the language model")
         return language
@@ -97,10 +95,10 @@ class VisualAttentionRedistribution(Method):
                 method.hidden = kwargs.get("hidden_states", args[0] if args else None)
 
             hooks.append(layer.register_forward_pre_hook(capture, with_kwargs=True))
-        names = list(inspect.signature(model.forward).parameters)
+        inputs_of = named_inputs(model.forward)
 
         def find_images(module, args, kwargs):
-            kwargs = {**dict(zip(names, args)), **kwargs}
+            kwargs = inputs_of(args, kwargs)
             ids = kwargs.get("input_ids")
             cache = kwargs.get("past_key_values")
             fresh = cache is None or cache.get_seq_length() == 0

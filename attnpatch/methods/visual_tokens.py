@@ -26,13 +26,26 @@ MODES = ("rank", "row")
 
 
 def _vlm(model):
-    """(the module owning vision_tower + multi_modal_projector, its config), or PatchError."""
+    """The module owning vision_tower + multi_modal_projector (the model or its .model), or PatchError."""
     for module in (model, getattr(model, "model", None)):
         if module is not None and hasattr(module, "vision_tower") and hasattr(module, "multi_modal_projector") \
                 and hasattr(module, "get_image_features"):
             return module
     raise PatchError(f"visual_token_prune needs a Llava-style VLM (a vision_tower, a multi_modal_projector and "
                      f"get_image_features, e.g. LlavaForConditionalGeneration); got {type(model).__name__}")
+
+
+def sites_within(sites, module) -> list:
+    """The self-attention sites inside `module` (a VLM's vision tower or language model)."""
+    inside = set(module.modules())
+    return [s for s in sites if s.module in inside and not s.cross]
+
+
+def named_inputs(forward):
+    """A function turning a call's (args, kwargs) into one dict of `forward`'s named inputs (for
+    forward pre-hooks, which see positional inputs apart)."""
+    names = list(inspect.signature(forward).parameters)
+    return lambda args, kwargs: {**dict(zip(names, args)), **kwargs}
 
 
 def kept_count(tokens: int, ratio: float, mode: str, grid: int) -> int:
@@ -105,7 +118,7 @@ class VisualTokenPrune(Method):
         if not isinstance(layer, int):
             raise PatchError(f"visual_token_prune scores tokens at one vision layer; this model concatenates layers "
                              f"{layer} (vision_feature_layer)")
-        tower = [s for s in sites if s.module in set(vlm.vision_tower.modules()) and not s.cross]
+        tower = sites_within(sites, vlm.vision_tower)
         if not tower:
             raise PatchError("visual_token_prune found no attention module in the vision tower")
         depth = tower[0].num_layers
@@ -139,10 +152,9 @@ class VisualTokenPrune(Method):
         grid = vision.image_size // vision.patch_size
         keep = kept_count(patches, method.config["ratio"], method.config["mode"], grid)
         owner = model  # the outermost forward: it holds labels, which must shrink with the tokens
+        inputs_of = named_inputs(owner.forward)
         if "generate" in owner.__dict__ or "get_image_features" in vlm.__dict__:
             raise PatchError("visual_token_prune is already applied to this model (or generate was replaced); unpatch first")
-        signature = inspect.signature(owner.forward)
-        names = list(signature.parameters)
 
         def features_per_image(strategy):
             strategy = strategy or vlm.config.vision_feature_select_strategy
@@ -162,21 +174,15 @@ class VisualTokenPrune(Method):
                 raise PatchError("visual_token_prune supports fixed-size images (Llava); image_sizes was given")
             order = keep_indices(scores, method.config["ratio"], method.config["mode"])
             features = image.pooler_output if isinstance(image.pooler_output, (list, tuple)) else list(image.pooler_output)
-            if features and features[0].shape[0] == order.shape[1] + patches - keep + 1:  # "full": [CLS] stays first
+            if features and features[0].shape[0] == scores.shape[-1] + 1:  # "full": the [CLS] feature stays first
                 order = torch.cat([order.new_zeros(order.shape[0], 1), order + 1], dim=-1)
             image.pooler_output = [f[i.to(f.device)] for f, i in zip(features, order)]
             return image
 
-        def shorten(module, args, kwargs):
-            kwargs = {**dict(zip(names, args)), **kwargs}
+        def shortened(kwargs, images: int):
+            """kwargs with each image's placeholder run cut to the kept count (ids, masks, labels,
+            positions), or None when the runs already have the kept count."""
             ids = kwargs.get("input_ids")
-            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-            if kwargs.get("pixel_values") is not None:
-                images = kwargs["pixel_values"].shape[0]
-            elif encoded is not None:
-                images = len(encoded.pooler_output)
-            else:
-                return None  # text only, or a decoding step
             if ids is None:
                 raise PatchError("visual_token_prune needs input_ids (it shortens each image's placeholder run)")
             full, kept = features_per_image(kwargs.get("vision_feature_select_strategy"))
@@ -192,7 +198,19 @@ class VisualTokenPrune(Method):
                     kwargs[name] = drop_columns(value, columns)
             if isinstance(kwargs.get("cache_position"), torch.Tensor):
                 kwargs["cache_position"] = kwargs["cache_position"][:int(columns[0].sum())]
-            return (), kwargs
+            return kwargs
+
+        def shorten(module, args, kwargs):
+            kwargs = inputs_of(args, kwargs)
+            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+            if kwargs.get("pixel_values") is not None:
+                images = kwargs["pixel_values"].shape[0]
+            elif encoded is not None:
+                images = len(encoded.pooler_output)
+            else:
+                return None  # text only, or a decoding step
+            kwargs = shortened(kwargs, images)
+            return None if kwargs is None else ((), kwargs)
 
         vlm.get_image_features = get_image_features
         hook = owner.register_forward_pre_hook(shorten, with_kwargs=True)
@@ -203,15 +221,8 @@ class VisualTokenPrune(Method):
             def generate(*args, **kwargs):
                 if args:
                     kwargs["input_ids"], args = args[0], args[1:]
-                ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-                if kwargs.get("pixel_values") is not None and ids is not None:
-                    full, kept = features_per_image(kwargs.get("vision_feature_select_strategy"))
-                    images = kwargs["pixel_values"].shape[0]
-                    if int((ids == vlm.config.image_token_id).sum()) == full * images and full != kept:
-                        columns = shorten_placeholders(ids, vlm.config.image_token_id, full, kept)
-                        kwargs["input_ids"] = drop_columns(ids, columns)
-                        if mask is not None:
-                            kwargs["attention_mask"] = drop_columns(mask, columns)
+                if kwargs.get("pixel_values") is not None and kwargs.get("input_ids") is not None:
+                    kwargs = shortened(kwargs, kwargs["pixel_values"].shape[0]) or kwargs
                 return bound_generate(*args, **kwargs)
 
             owner.generate = generate
