@@ -27,6 +27,7 @@ class _AppliedPatch:
     adapter: Adapter
     placements: list[tuple[AttentionSite, Method]] = field(default_factory=list)
     undo_model: object = None  # what the method's finish_patch returned
+    undo_watch: object = None  # what the adapter's watch_model returned
 
     @property
     def baked(self) -> bool:
@@ -166,7 +167,10 @@ def patch_model(
             for intervention in method.interventions:
                 taken[intervention] = method.name
         record.undo_model = get_method(config.method).finish_patch(model, adapter, record.placements)
+        record.undo_watch = adapter.watch_model(model, record.placements)
     except BaseException:
+        if record.undo_model is not None:
+            record.undo_model()
         for site, method in reversed(record.placements):
             _remove(adapter, site, method)
         raise
@@ -178,6 +182,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     """Undo every patch: modules, configs, processors and parameters as they were before patching."""
     records = model.__dict__.pop(RECORD_ATTR, [])
     for record in reversed(records):
+        if record.undo_watch is not None:
+            record.undo_watch()
         if record.undo_model is not None:
             record.undo_model()
         for site, method in reversed(record.placements):

@@ -9,8 +9,13 @@ layers stay right.
 
 from __future__ import annotations
 
+import inspect
+import itertools
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from .errors import PatchError
 
 
 class _MappedBatchOps:
@@ -157,7 +162,8 @@ class CompressedKVLayer(_FullLengthGeometry, _MappedBatchOps, DynamicLayer):
         self.valid = self.positions = self.scores = self.budget = None
 
     def lazy_initialization(self, key_states, value_states):
-        super().lazy_initialization(key_states, value_states)
+        # set here, not by DynamicLayer, whose fields differ between transformers releases
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
         b, h = key_states.shape[:2]
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
@@ -233,7 +239,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.dequant_keys = self.dequant_values = None  # cache of the dequantised part
 
     def lazy_initialization(self, key_states, value_states):
-        super().lazy_initialization(key_states, value_states)
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
         self.sink_keys, self.sink_values = key_states[..., :0, :], value_states[..., :0, :]
         self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]  # the residual
 
@@ -289,35 +295,57 @@ class QuantizedKVLayer(DynamicLayer):
         raise NotImplementedError("beam search is not supported with kv_quant yet")
 
 
-def state_layer_for(cache: Cache, layer_idx: int, layer_class: type = RecurrentStateLayer, factory=None):
-    """The layer's attnpatch cache layer, swapping `layer_class` in for an empty dynamic layer.
+def find_cache(args, kwargs):
+    """The transformers `Cache` among a call's arguments, found by type: the keyword moved from
+    `past_key_values` to `cache` in transformers 5.24 and may move again."""
+    for value in itertools.chain(kwargs.values(), args):
+        if isinstance(value, Cache):
+            return value
+    return None
 
-    Returns None when the layer already holds keys (a cache filled before patching, or a static
-    cache): the method then sees the full K/V and computes from them, which is still exact.
+
+def cache_kwargs(model, cache: Cache) -> dict:
+    """{keyword: cache} for this model's forward and generate: `cache` from transformers 5.24,
+    `past_key_values` before (5.24 still accepts it, with a deprecation warning)."""
+    forward = inspect.signature(type(model).forward).parameters
+    return {"cache" if "cache" in forward else "past_key_values": cache}
+
+
+def state_layer_for(cache: Cache, layer_idx: int, layer_class: type = RecurrentStateLayer, factory=None,
+                    method: str = "this method"):
+    """The layer's attnpatch cache layer, swapping `layer_class` (or what `factory` makes) in for an
+    empty dynamic layer. Returns None only when `factory` declines the layer (the method leaves it
+    as the model's own, e.g. kv_quant on a sliding-window layer, which is bounded already).
+
+    Raises PatchError when the layer cannot be replaced: it already holds tokens written before
+    the method saw it (a cache filled before patching), or it is not a dynamic layer (a static or
+    offloaded cache). Running on would keep every token, i.e. silently run the dense cache.
     """
     layers = cache.layers
     if getattr(cache, "layer_class_to_replicate", None) is not None:
         while len(layers) <= layer_idx:
             layers.append(cache.layer_class_to_replicate())
     if layer_idx >= len(layers):
-        return None
+        raise PatchError(f"{method}: the {type(cache).__name__} has {len(layers)} layers, none for layer {layer_idx}; "
+                         "pass a DynamicCache() (or no cache) to the patched model")
     layer = layers[layer_idx]
     if isinstance(layer, layer_class):
         return layer
+    if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+        raise PatchError(f"{method} keeps its own cache layer and can only replace DynamicCache layers; layer "
+                         f"{layer_idx} is a {type(layer).__name__}. Pass a DynamicCache() (generate's default) instead")
     if layer.get_seq_length() != 0:
-        return None
-    if layer_class is RecurrentStateLayer and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
-        layers[layer_idx] = RecurrentStateLayer(sliding_window=getattr(layer, "sliding_window", None))
-        return layers[layer_idx]
-    if layer_class is CompressedKVLayer and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
-        layers[layer_idx] = CompressedKVLayer(sliding_window=getattr(layer, "sliding_window", None))
-        return layers[layer_idx]
-    if factory is not None and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
-        made = factory(sliding_window=getattr(layer, "sliding_window", None))
-        if made is not None:
-            layers[layer_idx] = made
-        return made
-    return None
+        raise PatchError(f"{method}: layer {layer_idx} of the cache already holds {layer.get_seq_length()} tokens "
+                         "written without the method (a cache filled before patching). Start from a fresh "
+                         "DynamicCache() after patch_model")
+    sliding_window = getattr(layer, "sliding_window", None)
+    if factory is not None:
+        made = factory(sliding_window=sliding_window)
+    else:
+        made = layer_class(sliding_window=sliding_window)
+    if made is not None:
+        layers[layer_idx] = made
+    return made
 
 
 def cache_nbytes(cache: Cache) -> int:

@@ -7,6 +7,12 @@ from typing import Any
 
 import torch
 
+# What the adapter found about the model's KV cache for this call (AttentionCall.cache_state):
+CACHE_OWN = "own"  # the method's own cache layer is attached (cache_layer)
+CACHE_ABSENT = "absent"  # the model runs without a cache (use_cache=False): nothing to keep
+CACHE_DECLINED = "declined"  # a cache is in use, and the method leaves this layer's entries as they are
+CACHE_UNCHECKED = "unchecked"  # nobody looked (a direct call, or a module without decoding hooks)
+
 
 @dataclass
 class AttentionCall:
@@ -16,6 +22,7 @@ class AttentionCall:
     `causal` is set, causality is bottom-right aligned (query i sits at position Lk - Lq + i).
     cache_layer: the method's own cache layer when it keeps decoding state (see cache.py); then
     key/value hold only the new tokens and the layer holds what came before.
+    cache_state: one of the CACHE_* values above; methods that need a cache raise on "unchecked".
     """
 
     module: torch.nn.Module
@@ -29,6 +36,7 @@ class AttentionCall:
     dropout: float = 0.0
     training: bool = False
     cache_layer: Any = None
+    cache_state: str = CACHE_UNCHECKED
 
     @property
     def kv_groups(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -162,6 +163,26 @@ class Method:
     def uses_state(self) -> bool:
         return self.uses_state_cache
 
+    def required_cache_layer(self, call):
+        """This call's own cache layer, for methods whose effect lives in the cache (KV compression
+        and quantisation). None when there is nothing to keep: the model runs without a cache
+        (warned once: the method is then inactive) or the method leaves this layer as it is.
+        Raises when nobody found the cache, so the method never silently runs with a dense one."""
+        from .call import CACHE_ABSENT, CACHE_DECLINED
+
+        if call.cache_layer is not None or call.cache_state == CACHE_DECLINED:
+            return call.cache_layer
+        if call.cache_state == CACHE_ABSENT:
+            warn_once(f"{self.name}:no-cache",
+                      f"{self.name}: the model ran without a KV cache (use_cache=False), so {self.name} kept and "
+                      "compressed nothing and attention was exact. Run with use_cache=True (or pass a "
+                      "DynamicCache) for the method to act.")
+            return None
+        raise PatchError(f"{self.name} works on the model's KV cache, but this attention call carries none "
+                         f"(cache state {call.cache_state!r}): it was not made by a patched transformers decoder "
+                         "during a forward with a cache. Call the patched model itself (generate() or "
+                         "model(..., use_cache=True)) rather than the method's attention directly")
+
     def attention(self, call) -> Any:
         raise NotImplementedError
 
@@ -177,6 +198,15 @@ class Method:
 
 
 _REGISTRY: dict[str, type[Method]] = {}
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """A UserWarning the first time `key` is seen in this process (a method that is legitimately
+    inactive for one call says so once, not at every layer and step)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -84,3 +84,8 @@ class Adapter:
 
     def uninstall(self, site: AttentionSite) -> None:
         raise NotImplementedError
+
+    def watch_model(self, model: nn.Module, placements) -> object:
+        """Model-level checks that a patch is really active (e.g. that cache-keeping modules see the
+        model's cache); returns a callable that removes them, or None when there is nothing to watch."""
+        return None

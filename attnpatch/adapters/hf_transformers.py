@@ -13,14 +13,16 @@ import inspect
 
 from torch import nn
 
-from ..cache import RecurrentStateLayer, state_layer_for
-from ..call import AttentionCall, normalise_mask
+from ..cache import RecurrentStateLayer, find_cache, state_layer_for
+from ..call import CACHE_ABSENT, CACHE_DECLINED, CACHE_OWN, CACHE_UNCHECKED, AttentionCall, normalise_mask
 from ..distill import run_method
+from ..errors import PatchError
 from .base import Adapter, AttentionSite, HeadAccess, split_layer_path, tower_depths
 
 ATTENTION_NAME = "attnpatch"
 METHOD_ATTR = "_attnpatch_method"
-CACHE_ATTR = "_attnpatch_cache_layer"
+CACHE_ATTR = "_attnpatch_cache_layer"  # (layer or None, cache state) for the call in progress
+SAW_CACHE_ATTR = "_attnpatch_saw_cache"  # per forward of the model: did this module find the cache?
 ORIGINAL_CONFIG_ATTR = "_attnpatch_original_config"
 HOOKS_ATTR = "_attnpatch_hooks"
 
@@ -68,6 +70,7 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
             f"{type(module).__name__} is routed to attnpatch but carries no method; "
             "was it copied out of a patched model? Call attnpatch.unpatch_model on the model."
         )
+    layer, cache_state = module.__dict__.get(CACHE_ATTR, (None, CACHE_UNCHECKED))
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
     call = AttentionCall(
@@ -81,7 +84,8 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
         softcap=kwargs.get("softcap"),
         dropout=float(dropout or 0.0),
         training=module.training,
-        cache_layer=module.__dict__.get(CACHE_ATTR),
+        cache_layer=layer,
+        cache_state=cache_state,
     )
     out = run_method(method, call)  # (B, Hq, Lq, D)
     return out.transpose(1, 2).contiguous(), None
@@ -94,17 +98,32 @@ def _register_attention_function() -> None:
 
 
 def _capture_cache(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
-    layer = None
-    if cache is not None and hasattr(cache, "layers"):
-        method = module.__dict__.get(METHOD_ATTR)
-        layer_class = getattr(method, "cache_layer_class", None) or RecurrentStateLayer
-        layer = state_layer_for(cache, module.layer_idx, layer_class, getattr(method, "new_cache_layer", None))
-    module.__dict__[CACHE_ATTR] = layer
+    method = module.__dict__.get(METHOD_ATTR)
+    cache = find_cache(args, kwargs)
+    module.__dict__[SAW_CACHE_ATTR] = cache is not None
+    if cache is None:
+        if kwargs.get("use_cache"):
+            raise PatchError(
+                f"{method.name}: {type(module).__name__} was called with use_cache=True but attnpatch found no "
+                f"transformers Cache among its arguments (keywords: {sorted(kwargs)}); this transformers version "
+                "passes the cache in a way attnpatch does not know, and the method would run without its cache"
+            )
+        module.__dict__[CACHE_ATTR] = (None, CACHE_ABSENT)
+        return
+    layer_class = getattr(method, "cache_layer_class", None) or RecurrentStateLayer
+    layer = state_layer_for(cache, module.layer_idx, layer_class, getattr(method, "new_cache_layer", None),
+                            method=method.name)
+    module.__dict__[CACHE_ATTR] = (layer, CACHE_OWN if layer is not None else CACHE_DECLINED)
 
 
 def _release_cache(module, args, kwargs, output):
     module.__dict__.pop(CACHE_ATTR, None)
+
+
+def _output_cache(output):
+    """The Cache a model's forward returned (a ModelOutput field or a tuple entry), or None."""
+    values = output.values() if hasattr(output, "values") else output if isinstance(output, tuple) else ()
+    return find_cache(tuple(values), {})
 
 
 class TransformersAdapter(Adapter):
@@ -180,6 +199,37 @@ class TransformersAdapter(Adapter):
             hooks.append(module.register_forward_hook(_release_cache, with_kwargs=True, always_call=True))
         module.__dict__[HOOKS_ATTR] = hooks
 
+    def watch_model(self, model: nn.Module, placements) -> object:
+        """Check after every forward of `model` that each cache-keeping module that ran found the
+        cache the model returned: a transformers release that hides it from attention modules then
+        fails loudly instead of running every KV / state method dense."""
+        watched = [site.module for site, method in placements
+                   if method.uses_state() and site.module.__dict__.get(HOOKS_ATTR)]
+        if not watched:
+            return None
+
+        def before(root, args, kwargs):
+            for module in watched:
+                module.__dict__.pop(SAW_CACHE_ATTR, None)
+
+        def after(root, args, kwargs, output):
+            cache = _output_cache(output)
+            blind = [m for m in watched if m.__dict__.get(SAW_CACHE_ATTR) is False]
+            if cache is not None and blind:
+                import transformers
+
+                name = blind[0].__dict__[METHOD_ATTR].name
+                raise PatchError(
+                    f"{name}: {type(model).__name__} returned a {type(cache).__name__}, but {len(blind)} patched "
+                    f"attention module(s) never received it (transformers {transformers.__version__} passes the "
+                    "cache in a way attnpatch does not know); the method would have run without its cache. "
+                    "Pin a transformers version in the range the README states."
+                )
+
+        hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+                 model.register_forward_hook(after, with_kwargs=True)]
+        return lambda: [hook.remove() for hook in hooks]
+
     def uninstall(self, site: AttentionSite) -> None:
         module = site.module
         for hook in module.__dict__.pop(HOOKS_ATTR, []):
@@ -189,4 +239,5 @@ class TransformersAdapter(Adapter):
             module.config = original
         module.__dict__.pop(METHOD_ATTR, None)
         module.__dict__.pop(CACHE_ATTR, None)
+        module.__dict__.pop(SAW_CACHE_ATTR, None)
 

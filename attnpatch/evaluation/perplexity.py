@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import cache_nbytes
+from ..cache import cache_kwargs, cache_nbytes
 from .memory import peak_memory
 
 
@@ -107,12 +107,12 @@ def decoding_perplexity(model, input_ids: torch.Tensor, max_tokens: int = 1024, 
     total_nll, scored = 0.0, 0
     with peak_memory() as mem:
         t0 = time.perf_counter()
-        out = model(input_ids=ids[None, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids[None, :prefill], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         total_nll += float(torch.nn.functional.cross_entropy(out.logits[0, -1:].float(), ids[prefill : prefill + 1]))
         scored += 1
         prefill_seconds = time.perf_counter() - t0
         for t in tqdm(range(prefill, ids.numel() - 1), desc=desc, disable=not progress, leave=False):
-            out = model(input_ids=ids[None, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[None, t : t + 1], **cache_kwargs(model, cache), use_cache=True)
             total_nll += float(torch.nn.functional.cross_entropy(out.logits[0].float(), ids[t + 1 : t + 2]))
             scored += 1
         seconds = time.perf_counter() - t0

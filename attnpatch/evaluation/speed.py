@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..cache import cache_nbytes
+from ..cache import cache_kwargs, cache_nbytes
 from .memory import peak_memory
 
 
@@ -61,12 +61,12 @@ def decode_speed(model, prompt_tokens: int = 256, new_tokens: int = 64, seed: in
     ids = _random_ids(model, prompt_tokens, seed).to(device)
     cache = DynamicCache(config=model.config)
     with peak_memory() as mem:
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
         _sync(device)
         seconds = time.perf_counter() - t0

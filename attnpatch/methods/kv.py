@@ -71,9 +71,8 @@ class KVCompressionMethod(Method):
 
     # --- shared machinery
     def attention(self, call):
-        layer = call.cache_layer
-        if not isinstance(layer, CompressedKVLayer):
-            # no cache (or one filled before patching): nothing to compress, exact attention
+        layer = self.required_cache_layer(call)
+        if layer is None:  # the model runs without a cache (warned): nothing to compress
             return exact_attention(call)
         lq = call.query.shape[-2]
         if call.mask is not None:  # padding of the new tokens, from the model's mask
@@ -278,5 +277,6 @@ class KVQuant(Method):
         return QuantizedKVLayer(bits=c["bits"], group=c["group"], residual=c["residual"], sinks=c["sinks"])
 
     def attention(self, call):  # entries are only stored differently: attention is exact
+        self.required_cache_layer(call)
         return exact_attention(call)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cache import find_cache
 from ..errors import PatchError
 from ..ops.sink_calibration import massive_tokens, visual_sink_redistribution
 from ..registry import Method, ParamSpec, register_method
@@ -100,7 +101,7 @@ class VisualAttentionRedistribution(Method):
         def find_images(module, args, kwargs):
             kwargs = inputs_of(args, kwargs)
             ids = kwargs.get("input_ids")
-            cache = kwargs.get("past_key_values")
+            cache = find_cache((), kwargs)
             fresh = cache is None or cache.get_seq_length() == 0
             if ids is not None and bool((ids == vlm.config.image_token_id).any()):
                 state["image"] = ids == vlm.config.image_token_id
