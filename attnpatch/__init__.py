@@ -15,14 +15,14 @@ from .api import (
     trainable_parameters,
     unpatch_model,
 )
-from .cache import cache_nbytes
+from .cache import cache_kwargs, cache_nbytes
 from .calibration import SparseCalibration, calibrate_block_topk
 from .config import PatchConfig
 from .duo_training import DuoCalibration, train_duo_heads
 from .head_importance import HeadImportance, greedy_head_pruning, head_importance
 from .methods.heads import compact_heads
 from .errors import PatchError, UnsupportedModelError
-from .registry import Method, MethodInfo, ParamSpec, list_methods, register_method
+from .registry import Method, MethodInfo, ParamSpec, list_methods, register_method, unregister_method
 from .sinks import SinkReport, inspect_sinks
 
 __version__ = "0.1.0"
@@ -38,6 +38,7 @@ __all__ = [
     "SinkReport",
     "SparseCalibration",
     "UnsupportedModelError",
+    "cache_kwargs",
     "cache_nbytes",
     "calibrate_block_topk",
     "compact_heads",
@@ -51,6 +52,7 @@ __all__ = [
     "patched_configs",
     "patched_methods",
     "register_method",
+    "unregister_method",
     "save_patched",
     "train_duo_heads",
     "trainable_parameters",

@@ -15,6 +15,8 @@ import contextvars
 
 import torch
 
+from .call import run_rows_without_padding
+
 _transfer: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_transfer", default=None)
 _observer: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_observer", default=None)
 
@@ -54,21 +56,32 @@ def attention_cross_entropy(teacher: torch.Tensor, student: torch.Tensor, eps: f
 def run_method(method, call) -> torch.Tensor:
     """What adapters call: the method's attention, or the teacher/student pair under transfer,
     seen by the active observer if any."""
+    method.calls += 1
     out = _run_method(method, call)
     observer = _observer.get()
     return out if observer is None else observer(call, out)
 
 
+def _attend(method, call) -> torch.Tensor:
+    """The method's attention; left-padded rows run on their real tokens where the method's
+    pattern is laid out from the first key (Method.needs_unpadded_rows)."""
+    if method.needs_unpadded_rows(call):
+        pads = call.leading_padding()
+        if pads is not None and bool(pads.any()):
+            return run_rows_without_padding(method.attention, call, pads)
+    return method.attention(call)
+
+
 def _run_method(method, call) -> torch.Tensor:
     transfer = _transfer.get()
     if transfer is None or not method.is_trainable:
-        return method.attention(call)
+        return _attend(method, call)
     losses, attention_ce = transfer
     from .methods.reference import exact_attention, exact_attention_weights
 
     with torch.no_grad():
         teacher = exact_attention(call)
-    student = method.attention(call)
+    student = _attend(method, call)
     loss = torch.nn.functional.mse_loss(student.float(), teacher.float())
     if attention_ce > 0:
         with torch.no_grad():

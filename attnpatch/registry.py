@@ -125,6 +125,7 @@ class Method:
     def __init__(self, site, **params):
         self.site = site
         self.config = params
+        self.calls = 0  # attention calls routed to this instance: tests' proof that the method is active
 
     # --- hooks a subclass may override
     @classmethod
@@ -162,6 +163,11 @@ class Method:
 
     def uses_state(self) -> bool:
         return self.uses_state_cache
+
+    def needs_unpadded_rows(self, call) -> bool:
+        """True when this call's pattern is laid out from the first key (sinks, blocks, windows):
+        left-padded rows then run on their real tokens only, so each row attends as it would alone."""
+        return False
 
     def required_cache_layer(self, call):
         """This call's own cache layer, for methods whose effect lives in the cache (KV compression
@@ -216,8 +222,23 @@ def register_method(cls: type[Method]) -> type[Method]:
     unknown = set(cls.interventions) - set(INTERVENTIONS)
     if unknown:
         raise TypeError(f"{cls.__name__} declares unknown interventions {sorted(unknown)}; known: {INTERVENTIONS}")
+    holder = _REGISTRY.get(cls.name)
+    if holder is not None and holder is not cls:
+        raise PatchError(f"method name {cls.name!r} is already registered by {holder.__module__}.{holder.__qualname__}; "
+                         f"choose another name, or call unregister_method({cls.name!r}) first")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def unregister_method(name: str) -> type[Method]:
+    """Remove a method registered with `register_method` (e.g. a test's or an experiment's) and
+    return its class; the built-in methods stay."""
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise PatchError(f"no method {name!r} is registered; known methods: {', '.join(sorted(_REGISTRY))}")
+    if _REGISTRY[name].__module__.startswith(__package__ + ".methods"):
+        raise PatchError(f"{name!r} is a built-in attnpatch method and cannot be unregistered")
+    return _REGISTRY.pop(name)
 
 
 def method_names() -> list[str]:

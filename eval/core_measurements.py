@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from attnpatch import cache_nbytes, patch_model, unpatch_model
+from attnpatch import cache_kwargs, cache_nbytes, patch_model, unpatch_model
 from attnpatch.bench import compare, format_table, load_text, peak_memory
 from attnpatch.models import load_default_model
 
@@ -41,7 +41,7 @@ def _generate(model, tok, new_tokens):
     cache = DynamicCache(config=model.config)
     with peak_memory() as mem:
         t0 = time.perf_counter()
-        out = model.generate(**prompt, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        out = model.generate(**prompt, **cache_kwargs(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False)
         seconds = time.perf_counter() - t0
     generated = out.shape[1] - prompt.input_ids.shape[1]

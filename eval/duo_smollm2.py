@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from attnpatch import cache_nbytes, patch_model, unpatch_model
+from attnpatch import cache_kwargs, cache_nbytes, patch_model, unpatch_model
 from attnpatch.duo_training import passkey_batches, train_duo_heads
 from attnpatch.evaluation.retrieval import evaluate_retrieval, make_cases
 from attnpatch.models import load_default_model
@@ -60,7 +60,7 @@ def main() -> None:
     def kv_bytes() -> int:
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(input_ids=probe, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=probe, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         return cache_nbytes(cache)
 
     settings = [("dense", None, None)]

@@ -5,7 +5,7 @@
 
 import torch
 
-from attnpatch import cache_nbytes, list_methods, patch_model, unpatch_model
+from attnpatch import cache_kwargs, cache_nbytes, list_methods, patch_model, unpatch_model
 from attnpatch.models import load_default_model
 
 model, tokenizer = load_default_model()
@@ -38,7 +38,7 @@ for label, method in (("dense", None), ("snapkv, 75% evicted", "snapkv")):
         patch_model(model, method, compression=0.75)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model.generate(**long_prompt, past_key_values=cache, max_new_tokens=10, do_sample=False)
+        model.generate(**long_prompt, **cache_kwargs(model, cache), max_new_tokens=10, do_sample=False)
     print(f"{label:>32}: KV cache {cache_nbytes(cache) / 2**20:.1f} MiB after {cache.get_seq_length()} tokens")
     if method:
         unpatch_model(model)

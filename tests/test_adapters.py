@@ -130,11 +130,18 @@ def test_sliding_window_model_equals_masked_reference():
     class MaskedWindowReference(Method):
         name = "_test_masked_window"
         family = "test"
-        summary = "dense attention with an explicit window+sink mask"
+        summary = "dense attention with an explicit window+sink mask, counted in each row's real tokens"
 
         def attention(self, call):
-            return naive_attention(call.query, call.key, call.value, call.mask, causal=call.causal,
-                                   scaling=call.scaling, softcap=call.softcap, window=3, sinks=2)
+            valid = call.key_valid()
+            if valid is None or not call.causal:
+                return naive_attention(call.query, call.key, call.value, call.mask, causal=call.causal,
+                                       scaling=call.scaling, softcap=call.softcap, window=3, sinks=2)
+            rank = valid.long().cumsum(-1) - 1  # a left-padded row's sinks are its first real tokens
+            q_rank, k_rank = rank[:, None, :, None], rank[:, None, None, :]
+            allowed = (k_rank <= q_rank) & ((q_rank - k_rank < 3) | (k_rank < 2)) & valid[:, None, None, :]
+            return naive_attention(call.query, call.key, call.value, call.mask & allowed, causal=False,
+                                   scaling=call.scaling, softcap=call.softcap)
 
     for name in ["llama", "gemma2", "vit"]:
         model = tm.build(name)

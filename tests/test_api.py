@@ -211,3 +211,27 @@ def test_cli_compare_main_job_on_tiny_model(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["dense", "sliding_window:window=4,sinks=1", "linear"]
     assert rows[0]["speed_vs_dense"] == 1.0 and all(r["tokens"] == 3 * 31 for r in rows)  # 3 windows, 31 predictions each
     assert len({round(r["perplexity"], 6) for r in rows}) == 3  # the methods really differ
+
+
+def test_registering_a_name_twice_is_an_error_and_unregister_removes_it():
+    from attnpatch import list_methods, unregister_method
+
+    class First(Method):
+        name, family, summary = "_test_twice", "test", "first"
+
+    class Second(Method):
+        name, family, summary = "_test_twice", "test", "second"
+
+    register_method(First)
+    assert register_method(First) is First  # the same class again is harmless
+    with pytest.raises(PatchError, match=r"already registered by .*First.*unregister_method\('_test_twice'\)"):
+        register_method(Second)
+    with pytest.raises(PatchError, match="already registered"):
+        register_method(type("Shadow", (Method,), {"name": "linear", "family": "x", "summary": "x"}))
+    assert unregister_method("_test_twice") is First
+    assert "_test_twice" not in [m.name for m in list_methods()]
+    with pytest.raises(PatchError, match="built-in"):
+        unregister_method("linear")
+    with pytest.raises(PatchError, match="no method '_nope'"):
+        unregister_method("_nope")
+    assert not [m.name for m in list_methods() if m.name.startswith("_") or m.family == "test"]

@@ -208,3 +208,29 @@ def test_report_grid_llava_and_config_file_specs(tmp_path):
     assert "## llava agreement with the dense model" in (tmp_path / "out" / "report.md").read_text()
     with pytest.raises(PatchError, match="no such file"):
         run_grid(model, None, [str(tmp_path / "missing.json")], ["llava"], out_dir=tmp_path, vision_inputs=inputs)
+
+
+def test_offline_text_fallback_is_decided_at_once(tmp_path, monkeypatch):
+    """No local WikiText-2 and an unreachable hub: the fallback text comes at once, not after the
+    hub clients' retries (~25 s); asking for the hub's WikiText-2 says why it cannot."""
+    import time
+
+    import huggingface_hub.constants
+
+    from attnpatch.evaluation.data import load_text
+    from attnpatch.models import hub_offline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ATTNPATCH_DATA", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # refused at once
+    hub_offline.cache_clear()
+    try:
+        start = time.perf_counter()
+        text, what = load_text(None, "test")
+        assert time.perf_counter() - start < 2.0
+        assert "offline and no WikiText-2 found" in what and len(text) > 100_000
+        with pytest.raises(FileNotFoundError, match="hub is unreachable"):
+            load_text("wikitext2", "test")
+    finally:
+        hub_offline.cache_clear()

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..call import AttentionCall, normalise_mask
 from ..distill import run_method
+from ..errors import PatchError
 from .base import Adapter, AttentionSite, split_layer_path, tower_depths
 
 _active_method: contextvars.ContextVar = contextvars.ContextVar("attnpatch_diffusers_method", default=None)
@@ -73,10 +74,16 @@ class PatchedProcessor:
 
     def __call__(self, attn, *args, **kwargs):
         token = _active_method.set((self.module, self.method))
+        calls = self.method.calls
         try:
-            return self.original(attn, *args, **kwargs)
+            out = self.original(attn, *args, **kwargs)
         finally:
             _active_method.reset(token)
+        if self.method.calls == calls:  # the processor attends some other way: the method never ran
+            raise PatchError(f"{self.method.name}: {type(self.original).__name__} did not call "
+                             "scaled_dot_product_attention through diffusers' attention_processor module, so "
+                             "attnpatch could not route it; use a diffusers version in the range the README states")
+        return out
 
 
 def _wrapper_for(processor) -> type:

@@ -22,7 +22,8 @@ from .base import Adapter, AttentionSite, HeadAccess, split_layer_path, tower_de
 ATTENTION_NAME = "attnpatch"
 METHOD_ATTR = "_attnpatch_method"
 CACHE_ATTR = "_attnpatch_cache_layer"  # (layer or None, cache state) for the call in progress
-SAW_CACHE_ATTR = "_attnpatch_saw_cache"  # per forward of the model: did this module find the cache?
+SAW_CACHE_ATTR = "_attnpatch_saw_cache"
+CALLS_ATTR = "_attnpatch_calls_before"  # the method's call count when the module's forward started  # per forward of the model: did this module find the cache?
 ORIGINAL_CONFIG_ATTR = "_attnpatch_original_config"
 HOOKS_ATTR = "_attnpatch_hooks"
 
@@ -86,6 +87,7 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
         training=module.training,
         cache_layer=layer,
         cache_state=cache_state,
+        model_window=kwargs.get("sliding_window"),
     )
     out = run_method(method, call)  # (B, Hq, Lq, D)
     return out.transpose(1, 2).contiguous(), None
@@ -118,6 +120,28 @@ def _capture_cache(module, args, kwargs):
 
 def _release_cache(module, args, kwargs, output):
     module.__dict__.pop(CACHE_ATTR, None)
+
+
+def _keeps_state(site: AttentionSite, method) -> bool:
+    return "attention" in method.interventions and method.uses_state() and hasattr(site.module, "layer_idx")
+
+
+def _count_calls(module, args, kwargs):
+    module.__dict__[CALLS_ATTR] = module.__dict__[METHOD_ATTR].calls
+
+
+def _check_called(module, args, kwargs, output):
+    """A patched module's forward must have called attnpatch's attention function: a release that
+    picks its attention another way would otherwise run the model's own attention unnoticed."""
+    method = module.__dict__[METHOD_ATTR]
+    if method.calls == module.__dict__.pop(CALLS_ATTR, method.calls - 1):
+        import transformers
+
+        raise PatchError(
+            f"{method.name}: {type(module).__name__}.forward ran without calling attnpatch's attention function "
+            f"(transformers {transformers.__version__} picks its attention another way); the method is not active. "
+            "Use a transformers version in the range the README states."
+        )
 
 
 def _output_cache(output):
@@ -193,8 +217,9 @@ class TransformersAdapter(Adapter):
         module.__dict__[ORIGINAL_CONFIG_ATTR] = original
         module.__dict__[METHOD_ATTR] = method
         module.config = routed
-        hooks = []
-        if method.uses_state() and hasattr(module, "layer_idx"):
+        hooks = [module.register_forward_pre_hook(_count_calls, with_kwargs=True),
+                 module.register_forward_hook(_check_called, with_kwargs=True)]
+        if _keeps_state(site, method):
             hooks.append(module.register_forward_pre_hook(_capture_cache, with_kwargs=True))
             hooks.append(module.register_forward_hook(_release_cache, with_kwargs=True, always_call=True))
         module.__dict__[HOOKS_ATTR] = hooks
@@ -203,8 +228,7 @@ class TransformersAdapter(Adapter):
         """Check after every forward of `model` that each cache-keeping module that ran found the
         cache the model returned: a transformers release that hides it from attention modules then
         fails loudly instead of running every KV / state method dense."""
-        watched = [site.module for site, method in placements
-                   if method.uses_state() and site.module.__dict__.get(HOOKS_ATTR)]
+        watched = [site.module for site, method in placements if _keeps_state(site, method)]
         if not watched:
             return None
 
@@ -240,4 +264,5 @@ class TransformersAdapter(Adapter):
         module.__dict__.pop(METHOD_ATTR, None)
         module.__dict__.pop(CACHE_ATTR, None)
         module.__dict__.pop(SAW_CACHE_ATTR, None)
+        module.__dict__.pop(CALLS_ATTR, None)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..models import hub_offline as _hub_offline
+
 
 def fallback_text() -> tuple[str, str]:
     """English prose that ships with every CPython: the help topics of `pydoc_data` (~0.5 MB)."""
@@ -28,13 +30,19 @@ def load_text(source: str | None = None, split: str = "test") -> tuple[str, str]
             text = _read_wikitext_folder(folder, split)
             if text:
                 return text, f"WikiText-2 {split} ({folder})"
-        try:
-            return load_text("wikitext2", split)
-        except Exception:
-            text, what = fallback_text()
-            return text, f"{what} (offline and no WikiText-2 found; pass --data PATH for WikiText-2)"
+        if not _hub_offline():
+            try:
+                return load_text("wikitext2", split)
+            except Exception:  # reachable but failing (rate limit, missing split): fall back too
+                pass
+        text, what = fallback_text()
+        return text, f"{what} (offline and no WikiText-2 found; pass --data PATH for WikiText-2)"
     if source == "wikitext2":
         from datasets import load_dataset
+
+        if _hub_offline():
+            raise FileNotFoundError("WikiText-2 from the hub was asked for, but the hub is unreachable (or "
+                                    "HF_HUB_OFFLINE is set); pass a local WikiText-2 folder or text file instead")
 
         data = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
         return "\n\n".join(data["text"]), f"WikiText-2 raw {split} (hub)"

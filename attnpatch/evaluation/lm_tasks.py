@@ -167,5 +167,9 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, include_path: str | Path 
         for name, metrics in out["results"].items():
             results[name] = {k.split(",")[0]: v for k, v in metrics.items()
                              if isinstance(v, (int, float)) and not k.startswith("alias") and "stderr" not in k}
+            # items scored: a results field in newer lm-eval releases, "n-samples" in older ones
+            effective = out.get("n-samples", {}).get(name, {}).get("effective")
+            if "sample_len" not in results[name] and effective is not None:
+                results[name]["sample_len"] = effective
     results["_seconds"] = seconds
     return results

@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..cache import _FullLengthGeometry, _MappedBatchOps
 from ..errors import PatchError
-from ..ops.reference import causal_mask, query_positions
+from ..ops.reference import causal_mask
 from ..ops.sliding import sliding_window_attention
 from ..registry import Method, ParamSpec, register_method
 from .reference import exact_attention, sdpa_attention
@@ -63,9 +63,11 @@ class DuoHeadLayer(_FullLengthGeometry, _MappedBatchOps, DynamicLayer):
         return key_states, value_states
 
     def trim(self) -> None:
-        """Streaming heads keep the sinks and the newest window - 1 tokens (what the next query sees)."""
+        """Streaming heads keep the sinks and the newest window - 1 tokens (what the next query sees).
+        A left-padded sequence's sinks are its first real tokens: every sequence's are kept."""
         positions = self.stream_positions
-        keep = (positions < self.sinks) | (positions > self.seen_tokens - self.window)
+        first_real = int((~self.valid).long().cumprod(dim=-1).sum(dim=-1).max())
+        keep = (positions < first_real + self.sinks) | (positions > self.seen_tokens - self.window)
         if bool(keep.all()):
             return
         index = keep.nonzero().squeeze(-1)
@@ -135,6 +137,9 @@ class DuoHeads(Method):
     def new_cache_layer(self, sliding_window=None):
         return DuoHeadLayer(self.retrieval, self.streaming, self.config["sinks"], self.config["window"], sliding_window)
 
+    def needs_unpadded_rows(self, call) -> bool:  # without its cache: sinks are a row's first real tokens
+        return call.cache_layer is None and call.causal and bool(self.streaming)
+
     # --- attention
     def _stream(self, call) -> torch.Tensor:
         return sliding_window_attention(call.query, call.key, call.value, call.mask, window=self.config["window"],
@@ -181,13 +186,14 @@ class DuoHeads(Method):
             valid = layer.valid[:, positions]
             sub = dataclasses.replace(call, query=call.query[:, q], key=layer.stream_keys, value=layer.stream_values,
                                       mask=None if all_valid else valid[:, None, None, :], causal=True)
-            if positions.numel() == layer.seen_tokens:  # nothing evicted yet: contiguous positions
+            if all_valid and positions.numel() == layer.seen_tokens:  # nothing evicted yet, no padding
                 out[:, q] = self._stream(sub)
                 return
-            q_pos = query_positions(lq, layer.seen_tokens, call.query.device)[:, None]
-            k_pos = positions[None, :]
-            allowed = (k_pos <= q_pos) & ((k_pos < self.config["sinks"]) | (q_pos - k_pos < self.config["window"]))
-            allowed = allowed[None, None] & valid[:, None, None, :]
+            # sinks and window counted in real tokens (a padded sequence attends as it would alone)
+            rank = layer.valid.long().cumsum(dim=-1) - 1  # (B, L) rank of each position among real tokens
+            k_rank, q_rank = rank[:, positions][:, None, :], rank[:, -lq:][:, :, None]
+            allowed = (k_rank <= q_rank) & ((k_rank < self.config["sinks"]) | (q_rank - k_rank < self.config["window"]))
+            allowed = (allowed & valid[:, None, :])[:, None]
             out[:, q] = sdpa_attention(sub, allowed, False)
 
 

@@ -60,8 +60,9 @@ class KVCompressionMethod(Method):
     def decode_scores(self, call, layer: CompressedKVLayer) -> torch.Tensor:
         return self.prefill_scores(call, layer)
 
-    def recent(self, budget: torch.Tensor) -> int:
-        """Newest entries always kept."""
+    def recent(self, budget: torch.Tensor) -> torch.Tensor | int:
+        """Newest entries always kept: an int, or (B,) per sequence from its own budget (a padded
+        sequence keeps what it would keep alone)."""
         return 0
 
     def layer_budget(self, real_tokens: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,7 @@ class StreamingLLM(KVCompressionMethod):
                              f"sinks={params['sinks']}")
 
     def recent(self, budget):
-        return max(1, int(budget.max()) - self.config["sinks"])
+        return (budget - self.config["sinks"]).clamp(min=1)
 
     def prefill_scores(self, call, layer):
         return torch.zeros_like(layer.valid, dtype=torch.float32)
@@ -145,17 +146,19 @@ class StreamingLLM(KVCompressionMethod):
     def compute_output(self, call, layer, prefill):
         if not prefill:
             return super().compute_output(call, layer, prefill)
-        budget = int(self.layer_budget(layer.valid[:, 0].sum(-1)).max())
-        window, sinks = max(1, budget - self.config["sinks"]), self.config["sinks"]
-        if layer.sliding_window is None and bool(layer.valid.all()):
+        budgets = self.layer_budget(layer.valid[:, 0].sum(-1))  # (B,): each sequence's own window
+        sinks = self.config["sinks"]
+        window = int(budgets.max()) - sinks
+        if layer.sliding_window is None and bool(layer.valid.all()):  # every sequence has the same budget
             # block-wise: only the kept keys are touched, however long the prompt
-            return sliding_window_attention(call.query, call.key, call.value, None, window=window, sinks=sinks,
+            return sliding_window_attention(call.query, call.key, call.value, None, window=max(1, window), sinks=sinks,
                                             causal=True, scaling=call.scaling, softcap=call.softcap)
         # padding (sinks are each sequence's first real tokens) or a sliding layer: one explicit mask
         lq = call.query.shape[-2]
         rank = valid_rank(layer.valid[:, :1])  # (B, 1, L): position among real tokens
         distance = rank[..., -lq:, None] - rank[..., None, :]
-        pattern = (distance < window) | (rank[..., None, :] < sinks)
+        windows = (budgets - sinks).clamp(min=1).to(distance.device)[:, None, None, None]
+        pattern = (distance < windows) | (rank[..., None, :] < sinks)
         return _sdpa(call, self.allowed(call, layer, prefill) & pattern, False)
 
 
@@ -169,7 +172,7 @@ class H2O(KVCompressionMethod):
     )
 
     def recent(self, budget):
-        return int(int(budget.max()) * self.config["recent_ratio"])
+        return (budget * self.config["recent_ratio"]).long()
 
     def prefill_scores(self, call, layer):
         valid = None if bool(layer.valid.all()) else layer.valid[:, :1]

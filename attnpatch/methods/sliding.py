@@ -20,6 +20,9 @@ class SlidingWindowAttention(Method):
         ParamSpec("block_size", int, 128, "queries processed together", low=1, high=65536),
     )
 
+    def needs_unpadded_rows(self, call) -> bool:  # sinks are a row's first real tokens
+        return call.causal and (self.config["sinks"] > 0 or call.query.shape[-2] > 1)
+
     def attention(self, call):
         return sliding_window_attention(
             call.query,

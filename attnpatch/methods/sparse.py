@@ -31,6 +31,9 @@ class BlockSparseMethod(Method):
         """False for a decoding step or a single key block: nothing to skip."""
         return call.query.shape[-2] > 1 and call.key.shape[-2] > self.config["block_size"]
 
+    def needs_unpadded_rows(self, call) -> bool:  # blocks start at a row's first real token
+        return self.skips_blocks(call)
+
     def attention(self, call):
         lk = call.key.shape[-2]
         if not self.skips_blocks(call):

@@ -88,18 +88,21 @@ def valid_rank(valid: torch.Tensor) -> torch.Tensor:
 
 
 def select_indices(scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, sinks: int = 0,
-                   recent: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   recent: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Entries to keep per (sequence, kv head), in their original order, and their validity.
 
     scores, valid (bool): (B, Hkv, L). keep: (B,) entries each sequence keeps (capped by its
     valid entries). The `sinks` oldest and the `recent` newest valid entries are always kept; the
-    rest of the budget goes to the highest scores. Every row returns K = max(keep) slots; a
+    rest of the budget goes to the highest scores (`recent` may be (B,), one count per sequence).
+    Every row returns K = max(keep) slots; a
     sequence keeping fewer has its spare slots marked invalid."""
     valid_count = valid[:, 0].sum(-1)  # validity is the same for every head of a sequence
     keep = torch.minimum(keep.to(valid_count.device), valid_count)
     slots = int(keep.max()) if keep.numel() else 0
     oldest_rank = valid_rank(valid)
     newest_rank = valid_count[:, None, None] - 1 - oldest_rank  # 0 = newest
+    if isinstance(recent, torch.Tensor):
+        recent = recent.to(valid.device)[:, None, None]
     forced = valid & ((oldest_rank < sinks) | (newest_rank < recent))
     priority = torch.nan_to_num(scores.float(), nan=float("-inf"))
     priority = torch.where(forced, torch.full_like(priority, float("inf")), priority)
