@@ -1,0 +1,21 @@
+"""A checkpoint written by an earlier attnpatch (before the package layout moved) still loads: a
+tiny Llama with layer 0's first kv group pruned (baked into the weights) and lolcats with trained
+feature maps and gates (re-applied from attnpatch_config.json), giving the logits recorded then."""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import tiny_models as tm
+from attnpatch import load_patched, patched_configs
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_checkpoint_written_before_the_layout_moved_loads_with_the_same_outputs():
+    model = load_patched(DATA / "checkpoint_v1").eval()
+    assert [c.method for c in patched_configs(model)] == ["prune_heads", "lolcats"]  # compacted, re-applied
+    assert model.model.layers[0].self_attn.k_proj.out_features == 16  # one kv group of 2 left
+    expected = load_file(str(DATA / "checkpoint_v1_logits.safetensors"))["logits"]
+    assert torch.allclose(tm.run("llama", model, left_pad=2), expected, atol=1e-5)
