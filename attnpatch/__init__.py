@@ -15,15 +15,15 @@ from .api import (
     trainable_parameters,
     unpatch_model,
 )
-from .cache import cache_kwargs, cache_nbytes
-from .calibration import SparseCalibration, calibrate_block_topk
+from .runtime.cache import cache_kwargs, cache_nbytes
+from .analysis.block_topk_calibration import SparseCalibration, calibrate_block_topk
 from .config import PatchConfig
-from .duo_training import DuoCalibration, train_duo_heads
-from .head_importance import HeadImportance, greedy_head_pruning, head_importance
-from .methods.heads import compact_heads
+from .analysis.duo_training import DuoCalibration, train_duo_heads
+from .analysis.head_importance import HeadImportance, greedy_head_pruning, head_importance
+from .methods.heads.prune import compact_heads
 from .errors import PatchError, UnsupportedModelError
 from .registry import Method, MethodInfo, ParamSpec, list_methods, register_method, unregister_method
-from .sinks import SinkReport, inspect_sinks
+from .analysis.sink_inspector import SinkReport, inspect_sinks
 
 __version__ = "0.1.0"
 

@@ -174,7 +174,7 @@ class Method:
         and quantisation). None when there is nothing to keep: the model runs without a cache
         (warned once: the method is then inactive) or the method leaves this layer as it is.
         Raises when nobody found the cache, so the method never silently runs with a dense one."""
-        from .call import CACHE_ABSENT, CACHE_DECLINED
+        from .runtime.call import CACHE_ABSENT, CACHE_DECLINED
 
         if call.cache_layer is not None or call.cache_state == CACHE_DECLINED:
             return call.cache_layer

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from attnpatch.act_calibration import calibrate_act
+from attnpatch.analysis.act_calibration import calibrate_act
 from attnpatch.evaluation.data import load_text
 from attnpatch.evaluation.lm_tasks import make_next_sentence_items
 from attnpatch.models import load_default_model

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from attnpatch import cache_kwargs, cache_nbytes, patch_model, unpatch_model
-from attnpatch.duo_training import passkey_batches, train_duo_heads
+from attnpatch.analysis.duo_training import passkey_batches, train_duo_heads
 from attnpatch.evaluation.retrieval import evaluate_retrieval, make_cases
 from attnpatch.models import load_default_model
 

@@ -18,7 +18,7 @@ from attnpatch import load_patched
 from attnpatch.evaluation.data import load_text
 from attnpatch.evaluation.perplexity import windowed_perplexity
 from attnpatch.models import load_default_model
-from attnpatch.sinks import inspect_sinks
+from attnpatch.analysis.sink_inspector import inspect_sinks
 
 
 def measure(model, ids, valid_ids, out: Path, label: str) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from attnpatch.evaluation.data import load_text
 from attnpatch.models import load_default_model
-from attnpatch.sinks import inspect_sinks
+from attnpatch.analysis.sink_inspector import inspect_sinks
 
 
 def main() -> None:

@@ -7,10 +7,10 @@ import torch
 
 import tiny_models as tm
 from attnpatch import PatchConfig, PatchError, load_patched, patch_model, save_patched, unpatch_model
-from attnpatch.act_calibration import calibrate_act, choice_scores
+from attnpatch.analysis.act_calibration import calibrate_act, choice_scores
 from attnpatch.api import patched_methods
 from attnpatch.ops.reference import causal_mask, repeat_kv
-from attnpatch.ops.sink_calibration import sink_calibrated_attention
+from attnpatch.ops.sink_recalibration import sink_calibrated_attention
 
 
 def definition(q, k, v, valid, beta, alpha, causal):

@@ -9,8 +9,8 @@ from transformers import DynamicCache
 
 import tiny_models as tm
 from attnpatch import cache_nbytes, patch_model, unpatch_model
-from attnpatch.cache import CompressedKVLayer
-from attnpatch.call import AttentionCall
+from attnpatch.runtime.cache import CompressedKVLayer
+from attnpatch.runtime.call import AttentionCall
 from attnpatch.registry import get_method, resolve_params
 
 B, HQ, HKV, D, L = 2, 4, 2, 8, 24

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 import tiny_models as tm
 from attnpatch import PatchError, cache_nbytes, load_patched, patch_model, save_patched, trainable_parameters
-from attnpatch.cache import HybridWindowLayer
+from attnpatch.runtime.cache import HybridWindowLayer
 from attnpatch.ops.hybrid import hybrid_attention, naive_hybrid_attention
 from attnpatch.ops.linear import EluFeatureMap, HedgehogFeatureMap
 
@@ -150,7 +150,7 @@ def test_attention_weights_reproduce_the_outputs(causal):
 
 def test_attention_cross_entropy_is_softmax_entropy_when_the_window_covers_everything():
     """Hedgehog's loss -sum a log a' is minimised at a' = a, where it equals the softmax entropy."""
-    from attnpatch.distill import attention_cross_entropy
+    from attnpatch.runtime.dispatch import attention_cross_entropy
     from attnpatch.ops.hybrid import hybrid_attention_weights
     from attnpatch.ops.kv_select import attention_weights
     from attnpatch.ops.reference import causal_mask
@@ -169,7 +169,7 @@ def test_attention_cross_entropy_is_softmax_entropy_when_the_window_covers_every
 def test_cross_entropy_fits_hedgehog_maps_to_softmax_weights():
     """Training Hedgehog maps and the gate on the cross-entropy alone closes most of the gap to the
     softmax weights (KL = cross-entropy - entropy), for a peaked causal softmax."""
-    from attnpatch.distill import attention_cross_entropy
+    from attnpatch.runtime.dispatch import attention_cross_entropy
     from attnpatch.ops.hybrid import hybrid_attention_weights
     from attnpatch.ops.kv_select import attention_weights
     from attnpatch.ops.reference import causal_mask
@@ -204,7 +204,7 @@ def test_cross_entropy_fits_hedgehog_maps_to_softmax_weights():
 def test_transfer_adds_the_weighted_cross_entropy(name, method):
     """Per-layer transfer loss = MSE + attention_ce * cross-entropy (linear in the weight, at least
     the softmax entropy), with finite gradients on the trainable maps; decoder and encoder."""
-    from attnpatch.distill import attention_transfer
+    from attnpatch.runtime.dispatch import attention_transfer
 
     torch.manual_seed(0)
     model = tm.build(name)

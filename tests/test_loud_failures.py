@@ -9,8 +9,8 @@ from transformers import DynamicCache, StaticCache
 
 import tiny_models as tm
 from attnpatch import PatchError, cache_nbytes, patch_model, unpatch_model
-from attnpatch.cache import cache_kwargs
-from attnpatch.call import AttentionCall
+from attnpatch.runtime.cache import cache_kwargs
+from attnpatch.runtime.call import AttentionCall
 from attnpatch.registry import _WARNED, get_method, resolve_params
 
 KV_METHODS = ["streaming", "h2o", "tova", "knorm", "snapkv", "pyramidkv", "kv_quant"]

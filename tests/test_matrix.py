@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 import tiny_models as tm
 from attnpatch import cache_nbytes, list_methods, patch_model, patched_methods, unpatch_model
-from attnpatch.cache import cache_kwargs
+from attnpatch.runtime.cache import cache_kwargs
 
 KV = {"streaming": {"compression": 0.5, "sinks": 2}, "h2o": {"compression": 0.5},
       "tova": {"compression": 0.5}, "knorm": {"compression": 0.5},

@@ -6,7 +6,7 @@ import torch
 
 import tiny_models as tm
 from attnpatch import PatchError
-from attnpatch.sinks import inspect_sinks
+from attnpatch.analysis.sink_inspector import inspect_sinks
 
 
 def test_masses_and_massive_dims_match_eager_attention_and_hidden_states(tmp_path):

@@ -9,9 +9,9 @@ import torch
 import tiny_models as tm
 from attnpatch import PatchError, patch_model, unpatch_model
 from attnpatch.api import patched_methods
-from attnpatch.methods.visual_tokens import keep_indices
+from attnpatch.methods.tokens.visual_token_prune import keep_indices
 from attnpatch.ops.reference import causal_mask, repeat_kv
-from attnpatch.ops.sink_calibration import massive_tokens, visual_sink_redistribution
+from attnpatch.ops.sink_recalibration import massive_tokens, visual_sink_redistribution
 
 PATCHES = 16  # 32 px images, 8 px patches
 

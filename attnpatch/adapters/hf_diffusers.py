@@ -16,8 +16,8 @@ import types
 import torch.nn.functional as F
 from torch import nn
 
-from ..call import AttentionCall, normalise_mask
-from ..distill import run_method
+from ..runtime.call import AttentionCall, normalise_mask
+from ..runtime.dispatch import run_method
 from ..errors import PatchError
 from .base import Adapter, AttentionSite, split_layer_path, tower_depths
 

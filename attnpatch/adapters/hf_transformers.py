@@ -13,9 +13,9 @@ import inspect
 
 from torch import nn
 
-from ..cache import RecurrentStateLayer, find_cache, state_layer_for
-from ..call import CACHE_ABSENT, CACHE_DECLINED, CACHE_OWN, CACHE_UNCHECKED, AttentionCall, normalise_mask
-from ..distill import run_method
+from ..runtime.cache import RecurrentStateLayer, find_cache, state_layer_for
+from ..runtime.call import CACHE_ABSENT, CACHE_DECLINED, CACHE_OWN, CACHE_UNCHECKED, AttentionCall, normalise_mask
+from ..runtime.dispatch import run_method
 from ..errors import PatchError
 from .base import Adapter, AttentionSite, HeadAccess, split_layer_path, tower_depths
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import cache_kwargs, cache_nbytes
+from ..runtime.cache import cache_kwargs, cache_nbytes
 from .memory import peak_memory
 
 

@@ -108,7 +108,7 @@ def _measure(metric, model, tokenizer, inputs: _Inputs, dense: dict, label: str,
         return {"prefill": speed.prefill_latency(model, s.speed_lengths, seed=s.seed),
                 "decode": speed.decode_speed(model, s.decode_prompt, s.decode_new_tokens, s.seed)}
     if metric == "sinks":  # 4 sequences of 512 tokens; exact-softmax attention of the (patched) model's q/k
-        from ..sinks import inspect_sinks
+        from ..analysis.sink_inspector import inspect_sinks
 
         batches = [inputs.ids[i * 512:(i + 1) * 512][None] for i in range(4) if inputs.ids.numel() >= (i + 1) * 512]
         report = inspect_sinks(model, batches or [inputs.ids[None, :512]], progress=progress)

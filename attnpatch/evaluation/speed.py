@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..cache import cache_kwargs, cache_nbytes
+from ..runtime.cache import cache_kwargs, cache_nbytes
 from .memory import peak_memory
 
 

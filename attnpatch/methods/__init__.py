@@ -1,3 +1,8 @@
-"""Built-in methods; importing this package registers them."""
+"""Built-in methods, one folder per family; importing this package registers them."""
 
-from . import act, duo, gated, heads, kv, linear, lolcats, reference, sliding, sparse, visual_sinks, visual_tokens  # noqa: F401
+from . import kv, reference  # noqa: F401
+from .heads import duo, prune  # noqa: F401
+from .linear import linear, lolcats  # noqa: F401
+from .sinks import act, gated, var  # noqa: F401
+from .sparse import blocks, sliding_window  # noqa: F401
+from .tokens import visual_token_prune  # noqa: F401

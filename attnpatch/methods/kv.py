@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from ..cache import CompressedKVLayer
+from ..runtime.cache import CompressedKVLayer
 from ..errors import PatchError
 from ..ops.kv_select import (
     accumulated_attention_scores,
@@ -263,7 +263,7 @@ class KVQuant(Method):
 
     @property
     def cache_layer_class(self):
-        from ..cache import QuantizedKVLayer
+        from ..runtime.cache import QuantizedKVLayer
 
         return QuantizedKVLayer
 
@@ -272,7 +272,7 @@ class KVQuant(Method):
             raise PatchError(f"kv_quant: group={self.config['group']} must divide the head dimension {site.head_dim}")
 
     def new_cache_layer(self, sliding_window=None):
-        from ..cache import QuantizedKVLayer
+        from ..runtime.cache import QuantizedKVLayer
 
         if sliding_window is not None:  # a sliding layer is already bounded: leave it as it is
             return None

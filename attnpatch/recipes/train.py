@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..api import patch_model, save_patched
 from ..config import PatchConfig
-from ..distill import attention_transfer
+from ..runtime.dispatch import attention_transfer
 from ..errors import PatchError
 from .config import RecipeConfig, StageConfig
 from .data import packed_blocks
@@ -151,7 +151,7 @@ def run_stage(name: str, model, stage: StageConfig, train: torch.Tensor, evaluat
 
 def _prune(model, prune, train: torch.Tensor) -> dict:
     """Score heads on the first training blocks and remove the lowest (recipe `prune` section)."""
-    from ..head_importance import greedy_head_pruning, head_importance
+    from ..analysis.head_importance import greedy_head_pruning, head_importance
 
     batches = [block[None] for block in train[: prune.calibration_blocks]]
     options = {"score": prune.score, "scope": prune.scope, "unit": prune.unit}

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import contextlib
 
-from .adapters import find_adapter
-from .distill import observe_attention
-from .errors import PatchError
-from .registry import INTERVENTIONS_ATTR
+from ..adapters import find_adapter
+from ..runtime.dispatch import observe_attention
+from ..errors import PatchError
+from ..registry import INTERVENTIONS_ATTR
 
 
 def self_attention_sites(model, towers: list[str] | str | None = None) -> list:
@@ -27,7 +27,7 @@ def self_attention_sites(model, towers: list[str] | str | None = None) -> list:
 def observed(model, sites, observer):
     """Run the block with `observer` seeing every attention call of `sites`: the model's own
     patched attention when every site carries one, else exact softmax patched for the duration."""
-    from .api import patch_model, unpatch_model
+    from ..api import patch_model, unpatch_model
 
     routed = ["attention" in s.module.__dict__.get(INTERVENTIONS_ATTR, {}) for s in sites]
     if any(routed) and not all(routed):

@@ -15,7 +15,7 @@ import itertools
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from .errors import PatchError
+from ..errors import PatchError
 
 
 class _MappedBatchOps:
@@ -186,7 +186,7 @@ class CompressedKVLayer(_FullLengthGeometry, _MappedBatchOps, DynamicLayer):
 
     def keep(self, index: torch.Tensor, valid: torch.Tensor) -> None:
         """Keep only the entries at `index` (B, Hkv, K); the rest is freed."""
-        from .ops.kv_select import gather_tokens
+        from ..ops.kv_select import gather_tokens
 
         self.keys = gather_tokens(self.keys, index).contiguous()
         self.values = gather_tokens(self.values, index).contiguous()
@@ -244,7 +244,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]  # the residual
 
     def update(self, key_states, value_states, *args, **kwargs):
-        from .ops.quant import concat, dequantize, quantize
+        from ..ops.quant import concat, dequantize, quantize
 
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .config import PatchConfig
-from .errors import PatchError
+from ..config import PatchConfig
+from ..errors import PatchError
 
 
 @dataclass
@@ -61,7 +61,7 @@ class DuoCalibration:
 def passkey_batches(tokenizer, count: int, length: int, seed: int = 0) -> list[torch.Tensor]:
     """Synthetic passkey prompts of about `length` tokens with the answer appended, needles at
     random depths (the training data DuoAttention uses)."""
-    from .evaluation.retrieval import passkey_case
+    from ..evaluation.retrieval import passkey_case
 
     rng = random.Random(seed)
     batches = []
@@ -76,7 +76,7 @@ def train_duo_heads(model, batches, sinks: int = 16, window: int = 256, steps: i
     """Optimise per-kv-head gates with the model frozen (see the module docstring). `batches`:
     input_ids tensors (e.g. `passkey_batches`); the loss compares the last `supervise` positions'
     final hidden states. Gates start at 1 (full attention) and are clamped to [0, 1]."""
-    from .api import is_patched, patch_model, patched_methods, unpatch_model
+    from ..api import is_patched, patch_model, patched_methods, unpatch_model
 
     if is_patched(model):
         raise PatchError("train_duo_heads needs an unpatched model (it patches duo_heads while training)")

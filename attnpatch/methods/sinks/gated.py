@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import PatchError
-from ..registry import Method, ParamSpec, register_method
-from .reference import exact_attention
+from ...errors import PatchError
+from ...registry import Method, ParamSpec, register_method
+from ..reference import exact_attention
 
 INPUT_ATTR = "_attnpatch_gate_input"
 

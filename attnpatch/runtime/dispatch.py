@@ -77,7 +77,7 @@ def _run_method(method, call) -> torch.Tensor:
     if transfer is None or not method.is_trainable:
         return _attend(method, call)
     losses, attention_ce = transfer
-    from .methods.reference import exact_attention, exact_attention_weights
+    from ..methods.reference import exact_attention, exact_attention_weights
 
     with torch.no_grad():
         teacher = exact_attention(call)

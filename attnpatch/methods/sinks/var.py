@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import find_cache
-from ..errors import PatchError
-from ..ops.sink_calibration import massive_tokens, visual_sink_redistribution
-from ..registry import Method, ParamSpec, register_method
-from .reference import exact_attention, visible_keys
-from .visual_tokens import _vlm, named_inputs, sites_within
+from ...runtime.cache import find_cache
+from ...errors import PatchError
+from ...ops.sink_recalibration import massive_tokens, visual_sink_redistribution
+from ...registry import Method, ParamSpec, register_method
+from ..reference import exact_attention, visible_keys
+from ..tokens.visual_token_prune import _vlm, named_inputs, sites_within
 
 
 def _fit(mask: torch.Tensor, length: int) -> torch.Tensor:

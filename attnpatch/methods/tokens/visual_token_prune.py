@@ -17,10 +17,10 @@ import inspect
 
 import torch
 
-from ..errors import PatchError
-from ..ops.kv_select import attention_weights
-from ..registry import Method, ParamSpec, register_method
-from .reference import exact_attention, visible_keys
+from ...errors import PatchError
+from ...ops.kv_select import attention_weights
+from ...registry import Method, ParamSpec, register_method
+from ..reference import exact_attention, visible_keys
 
 MODES = ("rank", "row")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..ops.sliding import sliding_window_attention
-from ..registry import Method, ParamSpec, register_method
+from ...ops.sliding import sliding_window_attention
+from ...registry import Method, ParamSpec, register_method
 
 
 @register_method

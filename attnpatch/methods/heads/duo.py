@@ -13,12 +13,12 @@ import dataclasses
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..cache import _FullLengthGeometry, _MappedBatchOps
-from ..errors import PatchError
-from ..ops.reference import causal_mask
-from ..ops.sliding import sliding_window_attention
-from ..registry import Method, ParamSpec, register_method
-from .reference import exact_attention, sdpa_attention
+from ...runtime.cache import _FullLengthGeometry, _MappedBatchOps
+from ...errors import PatchError
+from ...ops.reference import causal_mask
+from ...ops.sliding import sliding_window_attention
+from ...registry import Method, ParamSpec, register_method
+from ..reference import exact_attention, sdpa_attention
 
 
 class DuoHeadLayer(_FullLengthGeometry, _MappedBatchOps, DynamicLayer):
@@ -201,7 +201,7 @@ def duo_reference_mask(lq: int, lk: int, retrieval: list[int], num_kv_heads: int
                        window: int, device=None) -> torch.Tensor:
     """(Hq, Lq, Lk) boolean mask duo_heads computes under: causal for retrieval heads' queries,
     causal sinks + window for streaming heads' (for tests against naive attention)."""
-    from ..ops.reference import window_mask
+    from ...ops.reference import window_mask
 
     full = causal_mask(lq, lk, device)
     stream = window_mask(lq, lk, window, sinks, True, device)

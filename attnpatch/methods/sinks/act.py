@@ -14,10 +14,10 @@ import dataclasses
 
 import torch
 
-from ..errors import PatchError
-from ..ops.sink_calibration import sink_calibrated_attention
-from ..registry import Method, ParamSpec, register_method
-from .reference import exact_attention, visible_keys
+from ...errors import PatchError
+from ...ops.sink_recalibration import sink_calibrated_attention
+from ...registry import Method, ParamSpec, register_method
+from ..reference import exact_attention, visible_keys
 
 
 def _head_subset(call, heads: list[int]):

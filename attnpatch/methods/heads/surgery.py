@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import PatchError
+from ...errors import PatchError
 
 
 @dataclass(frozen=True)

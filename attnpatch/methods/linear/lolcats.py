@@ -8,9 +8,9 @@ import math
 import torch
 from torch import nn
 
-from ..cache import HybridWindowLayer
-from ..ops.hybrid import hybrid_attention, hybrid_attention_weights
-from ..registry import ParamSpec, register_method
+from ...runtime.cache import HybridWindowLayer
+from ...ops.hybrid import hybrid_attention, hybrid_attention_weights
+from ...registry import ParamSpec, register_method
 from .linear import LinearAttention
 
 

@@ -9,12 +9,12 @@ import math
 
 import torch
 
-from ..errors import PatchError
-from ..ops.block_sparse import block_sparse_attention
-from ..ops.grid2d import PatchGrid, agent_attention, neighbourhood_tiles, pool_agents, window_2d_attention
-from ..ops.sparse_patterns import a_shape, bigbird, block_topk, block_topk_recall, star, vertical_slash
-from ..registry import Method, ParamSpec, register_method
-from .reference import exact_attention
+from ...errors import PatchError
+from ...ops.block_sparse import block_sparse_attention
+from ...ops.grid2d import PatchGrid, agent_attention, neighbourhood_tiles, pool_agents, window_2d_attention
+from ...ops.sparse_patterns import a_shape, bigbird, block_topk, block_topk_recall, star, vertical_slash
+from ...registry import Method, ParamSpec, register_method
+from ..reference import exact_attention
 
 _BLOCK = ParamSpec("block_size", int, 64, "tokens per query and key block", low=1, high=8192)
 

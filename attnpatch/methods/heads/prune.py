@@ -16,16 +16,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..errors import PatchError
-from ..head_surgery import (
-    HeadArrangement,
-    gather_blocks,
-    padded_blocks,
-    sliced_linear,
-    unpadded_blocks,
-    zero_heads,
-)
-from ..registry import INTERVENTIONS_ATTR, Method, ParamSpec, register_method
+from ...errors import PatchError
+from .surgery import HeadArrangement, gather_blocks, padded_blocks, sliced_linear, unpadded_blocks, zero_heads
+from ...registry import INTERVENTIONS_ATTR, Method, ParamSpec, register_method
 
 
 def _full_geometry(config) -> tuple[int, int]:
@@ -174,8 +167,8 @@ def compact_heads(model, towers: list[str] | None = None) -> dict[str, dict[int,
     """Remove every head whose output-projection columns are all zero (the padding a saved pruned
     checkpoint carries) with a `prune_heads` patch per tower; returns {tower: {layer: heads removed}}.
     Outputs do not change; compute and parameters fall to the pruned model's."""
-    from ..adapters import find_adapter
-    from ..api import patch_model
+    from ...adapters import find_adapter
+    from ...api import patch_model
 
     _, sites = find_adapter(model)
     found: dict[str, dict[int, list[int]]] = defaultdict(dict)

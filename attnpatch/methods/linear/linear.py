@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..errors import PatchError
-from ..ops.linear import (
+from ...errors import PatchError
+from ...ops.linear import (
     EluFeatureMap,
     HedgehogFeatureMap,
     PerformerFeatureMap,
@@ -13,7 +13,7 @@ from ..ops.linear import (
     causal_linear_attention,
     linear_attention_weights,
 )
-from ..registry import Method, ParamSpec, register_method
+from ...registry import Method, ParamSpec, register_method
 
 FEATURE_MAPS = ("elu", "relu", "performer", "hedgehog", "taylor")
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .config import PatchConfig
-from .errors import PatchError
+from ..config import PatchConfig
+from ..errors import PatchError
 
 
 def _choice_loss(loglik: torch.Tensor, label: int) -> torch.Tensor:
@@ -182,7 +182,7 @@ def calibrate_act(model, tokenizer, items: list[dict], beta: float = 0.4, alpha:
     """Per-head effect of ACT on the items' choice loss, then a search over how many of the helpful
     heads to keep (module docstring). `counts`: head counts to try (default 1, 2, 4, ... and all
     helpful heads). The model must be unpatched; it is left unpatched."""
-    from .api import is_patched, patch_model, patched_methods, unpatch_model
+    from ..api import is_patched, patch_model, patched_methods, unpatch_model
 
     if is_patched(model):
         raise PatchError("calibrate_act needs an unpatched model (it patches act while measuring)")

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .api import patch_model, patched_methods, unpatch_model
-from .config import PatchConfig
-from .errors import PatchError
+from ..api import patch_model, patched_methods, unpatch_model
+from ..config import PatchConfig
+from ..errors import PatchError
 
 
 @dataclass
