@@ -22,7 +22,8 @@ from .analysis.duo_training import DuoCalibration, train_duo_heads
 from .analysis.head_importance import HeadImportance, greedy_head_pruning, head_importance
 from .methods.heads.prune import compact_heads
 from .errors import PatchError, UnsupportedModelError
-from .registry import Method, MethodInfo, ParamSpec, list_methods, register_method, unregister_method
+from .methods.base import Method, ParamSpec
+from .registry import MethodInfo, list_methods, register_method, unregister_method
 from .analysis.sink_inspector import SinkReport, inspect_sinks
 
 __version__ = "0.1.0"

@@ -13,7 +13,8 @@ from torch import nn
 from .adapters import Adapter, AttentionSite, find_adapter
 from .config import PatchConfig
 from .errors import PatchError
-from .registry import INTERVENTIONS_ATTR, Method, attnpatch_entries, get_method, resolve_params
+from .methods.base import INTERVENTIONS_ATTR, Method, attnpatch_entries
+from .registry import get_method, resolve_params
 
 RECORD_ATTR = "_attnpatch_record"
 CONFIG_FILE = "attnpatch_config.json"

@@ -6,7 +6,7 @@ import torch
 
 import tiny_models as tm
 from attnpatch import load_patched, patch_model, save_patched, trainable_parameters, unpatch_model
-from attnpatch.methods.reference import exact_attention  # noqa: F401  (the gated output builds on it)
+from attnpatch.runtime.exact import exact_attention  # noqa: F401  (the gated output builds on it)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "vit", "clip"])

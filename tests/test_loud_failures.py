@@ -11,7 +11,8 @@ import tiny_models as tm
 from attnpatch import PatchError, cache_nbytes, patch_model, unpatch_model
 from attnpatch.runtime.cache import cache_kwargs
 from attnpatch.runtime.call import AttentionCall
-from attnpatch.registry import _WARNED, get_method, resolve_params
+from attnpatch.errors import _WARNED
+from attnpatch.registry import get_method, resolve_params
 
 KV_METHODS = ["streaming", "h2o", "tova", "knorm", "snapkv", "pyramidkv", "kv_quant"]
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import PatchConfig
 from ..errors import PatchError
-from ..methods.reference import visible_keys
+from ..runtime.exact import visible_keys
 from ..ops.kv_select import attention_weights
 from .observing import model_inputs, observed, pick_tower, self_attention_sites
 

@@ -9,7 +9,7 @@ import contextlib
 from ..adapters import find_adapter
 from ..runtime.dispatch import observe_attention
 from ..errors import PatchError
-from ..registry import INTERVENTIONS_ATTR
+from ..methods.base import INTERVENTIONS_ATTR
 
 
 def self_attention_sites(model, towers: list[str] | str | None = None) -> list:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PatchError
-from ..methods.reference import exact_attention_weights
+from ..runtime.exact import exact_attention_weights
 from .observing import model_inputs, observed, pick_tower, self_attention_sites
 
 

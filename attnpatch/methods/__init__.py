@@ -1,8 +1,40 @@
-"""Built-in methods, one folder per family; importing this package registers them."""
+"""Built-in methods, one folder per family (a family's base class holds what its methods share).
+The registry (attnpatch/registry.py) registers BUILTIN_METHODS by name."""
 
-from . import kv, reference  # noqa: F401
-from .heads import duo, prune  # noqa: F401
-from .linear import linear, lolcats  # noqa: F401
-from .sinks import act, gated, var  # noqa: F401
-from .sparse import blocks, sliding_window  # noqa: F401
-from .tokens import visual_token_prune  # noqa: F401
+from .heads.duo import DuoHeads
+from .heads.prune import PruneHeads
+from .kv import H2O, TOVA, KNorm, KVQuant, PyramidKV, SnapKV, StreamingLLM
+from .linear.linear import LinearAttention
+from .linear.lolcats import LolcatsAttention
+from .reference import SoftmaxAttention
+from .sinks.act import AttentionCalibration
+from .sinks.gated import GatedAttention
+from .sinks.var import VisualAttentionRedistribution
+from .sparse.blocks import (
+    AgentAttention,
+    AShapeAttention,
+    BigBirdAttention,
+    BlockTopKAttention,
+    StarAttention,
+    VerticalSlashAttention,
+    Window2DAttention,
+)
+from .sparse.sliding_window import SlidingWindowAttention
+from .tokens.visual_token_prune import VisualTokenPrune
+
+BUILTIN_METHODS = (
+    SoftmaxAttention,
+    # sparse
+    SlidingWindowAttention, AShapeAttention, BlockTopKAttention, BigBirdAttention, StarAttention,
+    VerticalSlashAttention, Window2DAttention, AgentAttention,
+    # linearized
+    LinearAttention, LolcatsAttention,
+    # head-pruned
+    PruneHeads, DuoHeads,
+    # kv-compressed
+    StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, KVQuant,
+    # sink-recalibrated
+    AttentionCalibration, GatedAttention, VisualAttentionRedistribution,
+    # tokens
+    VisualTokenPrune,
+)

@@ -32,9 +32,9 @@ from ..ops.kv_select import (
     window_attention_scores,
     _grouped_sum,
 )
-from .reference import exact_attention, sdpa_attention as _sdpa
+from ..runtime.exact import exact_attention, sdpa_attention as _sdpa
 from ..ops.sliding import sliding_window_attention
-from ..registry import Method, ParamSpec, register_method
+from .base import Method, ParamSpec
 
 BUDGET_PARAMS = (
     ParamSpec("compression", float, 0.5, "fraction of the prompt's cache entries evicted", low=0.0, high=1.0,
@@ -124,7 +124,6 @@ class KVCompressionMethod(Method):
         return allowed
 
 
-@register_method
 class StreamingLLM(KVCompressionMethod):
     name = "streaming"
     summary = ("StreamingLLM: keep the first `sinks` tokens and the most recent ones (budget - sinks), during "
@@ -162,7 +161,6 @@ class StreamingLLM(KVCompressionMethod):
         return _sdpa(call, self.allowed(call, layer, prefill) & pattern, False)
 
 
-@register_method
 class H2O(KVCompressionMethod):
     name = "h2o"
     summary = ("H2O: keep heavy hitters (largest attention accumulated over every query so far) plus the most "
@@ -187,7 +185,6 @@ class H2O(KVCompressionMethod):
         return layer.scores
 
 
-@register_method
 class TOVA(KVCompressionMethod):
     name = "tova"
     summary = "TOVA: keep the entries the current (last) query attends to most; re-scored at every step."
@@ -197,7 +194,6 @@ class TOVA(KVCompressionMethod):
         return window_attention_scores(call.query, call.key, valid, call.scaling, window=1)
 
 
-@register_method
 class KNorm(KVCompressionMethod):
     name = "knorm"
     summary = "Knorm: evict the keys with the largest L2 norm (score = -||k||); no attention weights needed."
@@ -206,7 +202,6 @@ class KNorm(KVCompressionMethod):
         return -layer.keys.float().norm(dim=-1)
 
 
-@register_method
 class SnapKV(KVCompressionMethod):
     name = "snapkv"
     summary = ("SnapKV: after prefill, score prompt keys by the attention of the last `window` queries, pool the "
@@ -227,7 +222,6 @@ class SnapKV(KVCompressionMethod):
         return pool_scores(scores, self.config["kernel"], self.config["pooling"], layer.valid)
 
 
-@register_method
 class PyramidKV(SnapKV):
     name = "pyramidkv"
     summary = ("PyramidKV: SnapKV selection with per-layer budgets decreasing linearly with depth (mean = the "
@@ -244,7 +238,6 @@ class PyramidKV(SnapKV):
         return torch.clamp(torch.round(base * factor).long(), min=1)
 
 
-@register_method
 class KVQuant(Method):
     name = "kv_quant"
     family = "kv-compressed"

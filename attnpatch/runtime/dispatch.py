@@ -16,6 +16,7 @@ import contextvars
 import torch
 
 from .call import run_rows_without_padding
+from .exact import exact_attention, exact_attention_weights
 
 _transfer: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_transfer", default=None)
 _observer: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_observer", default=None)
@@ -77,8 +78,6 @@ def _run_method(method, call) -> torch.Tensor:
     if transfer is None or not method.is_trainable:
         return _attend(method, call)
     losses, attention_ce = transfer
-    from ..methods.reference import exact_attention, exact_attention_weights
-
     with torch.no_grad():
         teacher = exact_attention(call)
     student = _attend(method, call)

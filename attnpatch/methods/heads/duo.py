@@ -17,8 +17,8 @@ from ...runtime.cache import _FullLengthGeometry, _MappedBatchOps
 from ...errors import PatchError
 from ...ops.reference import causal_mask
 from ...ops.sliding import sliding_window_attention
-from ...registry import Method, ParamSpec, register_method
-from ..reference import exact_attention, sdpa_attention
+from ..base import Method, ParamSpec
+from ...runtime.exact import exact_attention, sdpa_attention
 
 
 class DuoHeadLayer(_FullLengthGeometry, _MappedBatchOps, DynamicLayer):
@@ -103,7 +103,6 @@ def _query_heads(kv_heads: list[int], groups: int) -> list[int]:
     return [h * groups + j for h in kv_heads for j in range(groups)]
 
 
-@register_method
 class DuoHeads(Method):
     name = "duo_heads"
     family = "head-pruned"

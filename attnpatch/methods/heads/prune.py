@@ -18,7 +18,7 @@ from collections import defaultdict
 
 from ...errors import PatchError
 from .surgery import HeadArrangement, gather_blocks, padded_blocks, sliced_linear, unpadded_blocks, zero_heads
-from ...registry import INTERVENTIONS_ATTR, Method, ParamSpec, register_method
+from ..base import INTERVENTIONS_ATTR, Method, ParamSpec
 
 
 def _full_geometry(config) -> tuple[int, int]:
@@ -28,7 +28,6 @@ def _full_geometry(config) -> tuple[int, int]:
     return kv, heads // kv
 
 
-@register_method
 class PruneHeads(Method):
     name = "prune_heads"
     family = "head-pruned"

@@ -13,12 +13,11 @@ from ...ops.linear import (
     causal_linear_attention,
     linear_attention_weights,
 )
-from ...registry import Method, ParamSpec, register_method
+from ..base import Method, ParamSpec
 
 FEATURE_MAPS = ("elu", "relu", "performer", "hedgehog", "taylor")
 
 
-@register_method
 class LinearAttention(Method):
     name = "linear"
     family = "linearized"

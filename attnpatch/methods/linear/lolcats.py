@@ -10,7 +10,7 @@ from torch import nn
 
 from ...runtime.cache import HybridWindowLayer
 from ...ops.hybrid import hybrid_attention, hybrid_attention_weights
-from ...registry import ParamSpec, register_method
+from ..base import ParamSpec
 from .linear import LinearAttention
 
 
@@ -18,7 +18,6 @@ def _with_default(specs, name, default):
     return tuple(ParamSpec(**{**s.__dict__, "default": default}) if s.name == name else s for s in specs)
 
 
-@register_method
 class LolcatsAttention(LinearAttention):
     name = "lolcats"
     family = "linearized"

@@ -16,8 +16,8 @@ import torch
 
 from ...errors import PatchError
 from ...ops.sink_recalibration import sink_calibrated_attention
-from ...registry import Method, ParamSpec, register_method
-from ..reference import exact_attention, visible_keys
+from ..base import Method, ParamSpec
+from ...runtime.exact import exact_attention, visible_keys
 
 
 def _head_subset(call, heads: list[int]):
@@ -30,7 +30,6 @@ def _head_subset(call, heads: list[int]):
                                mask=mask)
 
 
-@register_method
 class AttentionCalibration(Method):
     name = "act"
     family = "sink-recalibrated"

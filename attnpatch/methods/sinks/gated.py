@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ...errors import PatchError
-from ...registry import Method, ParamSpec, register_method
-from ..reference import exact_attention
+from ..base import Method, ParamSpec
+from ...runtime.exact import exact_attention
 
 INPUT_ATTR = "_attnpatch_gate_input"
 
@@ -27,7 +27,6 @@ def _release_input(module, args, kwargs, output):
     module.__dict__.pop(INPUT_ATTR, None)
 
 
-@register_method
 class GatedAttention(Method):
     name = "gated"
     family = "sink-recalibrated"

@@ -15,8 +15,8 @@ import torch
 from ...runtime.cache import find_cache
 from ...errors import PatchError
 from ...ops.sink_recalibration import massive_tokens, visual_sink_redistribution
-from ...registry import Method, ParamSpec, register_method
-from ..reference import exact_attention, visible_keys
+from ..base import Method, ParamSpec
+from ...runtime.exact import exact_attention, visible_keys
 from ..tokens.visual_token_prune import _vlm, named_inputs, sites_within
 
 
@@ -27,7 +27,6 @@ def _fit(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask, mask.new_zeros(mask.shape[0], length - mask.shape[-1])], dim=-1)
 
 
-@register_method
 class VisualAttentionRedistribution(Method):
     name = "var"
     family = "sink-recalibrated"

@@ -13,8 +13,8 @@ from ...errors import PatchError
 from ...ops.block_sparse import block_sparse_attention
 from ...ops.grid2d import PatchGrid, agent_attention, neighbourhood_tiles, pool_agents, window_2d_attention
 from ...ops.sparse_patterns import a_shape, bigbird, block_topk, block_topk_recall, star, vertical_slash
-from ...registry import Method, ParamSpec, register_method
-from ..reference import exact_attention
+from ..base import Method, ParamSpec
+from ...runtime.exact import exact_attention
 
 _BLOCK = ParamSpec("block_size", int, 64, "tokens per query and key block", low=1, high=8192)
 
@@ -51,7 +51,6 @@ class BlockSparseMethod(Method):
                                      f"{site.path} has {site.num_kv_heads} kv heads; give one value per kv head")
 
 
-@register_method
 class AShapeAttention(BlockSparseMethod):
     name = "a_shape"
     summary = ("Sinks + local window at block granularity (MInference's A-shape): each query block computes the "
@@ -66,7 +65,6 @@ class AShapeAttention(BlockSparseMethod):
                        sink_blocks=c["sink_blocks"], local_blocks=c["local_blocks"], device=call.query.device)
 
 
-@register_method
 class BlockTopKAttention(BlockSparseMethod):
     name = "block_topk"
     summary = ("Training-free block top-k (Quest / MoBA style): key blocks are scored by every query of a query "
@@ -99,7 +97,6 @@ class BlockTopKAttention(BlockSparseMethod):
                           valid=call.key_valid())
 
 
-@register_method
 class BigBirdAttention(BlockSparseMethod):
     name = "bigbird"
     summary = ("BigBird: a window of key blocks, global blocks (the first ones, as keys and as queries) and random "
@@ -118,7 +115,6 @@ class BigBirdAttention(BlockSparseMethod):
                        device=call.query.device)
 
 
-@register_method
 class StarAttention(BlockSparseMethod):
     name = "star"
     summary = ("Star Attention: context blocks each attend themselves and the anchor (the first blocks); the "
@@ -135,7 +131,6 @@ class StarAttention(BlockSparseMethod):
                     query_tokens=c["query_tokens"], device=call.query.device)
 
 
-@register_method
 class VerticalSlashAttention(BlockSparseMethod):
     name = "vertical_slash"
     model_kinds = ("decoder",)
@@ -186,7 +181,6 @@ class GridMethod(Method):
             raise PatchError(f"{self.name}: grid must be [height, width] in patches, got {self.config['grid']}")
 
 
-@register_method
 class Window2DAttention(GridMethod):
     name = "window_2d"
     summary = ("2-D neighbourhood window for ViT/DiT: patches grouped in tile x tile tiles; each tile attends the "
@@ -208,7 +202,6 @@ class Window2DAttention(GridMethod):
                                    softcap=call.softcap)
 
 
-@register_method
 class AgentAttention(GridMethod):
     name = "agent"
     summary = ("Agent attention for ViT/DiT: agent tokens (the patch queries average-pooled to an "

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from ...ops.sliding import sliding_window_attention
-from ...registry import Method, ParamSpec, register_method
+from ..base import Method, ParamSpec
 
 
-@register_method
 class SlidingWindowAttention(Method):
     name = "sliding_window"
     family = "sparse"

@@ -19,8 +19,8 @@ import torch
 
 from ...errors import PatchError
 from ...ops.kv_select import attention_weights
-from ...registry import Method, ParamSpec, register_method
-from ..reference import exact_attention, visible_keys
+from ..base import Method, ParamSpec
+from ...runtime.exact import exact_attention, visible_keys
 
 MODES = ("rank", "row")
 
@@ -91,7 +91,6 @@ def drop_columns(value: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return value[..., columns.to(value.device).expand(value.shape)].view(*value.shape[:-1], width)
 
 
-@register_method
 class VisualTokenPrune(Method):
     name = "visual_token_prune"
     family = "sparse"
