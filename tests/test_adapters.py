@@ -6,7 +6,7 @@ import torch
 
 import tiny_models as tm
 from attnpatch import cache_nbytes, patch_model, unpatch_model
-from attnpatch.runtime.cache import RecurrentStateLayer
+from attnpatch.runtime.layers import RecurrentStateLayer
 
 TRANSFORMERS = [n for n in tm.ALL_MODELS if n not in tm.DIFFUSERS]
 

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 import tiny_models as tm
 from attnpatch import cache_nbytes, patch_model, unpatch_model
-from attnpatch.runtime.cache import CompressedKVLayer
+from attnpatch.runtime.layers import CompressedKVLayer
 from attnpatch.runtime.call import AttentionCall
 from attnpatch.registry import get_method, resolve_params
 

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 import tiny_models as tm
 from attnpatch import PatchError, cache_nbytes, load_patched, patch_model, save_patched, trainable_parameters
-from attnpatch.runtime.cache import HybridWindowLayer
+from attnpatch.runtime.layers import HybridWindowLayer
 from attnpatch.ops.hybrid import hybrid_attention, naive_hybrid_attention
 from attnpatch.ops.linear import EluFeatureMap, HedgehogFeatureMap
 

@@ -13,7 +13,7 @@ import inspect
 
 from torch import nn
 
-from ..runtime.cache import RecurrentStateLayer, find_cache, state_layer_for
+from ..runtime.cache import find_cache, state_layer_for
 from ..runtime.call import CACHE_ABSENT, CACHE_DECLINED, CACHE_OWN, CACHE_UNCHECKED, AttentionCall, normalise_mask
 from ..runtime.dispatch import run_method
 from ..errors import PatchError
@@ -112,9 +112,7 @@ def _capture_cache(module, args, kwargs):
             )
         module.__dict__[CACHE_ATTR] = (None, CACHE_ABSENT)
         return
-    layer_class = getattr(method, "cache_layer_class", None) or RecurrentStateLayer
-    layer = state_layer_for(cache, module.layer_idx, layer_class, getattr(method, "new_cache_layer", None),
-                            method=method.name)
+    layer = state_layer_for(cache, module.layer_idx, method)
     module.__dict__[CACHE_ATTR] = (layer, CACHE_OWN if layer is not None else CACHE_DECLINED)
 
 

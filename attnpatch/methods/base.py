@@ -118,9 +118,8 @@ class Method:
     params: ClassVar[tuple[ParamSpec, ...]] = ()
     trainable: ClassVar[bool] = False
     trainable_note: ClassVar[str] = ""
-    # True when decoding keeps its own cache layer (see cache.py): a recurrent state, or
-    # compressed K/V; `cache_layer_class` names the layer
-    uses_state_cache: ClassVar[bool] = False
+    # the cache layer (runtime/layers) that replaces the model's DynamicLayer while this method
+    # decodes: a recurrent state, compressed or quantised K/V; None = the model's cache as it is
     cache_layer_class: ClassVar[type | None] = None
 
     def __init__(self, site, **params):
@@ -163,7 +162,13 @@ class Method:
         runs on the reloaded checkpoint instead of patching again."""
 
     def uses_state(self) -> bool:
-        return self.uses_state_cache
+        """True when decoding keeps this method's own cache layer."""
+        return self.cache_layer_class is not None
+
+    def new_cache_layer(self, sliding_window: int | None = None):
+        """The cache layer for one decoder layer (replacing a DynamicLayer whose model-level sliding
+        window is `sliding_window`), or None to leave that layer as the model's own."""
+        return self.cache_layer_class(sliding_window=sliding_window)
 
     def needs_unpadded_rows(self, call) -> bool:
         """True when this call's pattern is laid out from the first key (sinks, blocks, windows):

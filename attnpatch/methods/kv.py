@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from ..runtime.cache import CompressedKVLayer
+from ..runtime.layers import CompressedKVLayer, QuantizedKVLayer
 from ..errors import PatchError
 from ..ops.kv_select import (
     accumulated_attention_scores,
@@ -48,7 +48,6 @@ class KVCompressionMethod(Method):
     family = "kv-compressed"
     model_kinds = ("decoder",)
     interventions = frozenset({"attention", "cache"})
-    uses_state_cache = True
     cache_layer_class = CompressedKVLayer
     evict_while_decoding: ClassVar[bool] = True
     params = BUDGET_PARAMS + (ParamSpec("sinks", int, 0, "first tokens always kept", low=0),)
@@ -246,7 +245,7 @@ class KVQuant(Method):
                "`residual` stay in full precision. Attention itself is exact over the dequantised entries.")
     model_kinds = ("decoder",)
     interventions = frozenset({"attention", "cache"})
-    uses_state_cache = True
+    cache_layer_class = QuantizedKVLayer
     params = (
         ParamSpec("bits", int, 4, "bits per quantised key/value element", choices=(2, 4, 8)),
         ParamSpec("group", int, 32, "tokens per key group / channels per value group", low=1),
@@ -254,19 +253,11 @@ class KVQuant(Method):
         ParamSpec("sinks", int, 4, "first tokens kept in full precision", low=0),
     )
 
-    @property
-    def cache_layer_class(self):
-        from ..runtime.cache import QuantizedKVLayer
-
-        return QuantizedKVLayer
-
     def check_site(self, site):
         if site.head_dim % self.config["group"]:
             raise PatchError(f"kv_quant: group={self.config['group']} must divide the head dimension {site.head_dim}")
 
     def new_cache_layer(self, sliding_window=None):
-        from ..runtime.cache import QuantizedKVLayer
-
         if sliding_window is not None:  # a sliding layer is already bounded: leave it as it is
             return None
         c = self.config

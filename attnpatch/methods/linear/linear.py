@@ -13,6 +13,7 @@ from ...ops.linear import (
     causal_linear_attention,
     linear_attention_weights,
 )
+from ...runtime.layers import RecurrentStateLayer
 from ..base import Method, ParamSpec
 
 FEATURE_MAPS = ("elu", "relu", "performer", "hedgehog", "taylor")
@@ -37,7 +38,7 @@ class LinearAttention(Method):
     )
     trainable = True
     trainable_note = "only with feature_map='hedgehog' (per-head W and b on q and k)"
-    uses_state_cache = True
+    cache_layer_class = RecurrentStateLayer
 
     @classmethod
     def check_params(cls, params):

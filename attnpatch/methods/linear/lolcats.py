@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ...runtime.cache import HybridWindowLayer
+from ...runtime.layers import HybridWindowLayer
 from ...ops.hybrid import hybrid_attention, hybrid_attention_weights
 from ..base import ParamSpec
 from .linear import LinearAttention
