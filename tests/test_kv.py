@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import tiny_models as tm
-from attnpatch import cache_nbytes, patch_model, unpatch_model
+from attnpatch import cache_kwargs, cache_nbytes, patch_model, unpatch_model
 from attnpatch.runtime.layers import CompressedKVLayer
 from attnpatch.runtime.call import AttentionCall
 from attnpatch.registry import get_method, resolve_params
@@ -248,3 +248,43 @@ def test_kv_quant_generate_bytes_and_exact_when_nothing_is_quantised():
     value_stats = 2 * b * h * quantised * (d // 8) * 2  # per token and channel group
     assert layer.nbytes == full_precision + codes + key_stats + value_stats
     assert cache_nbytes(cache) < 0.7 * cache_nbytes(dense_cache)
+
+
+def test_a_new_scorer_is_a_few_lines_and_gets_keys_attention_and_validity():
+    """The scorer contract: a subclass says which entries matter; the base handles padding,
+    budgets, sinks, recent entries and the cache. Here: keep the entries the last 2 queries
+    attend to least (a deliberately odd rule, so the test sees the scorer's choice)."""
+    from attnpatch import register_method
+    from attnpatch.methods.kv import KVCompressionMethod
+
+    seen = []
+
+    @register_method
+    class LeastAttended(KVCompressionMethod):
+        name, summary = "_test_least_attended", "keeps what the last two queries ignore"
+
+        def observed_queries(self):
+            return 2
+
+        def score(self, keys, attention, valid):
+            seen.append((keys.shape, attention, valid.clone()))
+            return -attention
+
+    model = tm.build("llama")
+    ids, mask = tm.text_batch(length=12, left_pad=PAD)
+    cache = DynamicCache(config=model.config)
+    patch_model(model, "_test_least_attended", budget=4)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+    layer = cache.layers[0]
+    assert isinstance(layer, CompressedKVLayer) and layer.stored_tokens == 4
+    keys_shape, attention, valid = seen[0]
+    assert keys_shape == (2, 2, 12, 16) and attention.shape == valid.shape == (2, 2, 12)
+    assert not valid[0, :, :PAD].any() and valid[0, :, PAD:].all()  # the base told it where padding is
+    assert torch.allclose(attention[1].sum(-1), torch.full((2,), 2.0 * 2))  # 2 queries x 2 query heads per kv head
+    for b in range(2):  # kept: the least attended real entries of each (sequence, kv head)
+        for h in range(2):
+            real = valid[b, h].nonzero().squeeze(-1)
+            want = sorted(real[attention[b, h, real].argsort()[:4]].tolist())
+            assert sorted(layer.positions[b, h][layer.valid[b, h]].tolist()) == want
+    unpatch_model(model)

@@ -1,0 +1,12 @@
+"""KV-cache compression: one scorer per file on a shared base (base.py), and kv_quant."""
+
+from .base import KVCompressionMethod
+from .h2o import H2O
+from .knorm import KNorm
+from .pyramidkv import PyramidKV
+from .quant import KVQuant
+from .snapkv import SnapKV
+from .streaming import StreamingLLM
+from .tova import TOVA
+
+__all__ = ["H2O", "KNorm", "KVCompressionMethod", "KVQuant", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA"]

@@ -1,0 +1,134 @@
+"""What every KV compression method shares. A method is a *scorer*: it says which cache entries
+matter (`score`), and this base does the rest: the budget per sequence, attention over what is
+kept, the attention mass the scorer asked for, padding, sinks and recent entries, the model's own
+sliding window, and writing the kept entries to the `CompressedKVLayer`.
+
+Budget: `budget` entries, or ceil((1 - compression) x real prompt tokens) per sequence (padding
+never counts). Prefill: attention over the whole prompt is exact (a method may override
+`compute_output`, as streaming does), then the cache is cut to the budget by the score. Decoding:
+methods with `evict_while_decoding` hold the cache at the budget, evicting one entry per new
+token; the others compress once after prefill and then let the cache grow, as in their papers.
+Selection is per kv head with attention summed over the head's query group (GQA), and per sequence.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ...ops.kv_select import accumulated_attention_scores, block_mask, select_indices, window_attention_scores
+from ...runtime.exact import exact_attention, sdpa_attention
+from ...runtime.layers import CompressedKVLayer
+from ..base import Method, ParamSpec
+
+BUDGET_PARAMS = (
+    ParamSpec("compression", float, 0.5, "fraction of the prompt's cache entries evicted", low=0.0, high=1.0,
+              high_open=True),
+    ParamSpec("budget", int, None, "cache entries kept per sequence and kv head (overrides compression)",
+              low=1, optional=True),
+)
+
+
+class KVCompressionMethod(Method):
+    family = "kv-compressed"
+    model_kinds = ("decoder",)
+    interventions = frozenset({"attention", "cache"})
+    cache_layer_class = CompressedKVLayer
+    evict_while_decoding: ClassVar[bool] = True
+    accumulates: ClassVar[bool] = False  # scores add up over calls (H2O); the base keeps the running sum
+    params = BUDGET_PARAMS + (ParamSpec("sinks", int, 0, "first tokens always kept", low=0),)
+
+    # --- what a scorer defines
+    def observed_queries(self) -> int | None:
+        """How many of a call's newest queries' attention `score` needs: 0 = none (the default),
+        k = the last k, None = every query."""
+        return 0
+
+    def score(self, keys: torch.Tensor, attention: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, L) score per cache entry, higher = kept. keys (B, Hkv, L, D): the layer's entries
+        (after RoPE); attention (B, Hkv, L): the attention mass each entry received from the observed
+        queries, summed over them and over the kv head's query group, padding excluded (None when
+        `observed_queries()` is 0); valid (B, Hkv, L): real entries (others are never kept)."""
+        raise NotImplementedError
+
+    def recent(self, budget: torch.Tensor) -> torch.Tensor | int:
+        """Newest entries always kept: an int, or (B,) per sequence from its own budget (a padded
+        sequence keeps what it would keep alone)."""
+        return 0
+
+    def layer_budget(self, real_tokens: torch.Tensor) -> torch.Tensor:
+        if self.config["budget"] is not None:
+            return torch.full_like(real_tokens, self.config["budget"])
+        return torch.clamp(torch.ceil(real_tokens * (1.0 - self.config["compression"])).long(), min=1)
+
+    # --- shared machinery
+    def attention(self, call):
+        layer = self.required_cache_layer(call)
+        if layer is None:  # the model runs without a cache (warned): nothing to compress
+            return exact_attention(call)
+        lq = call.query.shape[-2]
+        if call.mask is not None:  # padding of the new tokens, from the model's mask
+            new_valid = call.mask[..., -lq:].any(dim=-2).any(dim=1)  # (B or 1, lq)
+            layer.valid[..., -lq:] &= new_valid[:, None, :]
+        prefill = layer.budget is None
+        out = self.compute_output(call, layer, prefill)
+        if prefill:
+            layer.budget = self.layer_budget(layer.valid[:, 0].sum(-1))
+            scores = self._scores(call, layer, prefill)
+        elif self.evict_while_decoding:
+            scores = self._scores(call, layer, prefill)
+        else:  # compress-once methods: the cache grows, except what a sliding window drops
+            layer.budget = layer.budget + lq
+            if layer.sliding_window is None:
+                return out
+            scores = torch.zeros_like(layer.valid, dtype=torch.float32)
+        if layer.sliding_window is not None:  # entries the model's own window no longer reaches
+            newest = layer.seen_tokens - 1
+            layer.valid &= (newest - layer.positions) < layer.sliding_window - 1
+        over = bool((layer.valid[:, 0].sum(-1) > layer.budget).any())
+        if over or layer.stored_tokens > int(layer.budget.max()):
+            index, valid = select_indices(scores, layer.valid, layer.budget, sinks=self.config["sinks"],
+                                          recent=self.recent(layer.budget))
+            layer.keep(index, valid)
+        return out
+
+    def _scores(self, call, layer: CompressedKVLayer, prefill: bool) -> torch.Tensor:
+        """The scorer's scores, with the attention mass it asked for (computed in query blocks, never
+        (L x L) at once) and, for accumulating scorers, the running sum kept on the layer."""
+        valid = layer.valid[:, :1] if prefill else layer.valid  # identical heads until the first eviction
+        visible = None if bool(valid.all()) else valid
+        window = self.observed_queries()
+        attention = None
+        if window is None:
+            attention = accumulated_attention_scores(call.query, layer.keys, visible, call.scaling)
+        elif window > 0:
+            attention = window_attention_scores(call.query, layer.keys, visible, call.scaling,
+                                                min(window, call.query.shape[-2]))
+        scores = self.score(layer.keys, attention, layer.valid)
+        if self.accumulates:
+            layer.scores = scores if prefill else layer.scores + scores
+            return layer.scores
+        return scores
+
+    def compute_output(self, call, layer: CompressedKVLayer, prefill: bool) -> torch.Tensor:
+        lq, length = call.query.shape[-2], call.key.shape[-2]
+        window = layer.sliding_window
+        if prefill and lq == length and bool(layer.valid.all()) and (window is None or length <= window):
+            return sdpa_attention(call, None, True)
+        return sdpa_attention(call, self.allowed(call, layer, prefill), False)
+
+    def allowed(self, call, layer: CompressedKVLayer, prefill: bool) -> torch.Tensor:
+        """(B, 1 or Hq, Lq, L) boolean: valid, causal, and inside the model's own sliding window."""
+        lq, length = call.query.shape[-2], call.key.shape[-2]
+        valid = layer.valid[:, :1] if prefill else layer.valid  # identical heads until the first eviction
+        allowed = block_mask(valid, torch.arange(length - lq, length, device=call.query.device), length,
+                             call.query.shape[1])
+        if layer.sliding_window is not None:
+            positions = layer.positions[:, : allowed.shape[1] if prefill else None].long()
+            distance = positions[:, :, -lq:, None] - positions[:, :, None, :]  # new entries are last, in order
+            in_window = distance < layer.sliding_window
+            if in_window.shape[1] != allowed.shape[1]:
+                in_window = in_window.repeat_interleave(allowed.shape[1] // in_window.shape[1], dim=1)
+            allowed = allowed & in_window
+        return allowed

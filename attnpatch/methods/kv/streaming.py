@@ -1,0 +1,49 @@
+"""StreamingLLM: attention sinks plus the most recent tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import PatchError
+from ...ops.kv_select import valid_rank
+from ...ops.sliding import sliding_window_attention
+from ...runtime.exact import sdpa_attention
+from ..base import ParamSpec
+from .base import BUDGET_PARAMS, KVCompressionMethod
+
+
+class StreamingLLM(KVCompressionMethod):
+    name = "streaming"
+    summary = ("StreamingLLM: keep the first `sinks` tokens and the most recent ones (budget - sinks), during "
+               "prefill (attention itself is sinks + window) and decoding.")
+    params = BUDGET_PARAMS + (ParamSpec("sinks", int, 4, "attention-sink tokens always kept", low=0),)
+
+    @classmethod
+    def check_params(cls, params):
+        if params["budget"] is not None and params["budget"] <= params["sinks"]:
+            raise PatchError(f"method 'streaming' needs budget > sinks, got budget={params['budget']}, "
+                             f"sinks={params['sinks']}")
+
+    def recent(self, budget):
+        return (budget - self.config["sinks"]).clamp(min=1)
+
+    def score(self, keys, attention, valid):  # sinks and recent entries are all it keeps
+        return torch.zeros_like(valid, dtype=torch.float32)
+
+    def compute_output(self, call, layer, prefill):
+        if not prefill:
+            return super().compute_output(call, layer, prefill)
+        budgets = self.layer_budget(layer.valid[:, 0].sum(-1))  # (B,): each sequence's own window
+        sinks = self.config["sinks"]
+        window = int(budgets.max()) - sinks
+        if layer.sliding_window is None and bool(layer.valid.all()):  # every sequence has the same budget
+            # block-wise: only the kept keys are touched, however long the prompt
+            return sliding_window_attention(call.query, call.key, call.value, None, window=max(1, window), sinks=sinks,
+                                            causal=True, scaling=call.scaling, softcap=call.softcap)
+        # padding (sinks are each sequence's first real tokens) or a sliding layer: one explicit mask
+        lq = call.query.shape[-2]
+        rank = valid_rank(layer.valid[:, :1])  # (B, 1, L): position among real tokens
+        distance = rank[..., -lq:, None] - rank[..., None, :]
+        windows = (budgets - sinks).clamp(min=1).to(distance.device)[:, None, None, None]
+        pattern = (distance < windows) | (rank[..., None, :] < sinks)
+        return sdpa_attention(call, self.allowed(call, layer, prefill) & pattern, False)
