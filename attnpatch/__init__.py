@@ -5,6 +5,10 @@
     unpatch_model(model)   # outputs identical, bit for bit, to before patching
 """
 
+from .analysis.block_topk_calibration import SparseCalibration, calibrate_block_topk
+from .analysis.duo_training import DuoCalibration, train_duo_heads
+from .analysis.head_importance import HeadImportance, greedy_head_pruning, head_importance
+from .analysis.sink_inspector import SinkReport, inspect_sinks
 from .api import (
     is_patched,
     load_patched,
@@ -15,16 +19,12 @@ from .api import (
     trainable_parameters,
     unpatch_model,
 )
-from .runtime.cache import cache_kwargs, cache_nbytes
-from .analysis.block_topk_calibration import SparseCalibration, calibrate_block_topk
 from .config import PatchConfig
-from .analysis.duo_training import DuoCalibration, train_duo_heads
-from .analysis.head_importance import HeadImportance, greedy_head_pruning, head_importance
-from .methods.heads.prune import compact_heads
 from .errors import PatchError, UnsupportedModelError
 from .methods.base import Method, ParamSpec
+from .methods.heads.prune import compact_heads
 from .registry import MethodInfo, list_methods, register_method, unregister_method
-from .analysis.sink_inspector import SinkReport, inspect_sinks
+from .runtime.cache import cache_kwargs, cache_nbytes
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 
 from .errors import PatchError
 from .methods import BUILTIN_METHODS
-from .methods.base import INTERVENTIONS, INTERVENTIONS_ATTR, MODEL_KINDS, Method, ParamSpec, attnpatch_entries  # noqa: F401
+from .methods.base import (  # noqa: F401
+    INTERVENTIONS,
+    INTERVENTIONS_ATTR,
+    MODEL_KINDS,
+    Method,
+    ParamSpec,
+    attnpatch_entries,
+)
 
 _REGISTRY: dict[str, type[Method]] = {}
 

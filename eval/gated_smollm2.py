@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from attnpatch import load_patched
+from attnpatch.analysis.sink_inspector import inspect_sinks
 from attnpatch.evaluation.data import load_text
 from attnpatch.evaluation.perplexity import windowed_perplexity
 from attnpatch.models import load_default_model
-from attnpatch.analysis.sink_inspector import inspect_sinks
 
 
 def measure(model, ids, valid_ids, out: Path, label: str) -> dict:

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from attnpatch import greedy_head_pruning, patch_model, unpatch_model
-from attnpatch import head_importance
+from attnpatch import greedy_head_pruning, head_importance, patch_model, unpatch_model
 from attnpatch.evaluation.data import load_text
 from attnpatch.evaluation.perplexity import windowed_perplexity
 from attnpatch.evaluation.speed import best_seconds

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from attnpatch import head_importance
-from attnpatch import patch_model, unpatch_model
+from attnpatch import head_importance, patch_model, unpatch_model
 from attnpatch.evaluation.speed import best_seconds
 from attnpatch.evaluation.vision import classifier_outputs, clip_outputs, compare_classifier, compare_clip
 

@@ -10,9 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
+from attnpatch.analysis.sink_inspector import inspect_sinks
 from attnpatch.evaluation.data import load_text
 from attnpatch.models import load_default_model
-from attnpatch.analysis.sink_inspector import inspect_sinks
 
 
 def main() -> None:

@@ -9,8 +9,7 @@ import tempfile
 import torch
 from transformers import AutoModelForCausalLM
 
-from attnpatch import head_importance
-from attnpatch import patch_model
+from attnpatch import head_importance, patch_model
 from attnpatch.evaluation.data import load_text
 from attnpatch.evaluation.perplexity import windowed_perplexity
 from attnpatch.models import load_default_model

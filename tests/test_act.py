@@ -3,9 +3,9 @@ identity at beta = 1, only the chosen heads change, padding independence, save/l
 calibrate_act's per-head effect against a finite difference."""
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from attnpatch import PatchConfig, PatchError, load_patched, patch_model, save_patched, unpatch_model
 from attnpatch.analysis.act_calibration import calibrate_act, choice_scores
 from attnpatch.api import patched_methods

@@ -2,9 +2,9 @@
 sliding_window on decoders, encoders and diffusion transformers."""
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from attnpatch import cache_nbytes, patch_model, unpatch_model
 from attnpatch.runtime.layers import RecurrentStateLayer
 

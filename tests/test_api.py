@@ -3,10 +3,10 @@
 import json
 
 import pytest
+import tiny_models as tm
 import torch
 from torch import nn
 
-import tiny_models as tm
 from attnpatch import (
     Method,
     PatchConfig,
@@ -177,8 +177,8 @@ def test_cli_list_and_patch(tmp_path, capsys):
     model.save_pretrained(tmp_path / "tiny")
     assert main(["patch", "--model", str(tmp_path / "tiny"), "--method", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "known methods" in capsys.readouterr().err
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
                             ).save_pretrained(tmp_path / "tiny")

@@ -4,10 +4,10 @@ feature maps and gates (re-applied from attnpatch_config.json), giving the logit
 
 from pathlib import Path
 
+import tiny_models as tm
 import torch
 from safetensors.torch import load_file
 
-import tiny_models as tm
 from attnpatch import load_patched, patched_configs
 
 DATA = Path(__file__).parent / "data"

@@ -3,15 +3,15 @@ the per-head mask, cached decoding equal to full recomputation, cache bytes equa
 gate training and the saved per-layer pattern."""
 
 import pytest
+import tiny_models as tm
 import torch
 from transformers import DynamicCache
 
-import tiny_models as tm
 from attnpatch import PatchError, cache_nbytes, load_patched, patch_model, patched_methods, save_patched, unpatch_model
-from attnpatch.runtime.call import AttentionCall
 from attnpatch.analysis.duo_training import passkey_batches, train_duo_heads
 from attnpatch.methods.heads.duo import duo_reference_mask
 from attnpatch.ops.reference import naive_attention
+from attnpatch.runtime.call import AttentionCall
 
 PATTERN = {0: {"retrieval_heads": [1]}, 2: {"retrieval_heads": [0]}}  # layer 1: both kv heads stream
 

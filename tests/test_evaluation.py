@@ -5,12 +5,11 @@ import json
 import math
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from attnpatch import PatchConfig, PatchError, patch_model
-from attnpatch.evaluation import decoding_perplexity, windowed_perplexity
-from attnpatch.evaluation import lm_tasks, retrieval, vision
+from attnpatch.evaluation import decoding_perplexity, lm_tasks, retrieval, vision, windowed_perplexity
 from attnpatch.evaluation.report import EvalSettings, run_grid
 
 TEXT = ("The river runs past the old mill and the town. The mill was built in 1820 by a local family. "

@@ -2,9 +2,9 @@
 trainable, saved and reloaded; gate-only training through the recipe."""
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from attnpatch import load_patched, patch_model, save_patched, trainable_parameters, unpatch_model
 from attnpatch.runtime.exact import exact_attention  # noqa: F401  (the gated output builds on it)
 

@@ -3,9 +3,9 @@ under its boolean mask, the mask's definition, agent attention against its formu
 window = dense, exact restore), grid inference and errors."""
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from attnpatch import PatchError, patch_model, patched_methods, unpatch_model
 from attnpatch.bench import parse_method_spec
 from attnpatch.ops.block_sparse import block_sparse_attention, dense_mask

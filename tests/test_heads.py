@@ -11,12 +11,12 @@ from attnpatch import (
     PatchError,
     compact_heads,
     greedy_head_pruning,
+    head_importance,
     load_patched,
     patch_model,
     save_patched,
     unpatch_model,
 )
-from attnpatch import head_importance
 from attnpatch.adapters import find_adapter
 
 # (model, {layer: query heads removed}); tiny decoders have 4 query heads in 2 kv groups of 2

@@ -4,14 +4,14 @@ measured cache bytes against the budget, and budget >= length equal to dense."""
 import math
 
 import pytest
+import tiny_models as tm
 import torch
 from transformers import DynamicCache
 
-import tiny_models as tm
 from attnpatch import cache_kwargs, cache_nbytes, patch_model, unpatch_model
-from attnpatch.runtime.layers import CompressedKVLayer
-from attnpatch.runtime.call import AttentionCall
 from attnpatch.registry import get_method, resolve_params
+from attnpatch.runtime.call import AttentionCall
+from attnpatch.runtime.layers import CompressedKVLayer
 
 B, HQ, HKV, D, L = 2, 4, 2, 8, 24
 PAD = 5  # sequence 0 is left-padded by 5 tokens

@@ -2,14 +2,14 @@
 window + state cache against the full forward, and exactness when the window covers everything."""
 
 import pytest
+import tiny_models as tm
 import torch
 from transformers import DynamicCache
 
-import tiny_models as tm
 from attnpatch import PatchError, cache_nbytes, load_patched, patch_model, save_patched, trainable_parameters
-from attnpatch.runtime.layers import HybridWindowLayer
 from attnpatch.ops.hybrid import hybrid_attention, naive_hybrid_attention
 from attnpatch.ops.linear import EluFeatureMap, HedgehogFeatureMap
+from attnpatch.runtime.layers import HybridWindowLayer
 
 B, HQ, HKV, D = 2, 4, 2, 8
 
@@ -150,10 +150,10 @@ def test_attention_weights_reproduce_the_outputs(causal):
 
 def test_attention_cross_entropy_is_softmax_entropy_when_the_window_covers_everything():
     """Hedgehog's loss -sum a log a' is minimised at a' = a, where it equals the softmax entropy."""
-    from attnpatch.runtime.dispatch import attention_cross_entropy
     from attnpatch.ops.hybrid import hybrid_attention_weights
     from attnpatch.ops.kv_select import attention_weights
     from attnpatch.ops.reference import causal_mask
+    from attnpatch.runtime.dispatch import attention_cross_entropy
 
     q, k, v, gate = inputs(13)
     fq, fk = features("elu", q, k)
@@ -169,10 +169,10 @@ def test_attention_cross_entropy_is_softmax_entropy_when_the_window_covers_every
 def test_cross_entropy_fits_hedgehog_maps_to_softmax_weights():
     """Training Hedgehog maps and the gate on the cross-entropy alone closes most of the gap to the
     softmax weights (KL = cross-entropy - entropy), for a peaked causal softmax."""
-    from attnpatch.runtime.dispatch import attention_cross_entropy
     from attnpatch.ops.hybrid import hybrid_attention_weights
     from attnpatch.ops.kv_select import attention_weights
     from attnpatch.ops.reference import causal_mask
+    from attnpatch.runtime.dispatch import attention_cross_entropy
 
     torch.manual_seed(0)
     q, k, _, _ = inputs(32)

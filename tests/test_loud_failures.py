@@ -4,15 +4,15 @@ and says once when the model runs without one."""
 import warnings
 
 import pytest
+import tiny_models as tm
 import torch
 from transformers import DynamicCache, StaticCache
 
-import tiny_models as tm
 from attnpatch import PatchError, cache_nbytes, patch_model, unpatch_model
-from attnpatch.runtime.cache import cache_kwargs
-from attnpatch.runtime.call import AttentionCall
 from attnpatch.errors import _WARNED
 from attnpatch.registry import get_method, resolve_params
+from attnpatch.runtime.cache import cache_kwargs
+from attnpatch.runtime.call import AttentionCall
 
 KV_METHODS = ["streaming", "h2o", "tova", "knorm", "snapkv", "pyramidkv", "kv_quant"]
 

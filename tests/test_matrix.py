@@ -23,10 +23,10 @@ from __future__ import annotations
 import functools
 
 import pytest
+import tiny_models as tm
 import torch
 from transformers import DynamicCache
 
-import tiny_models as tm
 from attnpatch import cache_nbytes, list_methods, patch_model, patched_methods, unpatch_model
 from attnpatch.runtime.cache import cache_kwargs
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from attnpatch import PatchError, load_patched, patched_configs
 from attnpatch.recipes.config import RecipeConfig
 from attnpatch.registry import get_method

@@ -2,9 +2,9 @@
 weights; massive-activation dimensions equal the hidden states'; decoders, ViT, CLIP."""
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from attnpatch import PatchError
 from attnpatch.analysis.sink_inspector import inspect_sinks
 

@@ -3,9 +3,9 @@ every pattern's definition, full budgets equal dense, models (decoders with padd
 decoding through a dense cache, and clear errors."""
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from attnpatch import PatchError, patch_model, unpatch_model
 from attnpatch.ops.block_sparse import block_sparse_attention, dense_mask
 from attnpatch.ops.reference import causal_mask, naive_attention, repeat_kv

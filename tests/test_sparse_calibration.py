@@ -3,9 +3,9 @@ over block_topk layouts and naive softmax weights; the model-level helper's budg
 the config they produce and its save/load round trip."""
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from attnpatch import (
     PatchError,
     calibrate_block_topk,

@@ -4,9 +4,9 @@ exactly the kept features with shortened inputs, labels/masks shrink with them, 
 unpatch restores, and bad input gets clear errors."""
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from attnpatch import PatchError, patch_model, unpatch_model
 from attnpatch.api import patched_methods
 from attnpatch.methods.tokens.visual_token_prune import keep_indices

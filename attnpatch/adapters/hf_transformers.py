@@ -13,10 +13,10 @@ import inspect
 
 from torch import nn
 
+from ..errors import PatchError
 from ..runtime.cache import find_cache, state_layer_for
 from ..runtime.call import CACHE_ABSENT, CACHE_DECLINED, CACHE_OWN, CACHE_UNCHECKED, AttentionCall, normalise_mask
 from ..runtime.dispatch import run_method
-from ..errors import PatchError
 from .base import Adapter, AttentionSite, HeadAccess, split_layer_path, tower_depths
 
 ATTENTION_NAME = "attnpatch"

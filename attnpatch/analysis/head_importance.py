@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from ..config import PatchConfig
 from ..errors import PatchError
-from ..runtime.exact import visible_keys
 from ..ops.kv_select import attention_weights
+from ..runtime.exact import visible_keys
 from .observing import model_inputs, observed, pick_tower, self_attention_sites
 
 SCORES = ("gradient", "output_norm", "entropy")

@@ -10,16 +10,14 @@ from .reference import SoftmaxAttention
 from .sinks.act import AttentionCalibration
 from .sinks.gated import GatedAttention
 from .sinks.var import VisualAttentionRedistribution
-from .sparse.blocks import (
-    AgentAttention,
-    AShapeAttention,
-    BigBirdAttention,
-    BlockTopKAttention,
-    StarAttention,
-    VerticalSlashAttention,
-    Window2DAttention,
-)
+from .sparse.a_shape import AShapeAttention
+from .sparse.agent import AgentAttention
+from .sparse.bigbird import BigBirdAttention
+from .sparse.block_topk import BlockTopKAttention
 from .sparse.sliding_window import SlidingWindowAttention
+from .sparse.star import StarAttention
+from .sparse.vertical_slash import VerticalSlashAttention
+from .sparse.window_2d import Window2DAttention
 from .tokens.visual_token_prune import VisualTokenPrune
 
 BUILTIN_METHODS = (

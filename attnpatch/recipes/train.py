@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from ..api import patch_model, save_patched
 from ..config import PatchConfig
-from ..runtime.dispatch import attention_transfer
 from ..errors import PatchError
+from ..runtime.dispatch import attention_transfer
 from .config import RecipeConfig, StageConfig
 from .data import packed_blocks
 

@@ -12,12 +12,12 @@ import dataclasses
 
 import torch
 
-from ...runtime.layers import DuoHeadLayer
 from ...errors import PatchError
 from ...ops.reference import causal_mask
 from ...ops.sliding import sliding_window_attention
-from ..base import Method, ParamSpec
 from ...runtime.exact import exact_attention, sdpa_attention
+from ...runtime.layers import DuoHeadLayer
+from ..base import Method, ParamSpec
 
 
 def _query_heads(kv_heads: list[int], groups: int) -> list[int]:

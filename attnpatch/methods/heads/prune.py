@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ...errors import PatchError
-from .surgery import HeadArrangement, gather_blocks, padded_blocks, sliced_linear, unpadded_blocks, zero_heads
 from ..base import INTERVENTIONS_ATTR, Method, ParamSpec
+from .surgery import HeadArrangement, gather_blocks, padded_blocks, sliced_linear, unpadded_blocks, zero_heads
 
 
 def _full_geometry(config) -> tuple[int, int]:

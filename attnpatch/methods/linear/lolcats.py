@@ -8,8 +8,8 @@ import math
 import torch
 from torch import nn
 
-from ...runtime.layers import HybridWindowLayer
 from ...ops.hybrid import hybrid_attention, hybrid_attention_weights
+from ...runtime.layers import HybridWindowLayer
 from ..base import ParamSpec
 from .linear import LinearAttention
 

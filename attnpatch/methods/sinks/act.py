@@ -16,8 +16,8 @@ import torch
 
 from ...errors import PatchError
 from ...ops.sink_recalibration import sink_calibrated_attention
-from ..base import Method, ParamSpec
 from ...runtime.exact import exact_attention, visible_keys
+from ..base import Method, ParamSpec
 
 
 def _head_subset(call, heads: list[int]):

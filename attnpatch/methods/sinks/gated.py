@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ...errors import PatchError
-from ..base import Method, ParamSpec
 from ...runtime.exact import exact_attention
+from ..base import Method, ParamSpec
 
 INPUT_ATTR = "_attnpatch_gate_input"
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ...runtime.cache import find_cache
 from ...errors import PatchError
 from ...ops.sink_recalibration import massive_tokens, visual_sink_redistribution
-from ..base import Method, ParamSpec
+from ...runtime.cache import find_cache
 from ...runtime.exact import exact_attention, visible_keys
+from ..base import Method, ParamSpec
 from ..tokens.visual_token_prune import _vlm, named_inputs, sites_within
 
 

@@ -19,8 +19,8 @@ import torch
 
 from ...errors import PatchError
 from ...ops.kv_select import attention_weights
-from ..base import Method, ParamSpec
 from ...runtime.exact import exact_attention, visible_keys
+from ..base import Method, ParamSpec
 
 MODES = ("rank", "row")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
+
 class MappedBatchOps:
     """Beam search and batch edits for layers that define `_map(fn)` over their tensors."""
 

@@ -1,0 +1,21 @@
+"""a_shape: sinks + a local window, at block granularity (MInference's A-shape)."""
+
+from __future__ import annotations
+
+from ...ops.sparse_patterns import a_shape
+from ..base import ParamSpec
+from .base import BLOCK_SIZE, BlockSparseMethod
+
+
+class AShapeAttention(BlockSparseMethod):
+    name = "a_shape"
+    summary = ("Sinks + local window at block granularity (MInference's A-shape): each query block computes the "
+               "first `sink_blocks` key blocks and its `local_blocks` nearest ones, nothing else.")
+    params = (BLOCK_SIZE,
+              ParamSpec("sink_blocks", int, 1, "initial key blocks every query block computes", low=0),
+              ParamSpec("local_blocks", int, 4, "nearest key blocks (the diagonal included)", low=1))
+
+    def layout(self, call):
+        c = self.config
+        return a_shape(call.query.shape[-2], call.key.shape[-2], c["block_size"], causal=call.causal,
+                       sink_blocks=c["sink_blocks"], local_blocks=c["local_blocks"], device=call.query.device)

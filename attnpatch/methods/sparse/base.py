@@ -1,0 +1,46 @@
+"""What block-sparse methods share: a `BlockLayout` per call, computed block by block (only the
+kept key blocks); a single decoding query attends its whole dense cache exactly, so generation
+stays correct."""
+
+from __future__ import annotations
+
+from ...errors import PatchError
+from ...ops.block_sparse import block_sparse_attention
+from ...runtime.exact import exact_attention
+from ..base import Method, ParamSpec
+
+BLOCK_SIZE = ParamSpec("block_size", int, 64, "tokens per query and key block", low=1, high=8192)
+
+
+
+
+class BlockSparseMethod(Method):
+    family = "sparse"
+    params = (BLOCK_SIZE,)
+    last_density: float | None = None  # computed / dense key blocks of the latest sparse call
+
+    def layout(self, call):
+        raise NotImplementedError
+
+    def skips_blocks(self, call) -> bool:
+        """False for a decoding step or a single key block: nothing to skip."""
+        return call.query.shape[-2] > 1 and call.key.shape[-2] > self.config["block_size"]
+
+    def needs_unpadded_rows(self, call) -> bool:  # blocks start at a row's first real token
+        return self.skips_blocks(call)
+
+    def attention(self, call):
+        lk = call.key.shape[-2]
+        if not self.skips_blocks(call):
+            return exact_attention(call)
+        layout = self.layout(call)
+        self.last_density = layout.density(lk, call.causal)  # for benchmarks: fraction of blocks computed
+        return block_sparse_attention(call.query, call.key, call.value, layout, call.mask,
+                                      causal=call.causal, scaling=call.scaling, softcap=call.softcap)
+
+    def check_site(self, site) -> None:  # per-kv-head list parameters must match the layer
+        for spec in self.params:
+            if spec.kind is list and self.config.get(spec.name) is not None:
+                if len(self.config[spec.name]) != site.num_kv_heads:
+                    raise PatchError(f"{self.name}: {spec.name} has {len(self.config[spec.name])} entries but "
+                                     f"{site.path} has {site.num_kv_heads} kv heads; give one value per kv head")
