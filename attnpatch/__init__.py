@@ -10,6 +10,7 @@ from .analysis.duo_training import DuoCalibration, train_duo_heads
 from .analysis.head_importance import HeadImportance, greedy_head_pruning, head_importance
 from .analysis.sink_inspector import SinkReport, inspect_sinks
 from .api import (
+    compact_heads,
     is_patched,
     load_patched,
     patch_model,
@@ -22,7 +23,6 @@ from .api import (
 from .config import PatchConfig
 from .errors import PatchError, UnsupportedModelError
 from .methods.base import Method, ParamSpec
-from .methods.heads.prune import compact_heads
 from .registry import MethodInfo, list_methods, register_method, unregister_method
 from .runtime.cache import cache_kwargs, cache_nbytes
 

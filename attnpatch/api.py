@@ -14,6 +14,7 @@ from .adapters import Adapter, AttentionSite, find_adapter
 from .config import PatchConfig
 from .errors import PatchError
 from .methods.base import INTERVENTIONS_ATTR, Method, attnpatch_entries
+from .methods.heads.prune import zero_head_patches
 from .registry import get_method, resolve_params
 
 RECORD_ATTR = "_attnpatch_record"
@@ -192,6 +193,17 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def compact_heads(model: nn.Module, towers: list[str] | None = None) -> dict[str, dict[int, list[int]]]:
+    """Remove every head whose output-projection columns are all zero (the padding a saved pruned
+    checkpoint carries) with a `prune_heads` patch per tower; returns {tower: {layer: heads removed}}.
+    Outputs do not change; compute and parameters fall to the pruned model's."""
+    _, sites = find_adapter(model)
+    patches = zero_head_patches(sites, towers)
+    for patch in patches:
+        patch_model(model, PatchConfig.from_dict(patch))
+    return {patch["towers"][0]: {layer: p["heads"] for layer, p in patch["layer_params"].items()} for patch in patches}
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters attnpatch added to the model (feature maps, gates, ...), by state_dict name."""
     return {name: p for name, p in model.named_parameters() if _is_attnpatch_key(name)}
@@ -282,8 +294,10 @@ def load_patched(path_or_id: str | os.PathLike, **from_pretrained_kwargs) -> nn.
     if model_cls is None:
         raise PatchError(f"{library} has no class {class_name!r}; is the installed {library} too old?")
     model = model_cls.from_pretrained(str(path), **from_pretrained_kwargs)
+    _, sites = find_adapter(model)
     for method in dict.fromkeys(patch["method"] for patch in manifest.get("baked", [])):
-        get_method(method).after_reload(model)
+        for patch in get_method(method).after_reload(sites):
+            patch_model(model, PatchConfig.from_dict(patch))
     for patch in manifest["patches"]:
         patch_model(model, PatchConfig.from_dict(patch))
     params_file = manifest.get("parameters_file")

@@ -31,7 +31,7 @@ def _cmd_list(args) -> int:
 
 
 def _parse_params(items: list[str]) -> dict:
-    from .bench import parse_value
+    from .config import parse_value
 
     params = {}
     for item in items or []:
@@ -61,7 +61,8 @@ def _cmd_patch(args) -> int:
 def _cmd_compare(args) -> int:
     import torch
 
-    from .bench import compare, format_table, load_text
+    from .evaluation.compare import compare, format_table
+    from .evaluation.data import load_text
     from .models import load_model
 
     if args.threads:
@@ -177,7 +178,7 @@ def _cmd_eval(args) -> int:
     vision = [m for m in args.metrics if m in VISION_METRICS]
     if vision and len(vision) != len(args.metrics):
         raise PatchError("vision metrics (vit, clip, dit, llava) and text metrics need different models; run them separately")
-    from .bench import parse_method_spec
+    from .config import parse_method_spec
 
     for spec in args.methods:  # fail on a bad method before loading anything
         parse_method_spec(spec)

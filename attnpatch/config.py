@@ -1,9 +1,11 @@
-"""PatchConfig: what to patch, with which method and parameters; validated and JSON round-trippable."""
+"""PatchConfig: what to patch, with which method and parameters; validated and JSON round-trippable.
+Method specs (`name:key=value,...` or a JSON file) are how the command line names one."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import PatchError
@@ -109,3 +111,55 @@ class PatchConfig:
     @classmethod
     def from_json(cls, text: str) -> "PatchConfig":
         return cls.from_dict(json.loads(text))
+
+
+# method specs: the command line's (and JSON files') way to name a PatchConfig
+
+
+def parse_method_spec(spec: str) -> PatchConfig | None:
+    """'dense' -> None; 'sliding_window:window=64,sinks=4' -> PatchConfig (values parsed as
+    int, float, bool or string; a list of integers as 4/4/8/8); a path to a .json file -> the
+    PatchConfig saved in it (per-layer settings from a calibration, e.g. calibrate_act)."""
+    spec = spec.strip()
+    if spec in ("dense", "none", "baseline"):
+        return None
+    if spec.endswith(".json"):
+        path = Path(spec)
+        if not path.is_file():
+            raise PatchError(f"method spec {spec!r} names a JSON patch config, but there is no such file")
+        return PatchConfig.from_json(path.read_text())
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"bad parameter {item!r} in {spec!r}: expected key=value")
+        params[key.strip()] = parse_value(value.strip())
+    return PatchConfig(name.strip(), params).validated()
+
+
+def parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    if "/" in text:  # list parameters: per-head budgets 4/4/8/8, a grid 32/48
+        try:
+            return [int(part) for part in text.split("/")]
+        except ValueError:
+            pass
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def describe(config: PatchConfig | None) -> str:
+    if config is None:
+        return "dense"
+    params = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}"
+                      for k, v in config.params.items() if v is not None)
+    return f"{config.method}({params})" if params else config.method

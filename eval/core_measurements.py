@@ -19,7 +19,9 @@ import torch
 import transformers
 
 from attnpatch import cache_kwargs, cache_nbytes, patch_model, unpatch_model
-from attnpatch.bench import compare, format_table, load_text, peak_memory
+from attnpatch.evaluation.compare import compare, format_table
+from attnpatch.evaluation.data import load_text
+from attnpatch.evaluation.memory import peak_memory
 from attnpatch.models import load_default_model
 
 PPL_SPECS = ["dense", "sliding_window:window=256,sinks=4", "sliding_window:window=64,sinks=4", "linear:feature_map=elu"]

@@ -7,7 +7,7 @@ import tiny_models as tm
 import torch
 
 from attnpatch import PatchError, patch_model, patched_methods, unpatch_model
-from attnpatch.bench import parse_method_spec
+from attnpatch.config import parse_method_spec
 from attnpatch.ops.block_sparse import block_sparse_attention, dense_mask
 from attnpatch.ops.grid2d import (
     PatchGrid,

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import patch_model, unpatch_model
-from ..bench import parse_method_spec
+from ..config import parse_method_spec
 from . import lm_tasks, retrieval, speed, vision
 from .data import load_text
 from .perplexity import decoding_perplexity, windowed_perplexity

@@ -157,9 +157,11 @@ class Method:
         return None
 
     @classmethod
-    def after_reload(cls, model) -> None:
-        """For methods whose change is baked into saved weights ("structure"): what `load_patched`
-        runs on the reloaded checkpoint instead of patching again."""
+    def after_reload(cls, sites) -> list[dict]:
+        """For methods whose change is baked into saved weights ("structure"): the patch configs (dict
+        form) `load_patched` applies to the reloaded checkpoint's attention `sites` instead of
+        patching again (e.g. stripping the zero heads a pruned checkpoint carries)."""
+        return []
 
     def uses_state(self) -> bool:
         """True when decoding keeps this method's own cache layer."""

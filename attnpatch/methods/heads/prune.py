@@ -154,22 +154,17 @@ class PruneHeads(Method):
         return undo
 
     @classmethod
-    def after_reload(cls, model) -> None:
+    def after_reload(cls, sites) -> list[dict]:
         """A checkpoint saved from a pruned model holds zero heads where layers were narrower; strip them."""
-        compact_heads(model)
+        return zero_head_patches(sites)
 
 
 _MISSING = object()
 
 
-def compact_heads(model, towers: list[str] | None = None) -> dict[str, dict[int, list[int]]]:
-    """Remove every head whose output-projection columns are all zero (the padding a saved pruned
-    checkpoint carries) with a `prune_heads` patch per tower; returns {tower: {layer: heads removed}}.
-    Outputs do not change; compute and parameters fall to the pruned model's."""
-    from ...adapters import find_adapter
-    from ...api import patch_model
-
-    _, sites = find_adapter(model)
+def zero_head_patches(sites, towers: list[str] | None = None) -> list[dict]:
+    """One `prune_heads` patch (dict form) per tower that removes every head whose output-projection
+    columns are all zero (the padding a saved pruned checkpoint carries)."""
     found: dict[str, dict[int, list[int]]] = defaultdict(dict)
     for site in sites:
         if site.heads is None or (towers is not None and not any(t in site.tower for t in towers)):
@@ -177,7 +172,6 @@ def compact_heads(model, towers: list[str] | None = None) -> dict[str, dict[int,
         zero = zero_heads(getattr(site.module, site.heads.projections[3]), site.head_dim)
         if zero:
             found[site.tower][site.layer] = zero
-    for tower, layers in found.items():
-        patch_model(model, "prune_heads", layers=sorted(layers), towers=[tower],
-                    layer_params={layer: {"heads": heads} for layer, heads in layers.items()})
-    return dict(found)
+    return [{"method": "prune_heads", "layers": sorted(layers), "towers": [tower],
+             "layer_params": {layer: {"heads": heads} for layer, heads in layers.items()}}
+            for tower, layers in found.items()]
