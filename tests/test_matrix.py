@@ -150,6 +150,11 @@ def assert_active(name: str, model, model_name: str, cache, before_params: int):
         assert sum(p.numel() for p in model.parameters()) < before_params
         return
     assert all(m.calls > 0 for m in methods), f"{name}: some patched modules were never called"
+    if name == "visual_token_prune":  # the language model saw fewer tokens than the prompt has
+        ids = llava_inputs(model, left_pad=PAD)[0]
+        assert cache.get_seq_length() < ids.shape[1] + STEPS
+    if name == "var":  # visual sinks were found and redistributed in some layer
+        assert any(m.sinks is not None and bool(m.sinks.any()) for m in methods)
     if name in KV or name in ("kv_quant", "duo_heads"):
         layers = [cache.layers[m.site.layer] for m in methods]
         expected = {"kv_quant": "QuantizedKVLayer", "duo_heads": "DuoHeadLayer"}.get(name, "CompressedKVLayer")

@@ -17,7 +17,7 @@ from ...ops.sink_recalibration import massive_tokens, visual_sink_redistribution
 from ...runtime.cache import find_cache
 from ...runtime.exact import exact_attention, visible_keys
 from ..base import Method, ParamSpec
-from ..tokens.visual_token_prune import _vlm, named_inputs, sites_within
+from ..vlm import llava_parts, named_inputs, sites_within
 
 
 def _fit(mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -54,7 +54,7 @@ class VisualAttentionRedistribution(Method):
 
     @classmethod
     def default_sites(cls, model, sites):
-        vlm = _vlm(model)
+        vlm = llava_parts(model, "var")
         language = sites_within(sites, vlm.language_model)
         if not language:
             raise PatchError("var found no attention module in the language model")
@@ -79,7 +79,7 @@ class VisualAttentionRedistribution(Method):
 
     @classmethod
     def finish_patch(cls, model, adapter, placements):
-        vlm = _vlm(model)
+        vlm = llava_parts(model, "var")
         dims = placements[0][1].config["dims"]
         width = vlm.config.text_config.hidden_size
         if dims and max(dims) >= width:
@@ -100,6 +100,9 @@ class VisualAttentionRedistribution(Method):
         def find_images(module, args, kwargs):
             kwargs = inputs_of(args, kwargs)
             ids = kwargs.get("input_ids")
+            if ids is None and kwargs.get("pixel_values") is not None:
+                raise PatchError("var finds the image tokens in input_ids; this call gave pixel_values without "
+                                 "input_ids (inputs_embeds?), so var could not act. Pass input_ids")
             cache = find_cache((), kwargs)
             fresh = cache is None or cache.get_seq_length() == 0
             if ids is not None and bool((ids == vlm.config.image_token_id).any()):

@@ -13,7 +13,6 @@ sequences it returns carry the shortened prompt.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 
@@ -21,31 +20,9 @@ from ...errors import PatchError
 from ...ops.kv_select import attention_weights
 from ...runtime.exact import exact_attention, visible_keys
 from ..base import Method, ParamSpec
+from ..vlm import llava_parts, named_inputs, sites_within
 
 MODES = ("rank", "row")
-
-
-def _vlm(model):
-    """The module owning vision_tower + multi_modal_projector (the model or its .model), or PatchError."""
-    for module in (model, getattr(model, "model", None)):
-        if module is not None and hasattr(module, "vision_tower") and hasattr(module, "multi_modal_projector") \
-                and hasattr(module, "get_image_features"):
-            return module
-    raise PatchError(f"visual_token_prune needs a Llava-style VLM (a vision_tower, a multi_modal_projector and "
-                     f"get_image_features, e.g. LlavaForConditionalGeneration); got {type(model).__name__}")
-
-
-def sites_within(sites, module) -> list:
-    """The self-attention sites inside `module` (a VLM's vision tower or language model)."""
-    inside = set(module.modules())
-    return [s for s in sites if s.module in inside and not s.cross]
-
-
-def named_inputs(forward):
-    """A function turning a call's (args, kwargs) into one dict of `forward`'s named inputs (for
-    forward pre-hooks, which see positional inputs apart)."""
-    names = list(inspect.signature(forward).parameters)
-    return lambda args, kwargs: {**dict(zip(names, args)), **kwargs}
 
 
 def kept_count(tokens: int, ratio: float, mode: str, grid: int) -> int:
@@ -112,7 +89,7 @@ class VisualTokenPrune(Method):
 
     @classmethod
     def default_sites(cls, model, sites):
-        vlm = _vlm(model)
+        vlm = llava_parts(model, "visual_token_prune")
         layer = vlm.config.vision_feature_layer
         if not isinstance(layer, int):
             raise PatchError(f"visual_token_prune scores tokens at one vision layer; this model concatenates layers "
@@ -145,7 +122,7 @@ class VisualTokenPrune(Method):
             raise PatchError("visual_token_prune scores tokens at one vision layer; leave towers and layers unset (it "
                              "picks the feature layer) or select exactly one layer of the vision tower")
         (site, method), = placements
-        vlm = _vlm(model)
+        vlm = llava_parts(model, "visual_token_prune")
         vision = vlm.config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         grid = vision.image_size // vision.patch_size
