@@ -7,7 +7,8 @@
 
 from .analysis.block_topk_calibration import SparseCalibration, calibrate_block_topk
 from .analysis.duo_training import DuoCalibration, train_duo_heads
-from .analysis.head_importance import HeadImportance, greedy_head_pruning, head_importance
+from .analysis.head_importance import greedy_head_pruning, head_importance
+from .analysis.head_plans import HeadImportance
 from .analysis.sink_inspector import SinkReport, inspect_sinks
 from .api import (
     compact_heads,

@@ -61,7 +61,7 @@ class DuoCalibration:
 def passkey_batches(tokenizer, count: int, length: int, seed: int = 0) -> list[torch.Tensor]:
     """Synthetic passkey prompts of about `length` tokens with the answer appended, needles at
     random depths (the training data DuoAttention uses)."""
-    from ..evaluation.retrieval import passkey_case
+    from .retrieval_prompts import passkey_case
 
     rng = random.Random(seed)
     batches = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,9 +18,10 @@ from ..config import parse_method_spec
 from . import lm_tasks, retrieval, speed, vision
 from .data import load_text
 from .perplexity import decoding_perplexity, windowed_perplexity
+from .report_markdown import VISION_METRICS, render_markdown
+from .report_plots import make_plots
 
 TEXT_METRICS = ("ppl", "decode_ppl", "lm_eval", "passkey", "needle", "speed", "sinks")
-VISION_METRICS = ("vit", "clip", "dit", "llava")
 METRICS = TEXT_METRICS + VISION_METRICS
 
 
@@ -179,182 +179,3 @@ def run_grid(model, tokenizer, methods: list[str], metrics: list[str], settings:
 
 
 # ----------------------------------------------------------------------------- rendering
-
-
-def _ratio(value, base):
-    return value / base if base else float("nan")
-
-
-def render_markdown(report: dict) -> str:
-    r, specs = report["results"], report["methods"]
-    env = report["environment"]
-    lines = [f"# attnpatch before-vs-after: {report['model']}", "",
-             f"{env['date']} · torch {env['torch']} · transformers {env['transformers']} · {env['device']} "
-             f"({env.get('gpu', env['cpu'])}), {env['threads']} threads · seed {env['seed']}", ""]
-    if "ppl" in report["metrics"]:
-        s = report["settings"]
-        lines += [f"## Perplexity ({report['text']}; {s['ppl_window']}-token windows, stride "
-                  f"{s['ppl_stride'] or s['ppl_window']})", "", "| method | perplexity | vs dense | tokens | tokens/s |",
-                  "|---|---|---|---|---|"]
-        base = r["dense"]["ppl"]["perplexity"]
-        for spec in specs:
-            p = r[spec]["ppl"]
-            lines.append(f"| {spec} | {p['perplexity']:.2f} | {_ratio(p['perplexity'], base):.3f}x | {p['tokens']} | "
-                         f"{p['tokens_per_s']:.0f} |")
-        lines.append("")
-    if "decode_ppl" in report["metrics"]:
-        s = report["settings"]
-        lines += [f"## Decoding perplexity ({s['decode_prefill']} tokens prefilled, then token by token to "
-                  f"{s['decode_tokens']} through the cache; tokens after the prefill scored)", "",
-                  "| method | perplexity | vs dense | KV bytes at end | KV vs dense | decode tok/s | vs dense |",
-                  "|---|---|---|---|---|---|---|"]
-        base = r["dense"]["decode_ppl"]
-        for spec in specs:
-            p = r[spec]["decode_ppl"]
-            lines.append(f"| {spec} | {p['perplexity']:.2f} | {_ratio(p['perplexity'], base['perplexity']):.3f}x | "
-                         f"{p['cache_bytes']:,} | {_ratio(p['cache_bytes'], base['cache_bytes']):.3f} | "
-                         f"{p['decode_tokens_per_s']:.1f} | "
-                         f"{_ratio(p['decode_tokens_per_s'], base['decode_tokens_per_s']):.2f}x |")
-        lines.append("")
-    if "lm_eval" in report["metrics"]:
-        tasks = [t for t in r["dense"]["lm_eval"] if not t.startswith("_")]
-        lines += ["## lm-eval tasks (accuracy; acc_norm where the task has it)", "",
-                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-        for spec in specs:
-            cells = []
-            for task in tasks:
-                m = r[spec]["lm_eval"].get(task, {})
-                cell = f"{m.get('acc', float('nan')):.3f}"
-                if "acc_norm" in m:
-                    cell += f" / {m['acc_norm']:.3f}"
-                cells.append(cell)
-            lines.append(f"| {spec} | " + " | ".join(cells) + " |")
-        lines.append("")
-    for kind in ("passkey", "needle"):
-        if kind in report["metrics"]:
-            lengths = list(r["dense"][kind]["grid"])
-            lines += [f"## {kind} retrieval (accuracy over depths {report['settings']['retrieval_depths']})", "",
-                      "| method | all | " + " | ".join(f"{length} tokens" for length in lengths) + " |",
-                      "|---|---|" + "---|" * len(lengths)]
-            for spec in specs:
-                g = r[spec][kind]["grid"]
-                cells = [f"{sum(g[length].values()) / len(g[length]):.2f}" for length in lengths]
-                lines.append(f"| {spec} | {r[spec][kind]['accuracy']:.2f} | " + " | ".join(cells) + " |")
-            lines.append("")
-    if "sinks" in report["metrics"]:
-        lines += ["## Attention sinks (sink inspector, 4 x 512 tokens)", "",
-                  "| method | first-token mass | heads > 0.5 on it | other-sink mass | largest activation (x median) | plot |",
-                  "|---|---|---|---|---|---|"]
-        for spec in specs:
-            k = r[spec]["sinks"]
-            lines.append(f"| {spec} | {k['first_token_mass']:.3f} | {k['heads_over_half']} of {k['heads']} | "
-                         f"{k['other_sink_mass']:.3f} | {k['max_activation']:.3g} ({k['max_activation_vs_median']:.0f}x) | "
-                         f"{k['plot']} |")
-        lines.append("")
-    if "speed" in report["metrics"]:
-        lengths = [row["tokens"] for row in r["dense"]["speed"]["prefill"]]
-        lines += ["## Speed and memory (ratios to dense measured in this run)", "",
-                  "| method | " + " | ".join(f"prefill {n} (s, vs dense)" for n in lengths) +
-                  " | decode tok/s (vs dense) | KV bytes (vs dense) |", "|---|" + "---|" * (len(lengths) + 2)]
-        dense = r["dense"]["speed"]
-        for spec in specs:
-            sp = r[spec]["speed"]
-            cells = [f"{row['seconds']:.3f} ({_ratio(row['seconds'], base['seconds']):.2f}x)"
-                     for row, base in zip(sp["prefill"], dense["prefill"])]
-            d, db = sp["decode"], dense["decode"]
-            cells.append(f"{d['decode_tokens_per_s']:.1f} ({_ratio(d['decode_tokens_per_s'], db['decode_tokens_per_s']):.2f}x)")
-            cells.append(f"{d['kv_bytes']:,} ({_ratio(d['kv_bytes'], db['kv_bytes']):.3f})")
-            lines.append(f"| {spec} | " + " | ".join(cells) + " |")
-        lines.append("")
-    for metric in VISION_METRICS:
-        if metric in report["metrics"]:
-            keys = list(r["dense"][metric])
-            lines += [f"## {metric} agreement with the dense model", "", "| method | " + " | ".join(keys) + " |",
-                      "|---|" + "---|" * len(keys)]
-            for spec in specs:
-                lines.append(f"| {spec} | " + " | ".join(f"{r[spec][metric][k]:.4g}" for k in keys) + " |")
-            lines.append("")
-    lines += ["## Time per metric (seconds, all methods)", "", "| metric | " + " | ".join(specs) + " |",
-              "|---|" + "---|" * len(specs)]
-    for metric, per in report["seconds"].items():
-        lines.append(f"| {metric} | " + " | ".join(f"{per.get(spec, float('nan')):.1f}" for spec in specs) + " |")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def make_plots(report: dict, out_dir: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    r, specs, written = report["results"], report["methods"], []
-    if "decode_ppl" in report["metrics"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        base = r["dense"]["decode_ppl"]["cache_bytes"]
-        for spec in specs:
-            p = r[spec]["decode_ppl"]
-            ax.scatter(p["cache_bytes"] / base, p["perplexity"], s=40)
-            ax.annotate(spec, (p["cache_bytes"] / base, p["perplexity"]), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")
-        ax.set_xlabel("KV-cache bytes / dense (measured)")
-        ax.set_ylabel("decoding perplexity")
-        ax.set_yscale("log")
-        ax.set_title("quality vs compression")
-        fig.tight_layout()
-        written.append(out_dir / "quality_vs_compression.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    if "ppl" in report["metrics"]:
-        fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(specs)))
-        ax.barh(specs, [r[s]["ppl"]["perplexity"] for s in specs])
-        ax.set_xscale("log")
-        ax.set_xlabel("perplexity (log)")
-        ax.invert_yaxis()
-        fig.tight_layout()
-        written.append(out_dir / "perplexity.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    if "speed" in report["metrics"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for spec in specs:
-            rows = r[spec]["speed"]["prefill"]
-            ax.plot([x["tokens"] for x in rows], [x["seconds"] for x in rows], marker="o", label=spec)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel("prefill seconds")
-        ax.set_title("latency vs length")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "latency_vs_length.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    for kind in ("passkey", "needle"):
-        if kind not in report["metrics"]:
-            continue
-        columns = min(len(specs), 6)
-        rows = -(-len(specs) // columns)
-        fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns + 1, 2.9 * rows), squeeze=False,
-                                 constrained_layout=True)
-        for ax in axes.flat[len(specs):]:
-            ax.axis("off")
-        for ax, spec in zip(axes.flat, specs):
-            grid = r[spec][kind]["grid"]
-            lengths = list(grid)
-            depths = list(grid[lengths[0]])
-            data = [[grid[length][d] for length in lengths] for d in depths]
-            image = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-            ax.set_xticks(range(len(lengths)), lengths, fontsize=7)
-            ax.set_yticks(range(len(depths)), [f"{float(d):.2f}" for d in depths], fontsize=7)
-            ax.set_title("\n".join(textwrap.wrap(spec.replace(":", ": ").replace(",", ", "), 24)), fontsize=7)
-            ax.set_xlabel("tokens", fontsize=7)
-        for row in axes:
-            row[0].set_ylabel("needle depth", fontsize=7)
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
-        written.append(out_dir / f"{kind}_heatmap.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    return written

@@ -1,0 +1,96 @@
+"""The package's layers, top to bottom: every import (function-level ones included) points down
+or stays inside its own package, and modules import each other without a cycle.
+
+    __init__ -> cli -> evaluation, recipes -> analysis -> models -> api -> config
+      -> registry, adapters -> methods -> runtime -> ops -> errors
+"""
+
+import ast
+from pathlib import Path
+
+import attnpatch
+
+PACKAGE = Path(attnpatch.__file__).parent
+# rank of each top-level part: an import may only go to a lower rank, or within the same part
+RANKS = {"errors": 0, "ops": 1, "runtime": 2, "methods": 3, "registry": 4, "adapters": 4, "config": 5, "api": 6,
+         "models": 7, "analysis": 8, "evaluation": 9, "recipes": 9, "cli": 10, "__init__": 11}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """attnpatch modules `path` imports anywhere in its body (as module names, resolved)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("attnpatch")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif (node.module or "").startswith("attnpatch"):
+                target = node.module
+            else:
+                continue
+            for alias in node.names:  # `from pkg import submodule` imports the submodule
+                found.add(f"{target}.{alias.name}" if (PACKAGE.parent / f"{target}.{alias.name}".replace(".", "/")).exists()
+                          or (PACKAGE.parent / (f"{target}.{alias.name}".replace(".", "/") + ".py")).exists() else target)
+    return found
+
+
+def part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def test_every_part_has_a_rank():
+    assert {part(m) for m in graph()} <= set(RANKS), sorted({part(m) for m in graph()} - set(RANKS))
+
+
+def test_no_import_points_up():
+    upward = [f"{m} -> {t}" for m, targets in graph().items() for t in targets
+              if part(t) != part(m) and RANKS[part(t)] >= RANKS[part(m)]]
+    assert not upward, "imports that point up or sideways:\n" + "\n".join(sorted(upward))
+
+
+def test_no_import_cycle():
+    edges = graph()
+    modules = set(edges)
+
+    def resolve(target: str) -> str | None:  # a name imported from a package's __init__ counts as the package
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        return target or None
+
+    edges = {m: {r for t in targets if (r := resolve(t)) and r != m} for m, targets in edges.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(edges[m]):
+            if state.get(t) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(t):] + [t]))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m)
+
+
+def test_no_module_is_over_300_lines():
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 300}
+    assert not long, long
