@@ -1,6 +1,6 @@
 """KV-cache compression: one scorer per file on a shared base (base.py), and kv_quant."""
 
-from .base import KVCompressionMethod
+from .base import KVCacheMethod, KVCompressionMethod
 from .h2o import H2O
 from .knorm import KNorm
 from .pyramidkv import PyramidKV
@@ -9,4 +9,4 @@ from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
 
-__all__ = ["H2O", "KNorm", "KVCompressionMethod", "KVQuant", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA"]
+__all__ = ["H2O", "KNorm", "KVCacheMethod", "KVCompressionMethod", "KVQuant", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA"]

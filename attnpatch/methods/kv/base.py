@@ -30,10 +30,16 @@ BUDGET_PARAMS = (
 )
 
 
-class KVCompressionMethod(Method):
+class KVCacheMethod(Method):
+    """What every method of the family is: a decoder method acting on the KV cache through its own
+    cache layer (attention and cache interventions)."""
+
     family = "kv-compressed"
     model_kinds = ("decoder",)
     interventions = frozenset({"attention", "cache"})
+
+
+class KVCompressionMethod(KVCacheMethod):
     cache_layer_class = CompressedKVLayer
     evict_while_decoding: ClassVar[bool] = True
     accumulates: ClassVar[bool] = False  # scores add up over calls (H2O); the base keeps the running sum

@@ -5,17 +5,15 @@ from __future__ import annotations
 from ...errors import PatchError
 from ...runtime.exact import exact_attention
 from ...runtime.layers import QuantizedKVLayer
-from ..base import Method, ParamSpec
+from ..base import ParamSpec
+from .base import KVCacheMethod
 
 
-class KVQuant(Method):
+class KVQuant(KVCacheMethod):
     name = "kv_quant"
-    family = "kv-compressed"
     summary = ("Quantised KV cache (KIVI-style): keys per channel over token groups, values per token over channel "
                "groups, at 2/4/8 bits packed with float16 scales; the first `sinks` tokens and the newest "
                "`residual` stay in full precision. Attention itself is exact over the dequantised entries.")
-    model_kinds = ("decoder",)
-    interventions = frozenset({"attention", "cache"})
     cache_layer_class = QuantizedKVLayer
     params = (
         ParamSpec("bits", int, 4, "bits per quantised key/value element", choices=(2, 4, 8)),

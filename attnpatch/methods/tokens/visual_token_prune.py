@@ -121,91 +121,109 @@ class VisualTokenPrune(Method):
         if len(placements) != 1:
             raise PatchError("visual_token_prune scores tokens at one vision layer; leave towers and layers unset (it "
                              "picks the feature layer) or select exactly one layer of the vision tower")
-        (site, method), = placements
-        vlm = llava_parts(model, "visual_token_prune")
-        vision = vlm.config.vision_config
-        patches = (vision.image_size // vision.patch_size) ** 2
-        grid = vision.image_size // vision.patch_size
-        keep = kept_count(patches, method.config["ratio"], method.config["mode"], grid)
-        owner = model  # the outermost forward: it holds labels, which must shrink with the tokens
-        inputs_of = named_inputs(owner.forward)
-        if "generate" in owner.__dict__ or "get_image_features" in vlm.__dict__:
+        (_, method), = placements
+        if "generate" in model.__dict__ or "get_image_features" in llava_parts(model, cls.name).__dict__:
             raise PatchError("visual_token_prune is already applied to this model (or generate was replaced); unpatch first")
+        return _PromptShortener(model, method).install()
 
-        def features_per_image(strategy):
-            strategy = strategy or vlm.config.vision_feature_select_strategy
-            return patches + (1 if strategy == "full" else 0), keep + (1 if strategy == "full" else 0)
 
-        original_features = vlm.get_image_features  # bound method of the class (or an earlier wrapper)
+class _PromptShortener:
+    """Wires visual_token_prune into a Llava: the image features keep only the top tokens, and each
+    image's run of placeholder tokens in the prompt (ids, masks, labels, positions) is cut to match,
+    in the outermost forward (which holds the labels) and in generate."""
 
-        @functools.wraps(original_features)
-        def get_image_features(*args, **kwargs):
-            method.capture = True
-            try:
-                image = original_features(*args, **kwargs)
-            finally:
-                method.capture = False
-            scores, method.scores = method.scores, None
-            if kwargs.get("image_sizes") is not None:
-                raise PatchError("visual_token_prune supports fixed-size images (Llava); image_sizes was given")
-            order = keep_indices(scores, method.config["ratio"], method.config["mode"])
-            features = image.pooler_output if isinstance(image.pooler_output, (list, tuple)) else list(image.pooler_output)
-            if features and features[0].shape[0] == scores.shape[-1] + 1:  # "full": the [CLS] feature stays first
-                order = torch.cat([order.new_zeros(order.shape[0], 1), order + 1], dim=-1)
-            image.pooler_output = [f[i.to(f.device)] for f, i in zip(features, order)]
-            return image
+    def __init__(self, model, method: VisualTokenPrune):
+        self.owner, self.method = model, method
+        self.vlm = llava_parts(model, method.name)
+        vision = self.vlm.config.vision_config
+        grid = vision.image_size // vision.patch_size
+        self.patches = grid * grid
+        self.keep = kept_count(self.patches, method.config["ratio"], method.config["mode"], grid)
+        self.inputs_of = named_inputs(model.forward)
+        self.original_features = self.vlm.get_image_features  # bound method of the class (or an earlier wrapper)
+        self.bound_generate = getattr(model, "generate", None)
 
-        def shortened(kwargs, images: int):
-            """kwargs with each image's placeholder run cut to the kept count (ids, masks, labels,
-            positions), or None when the runs already have the kept count."""
-            ids = kwargs.get("input_ids")
-            if ids is None:
-                raise PatchError("visual_token_prune needs input_ids (it shortens each image's placeholder run)")
-            full, kept = features_per_image(kwargs.get("vision_feature_select_strategy"))
-            per_image = int((ids == vlm.config.image_token_id).sum()) // max(1, images)
-            if per_image == kept:
-                return None  # already shortened (generate, or inputs prepared by the caller)
-            if per_image != full:
-                raise PatchError(f"each image needs {full} placeholder tokens ({kept} after pruning); found {per_image}")
-            columns = shorten_placeholders(ids, vlm.config.image_token_id, full, kept)
-            for name in ("input_ids", "attention_mask", "labels", "position_ids"):
-                value = kwargs.get(name)
-                if isinstance(value, torch.Tensor) and value.shape[-1] == ids.shape[-1]:
-                    kwargs[name] = drop_columns(value, columns)
-            if isinstance(kwargs.get("cache_position"), torch.Tensor):
-                kwargs["cache_position"] = kwargs["cache_position"][:int(columns[0].sum())]
-            return kwargs
-
-        def shorten(module, args, kwargs):
-            kwargs = inputs_of(args, kwargs)
-            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-            if kwargs.get("pixel_values") is not None:
-                images = kwargs["pixel_values"].shape[0]
-            elif encoded is not None:
-                images = len(encoded.pooler_output)
-            else:
-                return None  # text only, or a decoding step
-            kwargs = shortened(kwargs, images)
-            return None if kwargs is None else ((), kwargs)
-
-        vlm.get_image_features = get_image_features
-        hook = owner.register_forward_pre_hook(shorten, with_kwargs=True)
-        bound_generate = getattr(owner, "generate", None)
-
-        if bound_generate is not None:
-            @functools.wraps(bound_generate)
-            def generate(*args, **kwargs):
-                if args:
-                    kwargs["input_ids"], args = args[0], args[1:]
-                if kwargs.get("pixel_values") is not None and kwargs.get("input_ids") is not None:
-                    kwargs = shortened(kwargs, kwargs["pixel_values"].shape[0]) or kwargs
-                return bound_generate(*args, **kwargs)
-
-            owner.generate = generate
+    def install(self):
+        """Wrap get_image_features and generate, hook the forward; returns what undoes it all."""
+        self.vlm.get_image_features = _wrapping(self.original_features, self.image_features)
+        hook = self.owner.register_forward_pre_hook(self.shorten_forward, with_kwargs=True)
+        if self.bound_generate is not None:
+            self.owner.generate = _wrapping(self.bound_generate, self.generate)
 
         def undo():
             hook.remove()
-            for module, name in ((owner, "generate"), (vlm, "get_image_features")):
+            for module, name in ((self.owner, "generate"), (self.vlm, "get_image_features")):
                 module.__dict__.pop(name, None)
 
         return undo
+
+    def features_per_image(self, strategy) -> tuple[int, int]:
+        """Placeholder tokens per image before and after pruning ("full" keeps the [CLS] feature too)."""
+        extra = 1 if (strategy or self.vlm.config.vision_feature_select_strategy) == "full" else 0
+        return self.patches + extra, self.keep + extra
+
+    def image_features(self, *args, **kwargs):
+        method = self.method
+        method.capture = True
+        try:
+            image = self.original_features(*args, **kwargs)
+        finally:
+            method.capture = False
+        scores, method.scores = method.scores, None
+        if kwargs.get("image_sizes") is not None:
+            raise PatchError("visual_token_prune supports fixed-size images (Llava); image_sizes was given")
+        order = keep_indices(scores, method.config["ratio"], method.config["mode"])
+        features = image.pooler_output if isinstance(image.pooler_output, (list, tuple)) else list(image.pooler_output)
+        if features and features[0].shape[0] == scores.shape[-1] + 1:  # "full": the [CLS] feature stays first
+            order = torch.cat([order.new_zeros(order.shape[0], 1), order + 1], dim=-1)
+        image.pooler_output = [f[i.to(f.device)] for f, i in zip(features, order)]
+        return image
+
+    def shortened(self, kwargs, images: int):
+        """kwargs with each image's placeholder run cut to the kept count (ids, masks, labels,
+        positions), or None when the runs already have the kept count."""
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            raise PatchError("visual_token_prune needs input_ids (it shortens each image's placeholder run)")
+        full, kept = self.features_per_image(kwargs.get("vision_feature_select_strategy"))
+        image_token = self.vlm.config.image_token_id
+        per_image = int((ids == image_token).sum()) // max(1, images)
+        if per_image == kept:
+            return None  # already shortened (generate, or inputs prepared by the caller)
+        if per_image != full:
+            raise PatchError(f"each image needs {full} placeholder tokens ({kept} after pruning); found {per_image}")
+        columns = shorten_placeholders(ids, image_token, full, kept)
+        for name in ("input_ids", "attention_mask", "labels", "position_ids"):
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.shape[-1] == ids.shape[-1]:
+                kwargs[name] = drop_columns(value, columns)
+        if isinstance(kwargs.get("cache_position"), torch.Tensor):
+            kwargs["cache_position"] = kwargs["cache_position"][:int(columns[0].sum())]
+        return kwargs
+
+    def shorten_forward(self, module, args, kwargs):
+        kwargs = self.inputs_of(args, kwargs)
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if kwargs.get("pixel_values") is not None:
+            images = kwargs["pixel_values"].shape[0]
+        elif encoded is not None:
+            images = len(encoded.pooler_output)
+        else:
+            return None  # text only, or a decoding step
+        kwargs = self.shortened(kwargs, images)
+        return None if kwargs is None else ((), kwargs)
+
+    def generate(self, *args, **kwargs):
+        if args:
+            kwargs["input_ids"], args = args[0], args[1:]
+        if kwargs.get("pixel_values") is not None and kwargs.get("input_ids") is not None:
+            kwargs = self.shortened(kwargs, kwargs["pixel_values"].shape[0]) or kwargs
+        return self.bound_generate(*args, **kwargs)
+
+
+def _wrapping(original, replacement):
+    """A plain function calling `replacement` that carries `original`'s name and docstring."""
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        return replacement(*args, **kwargs)
+    return wrapper
