@@ -238,15 +238,21 @@ def test_kv_quant_generate_bytes_and_exact_when_nothing_is_quantised():
     assert torch.equal(full.sequences, dense.sequences)
     out, cache = _generate(model, "kv_quant", new_tokens=12, bits=4, group=8, residual=8, sinks=4)
     layer = cache.layers[0]
-    seen = 20 + 11  # prompt + fed generated tokens
-    quantised = (seen - 4 - 8) // 8 * 8
-    assert layer.quant_keys.codes.shape[2] == quantised and layer.keys.shape[2] == seen - 4 - quantised
-    b, h, d = 2, model.config.num_key_value_heads, 16
-    full_precision = 2 * b * h * (4 + seen - 4 - quantised) * d * 4
-    codes = 2 * b * h * quantised * d * 4 // 8
-    key_stats = 2 * b * h * (quantised // 8) * d * 2  # scale + minimum, float16, per channel and group
-    value_stats = 2 * b * h * quantised * (d // 8) * 2  # per token and channel group
-    assert layer.nbytes == full_precision + codes + key_stats + value_stats
+    h, d = model.config.num_key_value_heads, 16
+    expected_bytes = 0
+    # row 0 is left-padded by 4: its padding is not stored, and its own first tokens are its sinks
+    assert [(rows.tolist(), pad) for rows, pad, _ in layer.stores] == [([1], 0), ([0], 4)]
+    for rows, pad, store in layer.stores:
+        stored = 20 + 11 - pad  # prompt + fed generated tokens, padding excluded
+        quantised = (stored - 4 - 8) // 8 * 8
+        assert store.sink_keys.shape[2] == 4 and store.quant_keys.codes.shape[2] == quantised
+        assert store.keys.shape[2] == stored - 4 - quantised
+        full_precision = 2 * h * (4 + stored - 4 - quantised) * d * 4
+        codes = 2 * h * quantised * d * 4 // 8
+        key_stats = 2 * h * (quantised // 8) * d * 2  # scale + minimum, float16, per channel and group
+        value_stats = 2 * h * quantised * (d // 8) * 2  # per token and channel group
+        expected_bytes += full_precision + codes + key_stats + value_stats
+    assert layer.nbytes == expected_bytes
     assert cache_nbytes(cache) < 0.7 * cache_nbytes(dense_cache)
 
 

@@ -11,8 +11,6 @@
    first row is left-padded by 3, and each row agrees with generating that row alone: the same
    tokens and every step's logits within 1e-4 (for `softmax` within 1e-6: the unpatched model's own
    batch-vs-alone difference is ~1e-7 in float32, so bitwise equality is not what dense attention gives).
-   Known gap, marked xfail: kv_quant stores a padded row's padding slots among its full-precision sinks
-   and quantisation groups, so that row differs from itself alone by ~2e-2 in the logits.
 
 Both also assert the method was active: its attention was called (call count), its cache layers
 are in the cache and hold fewer bytes than the dense cache, the structure or the token count changed.
@@ -188,10 +186,7 @@ def test_half_precision_agrees_with_float32(name, model_name, dtype):
     assert_active(name, model, model_name, cache, before_params)
 
 
-KV_QUANT_PADDING = pytest.mark.xfail(strict=True, reason="kv_quant keeps a padded row's padding slots as its "
-                                     "full-precision sinks and inside its quantisation groups")
-DECODER_CASES = [pytest.param(name, model_name, marks=KV_QUANT_PADDING) if name == "kv_quant" else (name, model_name)
-                 for name, model_name in method_model_pairs() if model_name in ("llama", "llava")]
+DECODER_CASES = [(name, model_name) for name, model_name in method_model_pairs() if model_name in ("llama", "llava")]
 
 
 @torch.no_grad()

@@ -33,6 +33,8 @@ class KVQuant(KVCacheMethod):
         return QuantizedKVLayer(bits=c["bits"], group=c["group"], residual=c["residual"], sinks=c["sinks"])
 
     def attention(self, call):  # entries are only stored differently: attention is exact
-        self.required_cache_layer(call)
+        layer = self.required_cache_layer(call)
+        if layer is not None and layer.pending is not None:  # the prompt: store it, padding stripped
+            layer.commit(call.leading_padding())
         return exact_attention(call)
 

@@ -8,34 +8,22 @@ from transformers.cache_utils import DynamicLayer
 from ...ops.quant import concat, dequantize, quantize
 
 
-class QuantizedKVLayer(DynamicLayer):
-    """KV entries stored quantised (KIVI-style), with full-precision sinks and recent residual.
+class QuantizedStore:
+    """The quantised K/V of sequences that share one layout, padding stripped: the first `sinks`
+    tokens in full precision, then quantised groups, then a full-precision residual of the newest."""
 
-    The first `sinks` tokens stay in full precision; new tokens enter a full-precision residual,
-    and whenever it holds `residual + group` tokens its oldest `group` are quantised: keys per
-    channel over the group's tokens, values per token over groups of `group` channels. `update`
-    returns all keys and values (dequantised) in order, so the model's masks apply unchanged.
-    """
-
-    is_croppable = False
-
-    def __init__(self, bits: int = 4, group: int = 32, residual: int = 64, sinks: int = 4, **kwargs):
-        super().__init__(**kwargs)
-        self.bits, self.group, self.residual, self.sinks = bits, group, residual, sinks
-        self.seen_tokens = 0
+    def __init__(self, bits: int, group: int, residual: int, sinks: int, dtype):
+        self.bits, self.group, self.residual, self.sinks, self.dtype = bits, group, residual, sinks, dtype
         self.sink_keys = self.sink_values = None
+        self.keys = self.values = None  # the residual
         self.quant_keys = self.quant_values = None
         self.dequant_keys = self.dequant_values = None  # cache of the dequantised part
 
-    def lazy_initialization(self, key_states, value_states):
-        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-        self.sink_keys, self.sink_values = key_states[..., :0, :], value_states[..., :0, :]
-        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]  # the residual
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.seen_tokens += key_states.shape[-2]
+    def append(self, key_states, value_states) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new tokens; returns every stored key and value (dequantised) in order."""
+        if self.sink_keys is None:
+            self.sink_keys, self.sink_values = key_states[..., :0, :], value_states[..., :0, :]
+            self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
         room = self.sinks - self.sink_keys.shape[-2]
         if room > 0:
             self.sink_keys = torch.cat([self.sink_keys, key_states[..., :room, :]], dim=-2)
@@ -50,23 +38,14 @@ class QuantizedKVLayer(DynamicLayer):
             self.quant_keys = qk if self.quant_keys is None else concat([self.quant_keys, qk])
             self.quant_values = qv if self.quant_values is None else concat([self.quant_values, qv])
             self.keys, self.values = self.keys[..., flush:, :], self.values[..., flush:, :]
-            self.dequant_keys = self._extend(self.dequant_keys, dequantize(qk, self.dtype))
-            self.dequant_values = self._extend(self.dequant_values, dequantize(qv, self.dtype))
+            self.dequant_keys = _extend(self.dequant_keys, dequantize(qk, self.dtype))
+            self.dequant_values = _extend(self.dequant_values, dequantize(qv, self.dtype))
         parts_k = [self.sink_keys] + ([self.dequant_keys] if self.dequant_keys is not None else []) + [self.keys]
         parts_v = [self.sink_values] + ([self.dequant_values] if self.dequant_values is not None else []) + [self.values]
         return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
 
-    @staticmethod
-    def _extend(existing, new):
-        return new if existing is None else torch.cat([existing, new], dim=-2)
-
-    def get_seq_length(self) -> int:
-        return self.seen_tokens
-
     @property
     def nbytes(self) -> int:
-        """Bytes of what is stored: sinks, packed codes with scales, residual. The dequantised
-        copy kept for speed is a working buffer, counted apart in `working_nbytes`."""
         total = sum(t.numel() * t.element_size() for t in (self.sink_keys, self.sink_values, self.keys, self.values)
                     if isinstance(t, torch.Tensor))
         return total + sum(q.nbytes for q in (self.quant_keys, self.quant_values) if q is not None)
@@ -74,6 +53,85 @@ class QuantizedKVLayer(DynamicLayer):
     @property
     def working_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.dequant_keys, self.dequant_values) if t is not None)
+
+
+def _extend(existing, new):
+    return new if existing is None else torch.cat([existing, new], dim=-2)
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """KV entries stored quantised (KIVI-style), with full-precision sinks and recent residual.
+
+    The prompt is attended in full precision and stored when the method commits it (`commit`, with
+    the prompt's left padding): the first `sinks` tokens stay in full precision; later tokens enter
+    a full-precision residual, and whenever it holds `residual + group` tokens its oldest `group`
+    are quantised: keys per channel over the group's tokens, values per token over groups of
+    `group` channels. `update` returns all keys and values (dequantised) in order, so the model's
+    masks apply unchanged. Padding is never stored: sequences with the same left padding share one
+    `QuantizedStore` of their real tokens, so a padded sequence keeps its own first tokens as sinks
+    and groups its tokens as it would alone.
+    """
+
+    is_croppable = False
+
+    def __init__(self, bits: int = 4, group: int = 32, residual: int = 64, sinks: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.bits, self.group, self.residual, self.sinks = bits, group, residual, sinks
+        self.seen_tokens = 0
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the prompt, until committed
+        self.stores: list[tuple[torch.Tensor, int, QuantizedStore]] = []  # (rows, left padding, store)
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:  # the prompt: attended as it is, stored once its padding is known
+            self.lazy_initialization(key_states, value_states)
+            self.seen_tokens += key_states.shape[-2]
+            self.pending = (key_states, value_states)
+            return key_states, value_states
+        if self.pending is not None:
+            self.commit(None)
+        self.seen_tokens += key_states.shape[-2]
+        return self._append(key_states, value_states, skip_padding=False)
+
+    def commit(self, padding: torch.Tensor | None) -> None:
+        """Store the prompt, quantised; `padding` (B,) is each sequence's left padding (None: none)."""
+        keys, values = self.pending
+        self.pending = None
+        pads = padding if padding is not None else torch.zeros(keys.shape[0], dtype=torch.long)
+        for pad in sorted(set(pads.tolist())):
+            rows = (pads == pad).nonzero().squeeze(-1).to(keys.device)
+            self.stores.append((rows, int(pad), QuantizedStore(self.bits, self.group, self.residual, self.sinks,
+                                                                keys.dtype)))
+        self._append(keys, values, skip_padding=True)
+
+    def _append(self, key_states, value_states, skip_padding: bool):
+        if len(self.stores) == 1 and self.stores[0][1] == 0:  # no padding: one store, no copies
+            return self.stores[0][2].append(key_states, value_states)
+        b, h, _, d = key_states.shape
+        keys = key_states.new_zeros(b, h, self.seen_tokens, d)
+        values = value_states.new_zeros(b, h, self.seen_tokens, value_states.shape[-1])
+        for rows, pad, store in self.stores:
+            skip = pad if skip_padding else 0  # the padding itself is never stored
+            k, v = store.append(key_states[rows, :, skip:], value_states[rows, :, skip:])
+            keys[rows, :, pad:], values[rows, :, pad:] = k, v  # padding slots stay zero (the mask hides them)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of what is stored: sinks, packed codes with scales, residual (and a prompt not yet
+        committed). The dequantised copy kept for speed is a working buffer, counted apart in
+        `working_nbytes`."""
+        pending = sum(t.numel() * t.element_size() for t in self.pending) if self.pending is not None else 0
+        return pending + sum(store.nbytes for *_, store in self.stores)
+
+    @property
+    def working_nbytes(self) -> int:
+        return sum(store.working_nbytes for *_, store in self.stores)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a quantised KV cache cannot be rolled back")
