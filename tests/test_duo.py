@@ -65,7 +65,8 @@ def test_cached_decoding_matches_full_recomputation_and_cache_bytes_match_the_pa
     per_token = 16 * 2 * 4  # head_dim x (k, v) x float32
     retrieval = [1, 0, 1]
     expected = sum(r * 39 * per_token + (2 - r) * (2 + 5) * per_token for r in retrieval)
-    assert cache_nbytes(cache) == expected
+    bookkeeping = 3 * ((2 + 5) * 8 + 39)  # per layer: streaming positions (int64) and validity (bool)
+    assert cache_nbytes(cache) == expected + bookkeeping
     dense_bytes = 3 * 2 * 39 * per_token
     assert cache_nbytes(cache) < dense_bytes / 2
     generated = model.generate(x[:, :20], max_new_tokens=6, do_sample=False)

@@ -87,17 +87,17 @@ def test_prefill_selection_matches_slow_reference(method, params):
         for head in range(HKV):
             if method == "h2o":
                 scores, recent = group_sum(weights.sum(1))[head], int(budget * config["recent_ratio"])
-            elif method == "tova":
-                scores, recent = group_sum(weights[:, -1])[head], 0
+            elif method == "tova":  # the last query's attention, averaged over the layer's heads
+                scores, recent = group_sum(weights[:, -1]).mean(0), 0
             elif method == "knorm":
                 scores, recent = -k[b, head].double().norm(dim=-1), 0
             elif method == "snapkv":
                 raw = group_sum(weights[:, -config["window"]:].sum(1))[head]
                 kern = config["kernel"]
                 pooled = []
-                first = PAD if b == 0 else 0
-                for i in range(L):  # 1-D pooling over real neighbours, the slow way
-                    span = raw[max(first, i - kern // 2): i + kern // 2 + 1] if i >= first else raw[i:i + 1]
+                first, last = (PAD if b == 0 else 0), L - config["window"]  # the prefix: real, before the window
+                for i in range(L):  # 1-D pooling over real prefix neighbours, the slow way
+                    span = raw[max(first, i - kern // 2): min(last, i + kern // 2 + 1)] if first <= i < last else raw[i:i + 1]
                     pooled.append(span.max() if config["pooling"] == "max" else span.mean())
                 scores, recent = torch.stack(pooled), config["window"]
             else:
@@ -139,7 +139,7 @@ def test_generate_padded_batch_budget_and_bytes(method):
     extra = {"window": 3} if method in ("snapkv", "pyramidkv") else {}
     out, cache = _generate(model, method, budget=8, **extra)
     cfg = model.config
-    grows = method in ("snapkv", "pyramidkv")
+    grows = method in ("snapkv", "pyramidkv", "knorm")  # decode="grow" by default (their papers)
     for i, layer in enumerate(cache.layers):
         assert isinstance(layer, CompressedKVLayer)
         expected = (layer.budget.max().item() if grows else 8)
@@ -252,7 +252,7 @@ def test_kv_quant_generate_bytes_and_exact_when_nothing_is_quantised():
         key_stats = 2 * h * (quantised // 8) * d * 2  # scale + minimum, float16, per channel and group
         value_stats = 2 * h * quantised * (d // 8) * 2  # per token and channel group
         expected_bytes += full_precision + codes + key_stats + value_stats
-    assert layer.nbytes == expected_bytes
+    assert layer.nbytes == expected_bytes + 2 * 8  # + which sequence each store holds (int64)
     assert cache_nbytes(cache) < 0.7 * cache_nbytes(dense_cache)
 
 
@@ -293,4 +293,83 @@ def test_a_new_scorer_is_a_few_lines_and_gets_keys_attention_and_validity():
             real = valid[b, h].nonzero().squeeze(-1)
             want = sorted(real[attention[b, h, real].argsort()[:4]].tolist())
             assert sorted(layer.positions[b, h][layer.valid[b, h]].tolist()) == want
+    unpatch_model(model)
+
+
+def test_snapkv_pools_the_prefix_only_and_tova_averages_heads():
+    """SnapKV's pooling must not smear the observation window's (high) self-attention onto the prefix
+    entries next to it; TOVA keeps one set of tokens per layer (scores averaged over heads)."""
+    snap = get_method("snapkv")(Site(), **resolve_params("snapkv", {"window": 3, "kernel": 3}))
+    attention = torch.tensor([1.0, 1, 1, 1, 1, 1, 0, 100, 100, 100]).expand(1, 2, 10)
+    valid = torch.ones(1, 2, 10, dtype=torch.bool)
+    scores = snap.score(None, attention, valid)[0, 0]
+    # entry 6 pools 5 and itself only (not window entry 7, which would lift it to ~34)
+    assert torch.allclose(scores[:7], torch.tensor([1.0, 1, 1, 1, 1, 2 / 3, 0.5]))
+    tova = get_method("tova")(Site(), **resolve_params("tova", {}))
+    per_head = torch.tensor([[[0.9, 0.1, 0.0]], [[0.0, 0.2, 0.8]]]).transpose(0, 1)  # (1, 2 heads, 3)
+    assert torch.equal(tova.score(None, per_head, torch.ones(1, 2, 3, dtype=torch.bool)),
+                       torch.tensor([[[0.45, 0.15, 0.4]] * 2]).reshape(1, 2, 3))
+
+
+def test_forced_entries_over_budget_keep_sinks_then_the_newest():
+    """Sinks and a recent window that together exceed the budget: the newest entries stay, the oldest
+    recent ones go (before: the oldest forced entries were kept and the newest dropped)."""
+    from attnpatch.ops.kv_select import select_indices
+
+    valid = torch.ones(1, 1, 10, dtype=torch.bool)
+    index, kept = select_indices(torch.zeros(1, 1, 10), valid, torch.tensor([5]), sinks=2, recent=6)
+    assert index[0, 0][kept[0, 0]].tolist() == [0, 1, 7, 8, 9]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compression_zero_is_exactly_dense(method):
+    model = tm.build("llama")
+    dense, dense_cache = _generate(model, new_tokens=6)
+    out, cache = _generate(model, method, new_tokens=6, compression=0.0)
+    assert torch.equal(out.sequences, dense.sequences)
+    # attention is SDPA with an explicit mask instead of the model's own call: float rounding only
+    assert max((a - b).abs().max().item() for a, b in zip(out.scores, dense.scores)) <= 1e-6
+    assert cache_nbytes(cache) == cache_nbytes(dense_cache)  # the model's own cache: nothing replaced
+    assert all(type(a) is type(b) for a, b in zip(cache.layers, dense_cache.layers))
+
+
+@pytest.mark.parametrize("method", ["knorm", "tova", "h2o", "streaming"])
+def test_hold_never_evicts_the_tokens_of_the_current_step(method):
+    """With decode="hold" the cache stays at the budget, yet every token written in a step is still
+    there after it (knorm used to evict each new key at once: new keys have the largest norms)."""
+    model = tm.build("llama")
+    ids, mask = tm.text_batch(length=16)
+    cache = DynamicCache(config=model.config)
+    patch_model(model, method, budget=6, decode="hold", **({"sinks": 2} if method == "streaming" else {}))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+        for step in range(4):
+            mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+            model(input_ids=ids[:, step:step + 1], attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+            for layer in cache.layers:
+                assert int(layer.valid[:, 0].sum(-1).max()) == 6  # held at the budget
+                newest = layer.seen_tokens - 1
+                assert bool((layer.positions[layer.valid] == newest).view(2, 2, -1).any(-1).all()), method
+    unpatch_model(model)
+
+
+def test_grow_keeps_every_decoded_token():
+    model = tm.build("llama")
+    _, cache = _generate(model, "knorm", new_tokens=6, budget=5)
+    layer = cache.layers[0]
+    assert int(layer.valid[1, 0].sum()) == 5 + 5  # the compressed prompt + every fed generated token
+
+
+def test_kv_quant_leaves_sliding_layers_as_they_are_while_decoding():
+    """Gemma2 alternates sliding-window and global layers: kv_quant quantises the global ones and
+    leaves the (already bounded) sliding ones to the model, step after step."""
+    model = tm.build("gemma2")
+    patch_model(model, "kv_quant", group=8, residual=2, sinks=1)
+    ids, mask = tm.text_batch(length=12)
+    cache = DynamicCache(config=model.config)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                   pad_token_id=0, **cache_kwargs(model, cache))
+    kinds = [type(layer).__name__ for layer in cache.layers]
+    assert kinds == ["DynamicSlidingWindowLayer", "QuantizedKVLayer", "DynamicSlidingWindowLayer"], kinds
+    assert cache.layers[1].stores[0][2].quant_keys is not None
     unpatch_model(model)

@@ -42,16 +42,17 @@ def attention_weights(query, key, allowed, scaling: float, softcap: float | None
     return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
 
 
-def window_attention_scores(query, key, valid, scaling: float, window: int) -> torch.Tensor:
+def window_attention_scores(query, key, valid, scaling: float, window: int, softcap: float | None = None) -> torch.Tensor:
     """Attention the last `window` queries (the newest positions) pay to every key, summed over
     them and over each query group: SnapKV's observation window; window=1 is TOVA's score."""
     length, obs = key.shape[-2], query[..., -window:, :]
     positions = torch.arange(length - obs.shape[-2], length, device=key.device)
     allowed = block_mask(valid, positions, length, query.shape[1])
-    return _grouped_sum(attention_weights(obs, key, allowed, scaling), key.shape[1]).sum(dim=-2)
+    return _grouped_sum(attention_weights(obs, key, allowed, scaling, softcap), key.shape[1]).sum(dim=-2)
 
 
-def accumulated_attention_scores(query, key, valid, scaling: float, block: int = 256) -> torch.Tensor:
+def accumulated_attention_scores(query, key, valid, scaling: float, block: int = 256,
+                                 softcap: float | None = None) -> torch.Tensor:
     """Column sums of the causal attention matrix over all queries (H2O's heavy-hitter score),
     computed in query blocks so only (block x L) weights exist at a time. The queries are the
     newest Lq positions of the L keys."""
@@ -60,7 +61,7 @@ def accumulated_attention_scores(query, key, valid, scaling: float, block: int =
     for start in range(0, lq, block):
         q_blk = query[..., start : start + block, :]
         positions = torch.arange(length - lq + start, length - lq + start + q_blk.shape[-2], device=key.device)
-        weights = attention_weights(q_blk, key, block_mask(valid, positions, length, query.shape[1]), scaling)
+        weights = attention_weights(q_blk, key, block_mask(valid, positions, length, query.shape[1]), scaling, softcap)
         total += _grouped_sum(weights, key.shape[1]).sum(dim=-2)
     return total
 
@@ -103,11 +104,16 @@ def select_indices(scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor
     newest_rank = valid_count[:, None, None] - 1 - oldest_rank  # 0 = newest
     if isinstance(recent, torch.Tensor):
         recent = recent.to(valid.device)[:, None, None]
-    forced = valid & ((oldest_rank < sinks) | (newest_rank < recent))
-    priority = torch.nan_to_num(scores.float(), nan=float("-inf"))
-    priority = torch.where(forced, torch.full_like(priority, float("inf")), priority)
-    priority = torch.where(valid, priority, torch.full_like(priority, float("-inf")))
-    top = torch.argsort(priority, dim=-1, descending=True, stable=True)[..., :slots]
+    # tiers, best first: sinks, then the recent window newest first, then the rest by score; so when
+    # the forced entries alone exceed a budget, the oldest recent entries are the ones that go
+    sink = valid & (oldest_rank < sinks)
+    fresh = valid & ~sink & (newest_rank < recent)
+    tier = torch.where(sink, 3, torch.where(fresh, 2, torch.where(valid, 1, 0)))
+    within = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    within = torch.where(sink, -oldest_rank.float(), torch.where(fresh, -newest_rank.float(), within))
+    by_score = torch.argsort(within, dim=-1, descending=True, stable=True)
+    by_tier = torch.argsort(torch.gather(tier, -1, by_score), dim=-1, descending=True, stable=True)
+    top = torch.gather(by_score, -1, by_tier)[..., :slots]
     within_budget = torch.arange(slots, device=scores.device)[None, None, :] < keep[:, None, None]
     index, order = torch.sort(top, dim=-1)
     new_valid = torch.gather(valid, -1, index) & torch.gather(within_budget.expand_as(top), -1, order)

@@ -49,6 +49,9 @@ def state_layer_for(cache: Cache, layer_idx: int, method):
     layer = layers[layer_idx]
     if isinstance(layer, method.cache_layer_class):
         return layer
+    made = method.new_cache_layer(sliding_window=getattr(layer, "sliding_window", None))
+    if made is None:  # the method leaves this layer as the model's own
+        return None
     if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
         raise PatchError(f"{name} keeps its own cache layer and can only replace DynamicCache layers; layer "
                          f"{layer_idx} is a {type(layer).__name__}. Pass a DynamicCache() (generate's default) instead")
@@ -56,9 +59,7 @@ def state_layer_for(cache: Cache, layer_idx: int, method):
         raise PatchError(f"{name}: layer {layer_idx} of the cache already holds {layer.get_seq_length()} tokens "
                          "written without the method (a cache filled before patching). Start from a fresh "
                          "DynamicCache() after patch_model")
-    made = method.new_cache_layer(sliding_window=getattr(layer, "sliding_window", None))
-    if made is not None:
-        layers[layer_idx] = made
+    layers[layer_idx] = made
     return made
 
 

@@ -4,10 +4,11 @@ kept, the attention mass the scorer asked for, padding, sinks and recent entries
 sliding window, and writing the kept entries to the `CompressedKVLayer`.
 
 Budget: `budget` entries, or ceil((1 - compression) x real prompt tokens) per sequence (padding
-never counts). Prefill: attention over the whole prompt is exact (a method may override
-`compute_output`, as streaming does), then the cache is cut to the budget by the score. Decoding:
-methods with `evict_while_decoding` hold the cache at the budget, evicting one entry per new
-token; the others compress once after prefill and then let the cache grow, as in their papers.
+never counts; compression=0 keeps the model's own cache, exactly dense). Prefill: attention over
+the whole prompt is exact (a method may override `compute_output`, as streaming does), then the
+cache is cut to the budget by the score. After the prompt, `decode` says what happens: "hold"
+keeps the cache at the budget, evicting one entry per new token but never the current step's
+tokens; "grow" compresses once and lets the cache grow. Each method's default is its paper's.
 Selection is per kv head with attention summed over the head's query group (GQA), and per sequence.
 """
 
@@ -21,6 +22,14 @@ from ...ops.kv_select import accumulated_attention_scores, block_mask, select_in
 from ...runtime.exact import exact_attention, sdpa_attention
 from ...runtime.layers import CompressedKVLayer
 from ..base import Method, ParamSpec
+
+def decode_param(default: str) -> ParamSpec:
+    """What happens after the prompt is compressed; each method's default is its paper's."""
+    return ParamSpec("decode", str, default, "after the prompt: 'grow' compresses it once and lets new tokens add "
+                     "to the cache (SnapKV, PyramidKV, Knorm); 'hold' keeps the cache at the budget, evicting "
+                     "by score but never the tokens of the current step (StreamingLLM, H2O, TOVA)",
+                     choices=("grow", "hold"))
+
 
 BUDGET_PARAMS = (
     ParamSpec("compression", float, 0.5, "fraction of the prompt's cache entries evicted", low=0.0, high=1.0,
@@ -41,9 +50,8 @@ class KVCacheMethod(Method):
 
 class KVCompressionMethod(KVCacheMethod):
     cache_layer_class = CompressedKVLayer
-    evict_while_decoding: ClassVar[bool] = True
     accumulates: ClassVar[bool] = False  # scores add up over calls (H2O); the base keeps the running sum
-    params = BUDGET_PARAMS + (ParamSpec("sinks", int, 0, "first tokens always kept", low=0),)
+    params = BUDGET_PARAMS + (ParamSpec("sinks", int, 0, "first tokens always kept", low=0), decode_param("hold"))
 
     # --- what a scorer defines
     def observed_queries(self) -> int | None:
@@ -62,6 +70,11 @@ class KVCompressionMethod(KVCacheMethod):
         """Newest entries always kept: an int, or (B,) per sequence from its own budget (a padded
         sequence keeps what it would keep alone)."""
         return 0
+
+    def new_cache_layer(self, sliding_window=None):
+        if self.config["budget"] is None and self.config["compression"] == 0:
+            return None  # nothing is ever evicted: the model's own cache, exactly dense
+        return super().new_cache_layer(sliding_window)
 
     def layer_budget(self, real_tokens: torch.Tensor) -> torch.Tensor:
         if self.config["budget"] is not None:
@@ -82,9 +95,9 @@ class KVCompressionMethod(KVCacheMethod):
         if prefill:
             layer.budget = self.layer_budget(layer.valid[:, 0].sum(-1))
             scores = self._scores(call, layer, prefill)
-        elif self.evict_while_decoding:
+        elif self.config["decode"] == "hold":
             scores = self._scores(call, layer, prefill)
-        else:  # compress-once methods: the cache grows, except what a sliding window drops
+        else:  # compress once: the cache grows, except what a sliding window drops
             layer.budget = layer.budget + lq
             if layer.sliding_window is None:
                 return out
@@ -92,10 +105,14 @@ class KVCompressionMethod(KVCacheMethod):
         if layer.sliding_window is not None:  # entries the model's own window no longer reaches
             newest = layer.seen_tokens - 1
             layer.valid &= (newest - layer.positions) < layer.sliding_window - 1
-        over = bool((layer.valid[:, 0].sum(-1) > layer.budget).any())
-        if over or layer.stored_tokens > int(layer.budget.max()):
-            index, valid = select_indices(scores, layer.valid, layer.budget, sinks=self.config["sinks"],
-                                          recent=self.recent(layer.budget))
+        # the tokens of this step are never evicted in it (nor the budget below them)
+        budget = layer.budget if prefill else torch.clamp(layer.budget, min=lq)
+        recent = self.recent(layer.budget)
+        if not prefill:
+            recent = torch.clamp(torch.as_tensor(recent, device=budget.device).expand_as(budget), min=lq)
+        over = bool((layer.valid[:, 0].sum(-1) > budget).any())
+        if over or layer.stored_tokens > int(budget.max()):
+            index, valid = select_indices(scores, layer.valid, budget, sinks=self.config["sinks"], recent=recent)
             layer.keep(index, valid)
         return out
 
@@ -107,10 +124,10 @@ class KVCompressionMethod(KVCacheMethod):
         window = self.observed_queries()
         attention = None
         if window is None:
-            attention = accumulated_attention_scores(call.query, layer.keys, visible, call.scaling)
+            attention = accumulated_attention_scores(call.query, layer.keys, visible, call.scaling, softcap=call.softcap)
         elif window > 0:
             attention = window_attention_scores(call.query, layer.keys, visible, call.scaling,
-                                                min(window, call.query.shape[-2]))
+                                                min(window, call.query.shape[-2]), softcap=call.softcap)
         scores = self.score(layer.keys, attention, layer.valid)
         if self.accumulates:
             layer.scores = scores if prefill else layer.scores + scores

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from .base import KVCompressionMethod
+from .base import KVCompressionMethod, decode_param
 
 
 class KNorm(KVCompressionMethod):
     name = "knorm"
-    summary = "Knorm: evict the keys with the largest L2 norm (score = -||k||); no attention weights needed."
+    summary = ("Knorm: evict the keys with the largest L2 norm (score = -||k||); no attention weights needed. "
+               "Compresses the prompt once by default (new keys have large norms and would evict each other).")
+    params = KVCompressionMethod.params[:-1] + (decode_param("grow"),)
 
     def score(self, keys, attention, valid):
         return -keys.float().norm(dim=-1)

@@ -9,14 +9,15 @@ from ...ops.kv_select import valid_rank
 from ...ops.sliding import sliding_window_attention
 from ...runtime.exact import sdpa_attention
 from ..base import ParamSpec
-from .base import BUDGET_PARAMS, KVCompressionMethod
+from .base import BUDGET_PARAMS, KVCompressionMethod, decode_param
 
 
 class StreamingLLM(KVCompressionMethod):
     name = "streaming"
     summary = ("StreamingLLM: keep the first `sinks` tokens and the most recent ones (budget - sinks), during "
                "prefill (attention itself is sinks + window) and decoding.")
-    params = BUDGET_PARAMS + (ParamSpec("sinks", int, 4, "attention-sink tokens always kept", low=0),)
+    params = BUDGET_PARAMS + (ParamSpec("sinks", int, 4, "attention-sink tokens always kept", low=0),
+                              decode_param("hold"))
 
     @classmethod
     def check_params(cls, params):

@@ -4,7 +4,6 @@ geometry of a layer that stores fewer tokens than it has seen."""
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 
 class MappedBatchOps:

@@ -65,7 +65,7 @@ class DuoHeadLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.keys, self.values, self.stream_keys, self.stream_values)
+        tensors = (self.keys, self.values, self.stream_keys, self.stream_values, self.stream_positions, self.valid)
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
     def get_max_length(self) -> int:

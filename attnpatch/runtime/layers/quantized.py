@@ -10,20 +10,22 @@ from ...ops.quant import concat, dequantize, quantize
 
 class QuantizedStore:
     """The quantised K/V of sequences that share one layout, padding stripped: the first `sinks`
-    tokens in full precision, then quantised groups, then a full-precision residual of the newest."""
+    tokens in full precision, then quantised groups (packed codes and float16 scales only; they are
+    dequantised on the fly at each step), then a full-precision residual of the newest tokens."""
 
     def __init__(self, bits: int, group: int, residual: int, sinks: int, dtype):
         self.bits, self.group, self.residual, self.sinks, self.dtype = bits, group, residual, sinks, dtype
         self.sink_keys = self.sink_values = None
         self.keys = self.values = None  # the residual
         self.quant_keys = self.quant_values = None
-        self.dequant_keys = self.dequant_values = None  # cache of the dequantised part
 
     def append(self, key_states, value_states) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new tokens; returns every stored key and value (dequantised) in order."""
-        if self.sink_keys is None:
-            self.sink_keys, self.sink_values = key_states[..., :0, :], value_states[..., :0, :]
-            self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+        if self.sink_keys is None:  # empty tensors of their own (a view would keep the prompt alive)
+            self.sink_keys, self.keys = (key_states.new_empty(*key_states.shape[:-2], 0, key_states.shape[-1])
+                                         for _ in range(2))
+            self.sink_values, self.values = (value_states.new_empty(*value_states.shape[:-2], 0,
+                                                                    value_states.shape[-1]) for _ in range(2))
         room = self.sinks - self.sink_keys.shape[-2]
         if room > 0:
             self.sink_keys = torch.cat([self.sink_keys, key_states[..., :room, :]], dim=-2)
@@ -37,26 +39,18 @@ class QuantizedStore:
             qv = quantize(self.values[..., :flush, :], self.bits, self.group, "channels")
             self.quant_keys = qk if self.quant_keys is None else concat([self.quant_keys, qk])
             self.quant_values = qv if self.quant_values is None else concat([self.quant_values, qv])
-            self.keys, self.values = self.keys[..., flush:, :], self.values[..., flush:, :]
-            self.dequant_keys = _extend(self.dequant_keys, dequantize(qk, self.dtype))
-            self.dequant_values = _extend(self.dequant_values, dequantize(qv, self.dtype))
-        parts_k = [self.sink_keys] + ([self.dequant_keys] if self.dequant_keys is not None else []) + [self.keys]
-        parts_v = [self.sink_values] + ([self.dequant_values] if self.dequant_values is not None else []) + [self.values]
-        return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+            self.keys, self.values = self.keys[..., flush:, :].clone(), self.values[..., flush:, :].clone()
+        parts_k, parts_v = [self.sink_keys], [self.sink_values]
+        if self.quant_keys is not None:
+            parts_k.append(dequantize(self.quant_keys, self.dtype))
+            parts_v.append(dequantize(self.quant_values, self.dtype))
+        return torch.cat(parts_k + [self.keys], dim=-2), torch.cat(parts_v + [self.values], dim=-2)
 
     @property
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in (self.sink_keys, self.sink_values, self.keys, self.values)
                     if isinstance(t, torch.Tensor))
         return total + sum(q.nbytes for q in (self.quant_keys, self.quant_values) if q is not None)
-
-    @property
-    def working_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.dequant_keys, self.dequant_values) if t is not None)
-
-
-def _extend(existing, new):
-    return new if existing is None else torch.cat([existing, new], dim=-2)
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -123,15 +117,11 @@ class QuantizedKVLayer(DynamicLayer):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of what is stored: sinks, packed codes with scales, residual (and a prompt not yet
-        committed). The dequantised copy kept for speed is a working buffer, counted apart in
-        `working_nbytes`."""
+        """Bytes of everything the layer keeps: sinks, packed codes with scales, residual (and a
+        prompt not yet committed). Nothing dequantised is kept between steps."""
         pending = sum(t.numel() * t.element_size() for t in self.pending) if self.pending is not None else 0
-        return pending + sum(store.nbytes for *_, store in self.stores)
-
-    @property
-    def working_nbytes(self) -> int:
-        return sum(store.working_nbytes for *_, store in self.stores)
+        rows = sum(rows.numel() * rows.element_size() for rows, *_ in self.stores)  # which sequences each store holds
+        return pending + rows + sum(store.nbytes for *_, store in self.stores)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a quantised KV cache cannot be rolled back")

@@ -28,8 +28,9 @@ class RecurrentStateLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states[..., :0, :]
-        self.values = value_states[..., :0, :]
+        # empty tensors of their own: a view of the prompt's K/V would keep all of it alive
+        self.keys = key_states.new_empty(*key_states.shape[:-2], 0, key_states.shape[-1])
+        self.values = value_states.new_empty(*value_states.shape[:-2], 0, value_states.shape[-1])
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -89,8 +90,9 @@ class HybridWindowLayer(RecurrentStateLayer):
 
     def trim(self) -> None:
         keep = max(self.window - 1, 0)
-        self.keys = self.keys[..., self.keys.shape[-2] - min(keep, self.keys.shape[-2]):, :]
-        self.values = self.values[..., self.values.shape[-2] - min(keep, self.values.shape[-2]):, :]
+        # copies, not views: a view would keep everything before the window alive (the whole prompt)
+        self.keys = self.keys[..., self.keys.shape[-2] - min(keep, self.keys.shape[-2]):, :].clone()
+        self.values = self.values[..., self.values.shape[-2] - min(keep, self.values.shape[-2]):, :].clone()
 
     @property
     def nbytes(self) -> int:
