@@ -22,8 +22,8 @@ from .base import Adapter, AttentionSite, HeadAccess, split_layer_path, tower_de
 ATTENTION_NAME = "attnpatch"
 METHOD_ATTR = "_attnpatch_method"
 CACHE_ATTR = "_attnpatch_cache_layer"  # (layer or None, cache state) for the call in progress
-SAW_CACHE_ATTR = "_attnpatch_saw_cache"
-CALLS_ATTR = "_attnpatch_calls_before"  # the method's call count when the module's forward started  # per forward of the model: did this module find the cache?
+SAW_CACHE_ATTR = "_attnpatch_saw_cache"  # per forward of the model: did this module find the cache?
+CALLS_ATTR = "_attnpatch_calls_before"  # the method's call count when the module's forward started
 ORIGINAL_CONFIG_ATTR = "_attnpatch_original_config"
 HOOKS_ATTR = "_attnpatch_hooks"
 

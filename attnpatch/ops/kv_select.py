@@ -83,6 +83,11 @@ def pool_scores(scores: torch.Tensor, kernel: int, mode: str = "avg", valid: tor
     return pooled[..., : shape[-1]].reshape(shape)
 
 
+def leading_invalid(valid: torch.Tensor) -> torch.Tensor:
+    """Entries before each row's first valid one (a left-padded row's padding), reduced over the last dim."""
+    return (~valid).long().cumprod(dim=-1).sum(dim=-1)
+
+
 def valid_rank(valid: torch.Tensor) -> torch.Tensor:
     """Rank of each entry among the valid ones of its row, oldest = 0 (padding does not count)."""
     return torch.cumsum(valid.long(), -1) - 1

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..ops.kv_select import leading_invalid
+
 # What the adapter found about the model's KV cache for this call (AttentionCall.cache_state):
 CACHE_OWN = "own"  # the method's own cache layer is attached (cache_layer)
 CACHE_ABSENT = "absent"  # the model runs without a cache (use_cache=False): nothing to keep
@@ -65,7 +67,7 @@ class AttentionCall:
         lq, lk = self.query.shape[-2], self.key.shape[-2]
         if lq != lk and self.model_window is not None:
             return None
-        pads = (~valid).long().cumprod(dim=-1).sum(dim=-1)
+        pads = leading_invalid(valid)
         if not bool((valid.sum(-1) == lk - pads).all()) or bool((pads >= lk).any()):
             return None
         return pads

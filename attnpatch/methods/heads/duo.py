@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from ...errors import PatchError
+from ...ops.kv_select import valid_rank
 from ...ops.reference import causal_mask
 from ...ops.sliding import sliding_window_attention
 from ...runtime.exact import exact_attention, sdpa_attention
@@ -109,7 +110,7 @@ class DuoHeads(Method):
                 out[:, q] = self._stream(sub)
                 return
             # sinks and window counted in real tokens (a padded sequence attends as it would alone)
-            rank = layer.valid.long().cumsum(dim=-1) - 1  # (B, L) rank of each position among real tokens
+            rank = valid_rank(layer.valid)  # (B, L) rank of each position among real tokens
             k_rank, q_rank = rank[:, positions][:, None, :], rank[:, -lq:][:, :, None]
             allowed = (k_rank <= q_rank) & ((k_rank < self.config["sinks"]) | (q_rank - k_rank < self.config["window"]))
             allowed = (allowed & valid[:, None, :])[:, None]

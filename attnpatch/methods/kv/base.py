@@ -23,6 +23,7 @@ from ...runtime.exact import exact_attention, sdpa_attention
 from ...runtime.layers import CompressedKVLayer
 from ..base import Method, ParamSpec
 
+
 def decode_param(default: str) -> ParamSpec:
     """What happens after the prompt is compressed; each method's default is its paper's."""
     return ParamSpec("decode", str, default, "after the prompt: 'grow' compresses it once and lets new tokens add "

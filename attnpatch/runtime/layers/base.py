@@ -40,3 +40,9 @@ class FullLengthGeometry:
             return self.seen_tokens + query_length, 0
         offset = max(self.seen_tokens - self.sliding_window + 1, 0)
         return min(self.seen_tokens, self.sliding_window - 1) + query_length, offset
+
+
+def no_tokens(states: torch.Tensor) -> torch.Tensor:
+    """An empty (..., 0, D) tensor with its own storage: a zero-length *view* of `states` would keep
+    the whole of it (e.g. the prompt's K/V) alive."""
+    return states.new_empty(*states.shape[:-2], 0, states.shape[-1])

@@ -7,7 +7,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ...ops.kv_select import gather_tokens
-from .base import FullLengthGeometry, MappedBatchOps
+from .base import FullLengthGeometry, MappedBatchOps, no_tokens
 
 
 class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
@@ -34,8 +34,8 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         # set here, not by DynamicLayer, whose fields differ between transformers releases
         self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
         b, h = key_states.shape[:2]
-        self.keys = key_states.new_empty(*key_states.shape[:-2], 0, key_states.shape[-1])
-        self.values = value_states.new_empty(*value_states.shape[:-2], 0, value_states.shape[-1])
+        self.keys = no_tokens(key_states)
+        self.values = no_tokens(value_states)
         self.valid = torch.zeros(b, h, 0, dtype=torch.bool, device=key_states.device)
         self.positions = torch.zeros(b, h, 0, dtype=torch.int32, device=key_states.device)
 

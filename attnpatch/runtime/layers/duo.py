@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from ...ops.kv_select import leading_invalid
 from .base import FullLengthGeometry, MappedBatchOps
 
 
@@ -54,7 +55,7 @@ class DuoHeadLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         """Streaming heads keep the sinks and the newest window - 1 tokens (what the next query sees).
         A left-padded sequence's sinks are its first real tokens: every sequence's are kept."""
         positions = self.stream_positions
-        first_real = int((~self.valid).long().cumprod(dim=-1).sum(dim=-1).max())
+        first_real = int(leading_invalid(self.valid).max())
         keep = (positions < first_real + self.sinks) | (positions > self.seen_tokens - self.window)
         if bool(keep.all()):
             return

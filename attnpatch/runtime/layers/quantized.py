@@ -6,6 +6,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ...ops.quant import concat, dequantize, quantize
+from .base import no_tokens
 
 
 class QuantizedStore:
@@ -21,11 +22,9 @@ class QuantizedStore:
 
     def append(self, key_states, value_states) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new tokens; returns every stored key and value (dequantised) in order."""
-        if self.sink_keys is None:  # empty tensors of their own (a view would keep the prompt alive)
-            self.sink_keys, self.keys = (key_states.new_empty(*key_states.shape[:-2], 0, key_states.shape[-1])
-                                         for _ in range(2))
-            self.sink_values, self.values = (value_states.new_empty(*value_states.shape[:-2], 0,
-                                                                    value_states.shape[-1]) for _ in range(2))
+        if self.sink_keys is None:
+            self.sink_keys, self.keys = no_tokens(key_states), no_tokens(key_states)
+            self.sink_values, self.values = no_tokens(value_states), no_tokens(value_states)
         room = self.sinks - self.sink_keys.shape[-2]
         if room > 0:
             self.sink_keys = torch.cat([self.sink_keys, key_states[..., :room, :]], dim=-2)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .base import FullLengthGeometry, MappedBatchOps
+from .base import FullLengthGeometry, MappedBatchOps, no_tokens
 
 
 class RecurrentStateLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
@@ -28,9 +28,8 @@ class RecurrentStateLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
-        # empty tensors of their own: a view of the prompt's K/V would keep all of it alive
-        self.keys = key_states.new_empty(*key_states.shape[:-2], 0, key_states.shape[-1])
-        self.values = value_states.new_empty(*value_states.shape[:-2], 0, value_states.shape[-1])
+        self.keys = no_tokens(key_states)
+        self.values = no_tokens(value_states)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
