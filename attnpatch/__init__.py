@@ -11,7 +11,9 @@ from .analysis.head_importance import greedy_head_pruning, head_importance
 from .analysis.head_plans import HeadImportance
 from .analysis.sink_inspector import SinkReport, inspect_sinks
 from .api import (
+    CompressedContext,
     compact_heads,
+    compress_context,
     is_patched,
     load_patched,
     patch_model,
@@ -30,6 +32,8 @@ from .runtime.cache import cache_kwargs, cache_nbytes
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressedContext",
+    "compress_context",
     "DuoCalibration",
     "HeadImportance",
     "Method",

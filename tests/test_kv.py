@@ -15,7 +15,7 @@ from attnpatch.runtime.layers import CompressedKVLayer
 
 B, HQ, HKV, D, L = 2, 4, 2, 8, 24
 PAD = 5  # sequence 0 is left-padded by 5 tokens
-METHODS = ["streaming", "h2o", "tova", "knorm", "snapkv", "pyramidkv"]
+METHODS = ["streaming", "h2o", "tova", "knorm", "snapkv", "pyramidkv", "keydiff"]
 
 
 class Site:
@@ -73,6 +73,7 @@ def group_sum(weights):  # (HQ, ...) -> (HKV, ...)
     ("h2o", {"compression": 0.5, "recent_ratio": 0.0}),
     ("tova", {"budget": 7}),
     ("knorm", {"budget": 6, "sinks": 2}),
+    ("keydiff", {"budget": 7}),
     ("snapkv", {"budget": 10, "window": 4, "kernel": 1}),
     ("snapkv", {"budget": 10, "window": 4, "kernel": 5, "pooling": "max"}),
     ("streaming", {"budget": 8, "sinks": 2}),
@@ -91,6 +92,10 @@ def test_prefill_selection_matches_slow_reference(method, params):
                 scores, recent = group_sum(weights[:, -1]).mean(0), 0
             elif method == "knorm":
                 scores, recent = -k[b, head].double().norm(dim=-1), 0
+            elif method == "keydiff":  # negative cosine to the mean of the real unit keys
+                unit = torch.nn.functional.normalize(k[b, head].double(), dim=-1)
+                anchor = unit[(PAD if b == 0 else 0):].mean(0)
+                scores, recent = -torch.nn.functional.cosine_similarity(unit, anchor[None], dim=-1), 0
             elif method == "snapkv":
                 raw = group_sum(weights[:, -config["window"]:].sum(1))[head]
                 kern = config["kernel"]
@@ -139,17 +144,21 @@ def test_generate_padded_batch_budget_and_bytes(method):
     extra = {"window": 3} if method in ("snapkv", "pyramidkv") else {}
     out, cache = _generate(model, method, budget=8, **extra)
     cfg = model.config
-    grows = method in ("snapkv", "pyramidkv", "knorm")  # decode="grow" by default (their papers)
+    grows = method in ("snapkv", "pyramidkv", "knorm", "keydiff")  # decode="grow" by default (their papers)
     for i, layer in enumerate(cache.layers):
         assert isinstance(layer, CompressedKVLayer)
-        expected = (layer.budget.max().item() if grows else 8)
+        # a held cache stores its budget plus one slot, where each step writes its token before evicting
+        expected = (layer.budget.max().item() if grows else 8 + 1)
         if not grows:
             assert layer.valid[:, 0].sum(-1).tolist() == [8, 8]  # per sequence, padding never kept
         assert layer.keys.shape == (2, cfg.num_key_value_heads, expected, 16)
     kv_bytes = sum(l.keys.numel() * 4 + l.values.numel() * 4 for l in cache.layers)
-    assert cache_nbytes(cache) >= kv_bytes and cache_nbytes(cache) < 1.1 * kv_bytes  # + small metadata
-    if not grows:
-        assert kv_bytes == 2 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 8 * 16 * 4
+    if grows:  # + the grown buffers' headroom (1/16 of their size, at least 1 slot) and small metadata
+        headroom = 2 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 2 * 16 * 4
+        assert kv_bytes <= cache_nbytes(cache) < 1.1 * (kv_bytes + headroom)
+    else:  # allocated exactly: no headroom
+        assert kv_bytes == 2 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 9 * 16 * 4
+        assert kv_bytes <= cache_nbytes(cache) < 1.1 * kv_bytes
     assert out.sequences.shape == dense.sequences.shape
 
 
@@ -373,3 +382,65 @@ def test_kv_quant_leaves_sliding_layers_as_they_are_while_decoding():
     assert kinds == ["DynamicSlidingWindowLayer", "QuantizedKVLayer", "DynamicSlidingWindowLayer"], kinds
     assert cache.layers[1].stores[0][2].quant_keys is not None
     unpatch_model(model)
+
+
+def test_head_adaptive_budgets_match_a_slow_reference():
+    """AdaKV: per sequence, each kv head first keeps its floor(share x budget) best entries, then the
+    rest of budget x heads goes to the best remaining entries of any head."""
+    budget, share = 6, 0.34
+    cache, q, k = prefill_once("h2o", budget=budget, recent_ratio=0.0, head_adaptive=share)
+    differ = []
+    for b in range(B):
+        scores = group_sum(full_attention(q, k, b).sum(1))  # (HKV, L): H2O's score per kv head
+        real = range(PAD if b == 0 else 0, L)
+        protected = {(h, p) for h in range(HKV)
+                     for p in sorted(real, key=lambda p: -float(scores[h, p]))[: int(budget * share)]}
+        rest = sorted(((h, p) for h in range(HKV) for p in real if (h, p) not in protected),
+                      key=lambda hp: -float(scores[hp]))
+        chosen = protected | set(rest[: budget * HKV - len(protected)])
+        for head in range(HKV):
+            assert kept_positions(cache, b, head) == sorted(p for h, p in chosen if h == head), (b, head)
+        differ.append(len({len(kept_positions(cache, b, h)) for h in range(HKV)}) > 1)
+    assert any(differ)  # the heads' budgets differ
+
+
+def test_a_decoding_step_evicts_what_the_full_selection_evicts():
+    """evict_lowest (O(L), no sort) against select_mask on out-of-order caches one step over budget."""
+    from attnpatch.ops.kv_select import evict_lowest, select_mask
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        length, keep, sinks = 30, torch.tensor([12, 9]), trial % 3
+        positions = torch.stack([torch.randperm(length, generator=g) for _ in range(4)]).reshape(2, 2, length).int()
+        valid = torch.ones(2, 2, length, dtype=torch.bool)
+        valid[1] &= positions[1] >= length - 10  # row 1: its 10 newest positions only (left padding)
+        valid[0] &= positions[0] >= 17  # row 0: 13 entries, one over its budget of 12
+        scores = torch.rand(2, 2, length, generator=g)
+        recent = torch.tensor([3, 2])
+        expected = select_mask(scores, valid, keep, sinks, recent, positions=positions)
+        kept, freed = evict_lowest(scores, valid, positions, keep, sinks, recent, length - 1)
+        assert torch.equal(kept, expected), trial
+        assert kept[0].sum(-1).tolist() == [12, 12] and kept[1].sum(-1).tolist() == [9, 9]
+        # every row is one over: the freed slots come back, and they are exactly the evicted entries
+        assert freed.shape == (2, 2, 1)
+        assert torch.equal(torch.zeros_like(valid).scatter_(-1, freed, True), valid & ~kept)
+
+
+@pytest.mark.parametrize("method", ["tova", "h2o", "streaming"])
+def test_reusing_freed_slots_is_invisible(method, monkeypatch):
+    """A held cache writes each new token into the slot its last eviction freed (no copy of the cache);
+    generating must give what packing the kept entries in order after every step gives."""
+    from attnpatch.ops.kv_select import compact
+
+    model = tm.build("llama")
+    params = {"budget": 7, **({"sinks": 2} if method == "streaming" else {})}
+    reused, _ = _generate(model, method, new_tokens=8, **params)
+
+    def pack_in_order(layer, kept, freed=None):
+        layer.keep(*compact(kept))
+        layer.headroom = False
+
+    monkeypatch.setattr(CompressedKVLayer, "evict", pack_in_order)
+    packed, _ = _generate(model, method, new_tokens=8, **params)
+    assert torch.equal(reused.sequences, packed.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(reused.scores, packed.scores)) <= 1e-5

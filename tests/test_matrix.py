@@ -29,7 +29,7 @@ from attnpatch import cache_nbytes, list_methods, patch_model, patched_methods, 
 from attnpatch.runtime.cache import cache_kwargs
 
 KV = {"streaming": {"compression": 0.5, "sinks": 2}, "h2o": {"compression": 0.5},
-      "tova": {"compression": 0.5}, "knorm": {"compression": 0.5},
+      "tova": {"compression": 0.5}, "knorm": {"compression": 0.5}, "keydiff": {"compression": 0.5},
       "snapkv": {"compression": 0.5, "window": 4, "kernel": 3},
       "pyramidkv": {"compression": 0.5, "window": 4, "kernel": 3}}
 # method -> (tiny models it runs on here, parameters that make it act at these lengths)

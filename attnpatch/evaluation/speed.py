@@ -61,7 +61,7 @@ def decode_speed(model, prompt_tokens: int = 256, new_tokens: int = 64, seed: in
     ids = _random_ids(model, prompt_tokens, seed).to(device)
     cache = DynamicCache(config=model.config)
     with peak_memory() as mem:
-        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
         _sync(device)
         t0 = time.perf_counter()

@@ -19,15 +19,26 @@ def _grouped_sum(weights: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return weights.reshape(b, kv_heads, hq // kv_heads, *weights.shape[2:]).sum(dim=2)
 
 
-def block_mask(valid: torch.Tensor | None, q_positions: torch.Tensor, length: int, heads: int) -> torch.Tensor:
-    """(B, heads or 1, Lq, L) boolean: key j visible to a query at position p when j <= p and the
-    key is valid. Keys are indexed 0..L-1 in position order; valid (B, Hkv or 1, L) or None."""
-    causal = torch.arange(length, device=q_positions.device)[None, :] <= q_positions[:, None]
+def block_mask(valid: torch.Tensor | None, q_positions: torch.Tensor, length: int, heads: int,
+               key_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, heads or 1, Lq, L) boolean: key j visible to a query at position p when the key's position
+    is <= p and the key is valid. Key positions are their indices 0..L-1 unless `key_positions`
+    (B, Hkv or 1, L) says otherwise (a cache that reuses freed slots is not in position order)."""
+    if key_positions is None:
+        causal = (torch.arange(length, device=q_positions.device)[None, :] <= q_positions[:, None])[None, None]
+    else:
+        causal = key_positions[:, :, None, :].long() <= q_positions[None, None, :, None]
+        causal = _per_query_head(causal, heads)
     if valid is None:
-        return causal[None, None]
-    if valid.shape[1] > 1 and valid.shape[1] != heads:
-        valid = valid.repeat_interleave(heads // valid.shape[1], dim=1)
-    return valid[:, :, None, :] & causal[None, None]
+        return causal
+    return _per_query_head(valid, heads)[:, :, None, :] & causal
+
+
+def _per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hkv, ...) -> (B, heads, ...) when Hkv is neither 1 nor heads (GQA groups share a kv head)."""
+    if x.shape[1] > 1 and x.shape[1] != heads:
+        return x.repeat_interleave(heads // x.shape[1], dim=1)
+    return x
 
 
 def attention_weights(query, key, allowed, scaling: float, softcap: float | None = None) -> torch.Tensor:
@@ -42,26 +53,31 @@ def attention_weights(query, key, allowed, scaling: float, softcap: float | None
     return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
 
 
-def window_attention_scores(query, key, valid, scaling: float, window: int, softcap: float | None = None) -> torch.Tensor:
+def window_attention_scores(query, key, valid, scaling: float, window: int, softcap: float | None = None,
+                            key_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Attention the last `window` queries (the newest positions) pay to every key, summed over
-    them and over each query group: SnapKV's observation window; window=1 is TOVA's score."""
+    them and over each query group: SnapKV's observation window; window=1 is TOVA's score.
+    `key_positions` (B, Hkv, L): the keys' positions when they are not 0..L-1 (see block_mask)."""
     length, obs = key.shape[-2], query[..., -window:, :]
-    positions = torch.arange(length - obs.shape[-2], length, device=key.device)
-    allowed = block_mask(valid, positions, length, query.shape[1])
+    last = length - 1 if key_positions is None else int(key_positions.max())
+    positions = torch.arange(last + 1 - obs.shape[-2], last + 1, device=key.device)
+    allowed = block_mask(valid, positions, length, query.shape[1], key_positions)
     return _grouped_sum(attention_weights(obs, key, allowed, scaling, softcap), key.shape[1]).sum(dim=-2)
 
 
 def accumulated_attention_scores(query, key, valid, scaling: float, block: int = 256,
-                                 softcap: float | None = None) -> torch.Tensor:
+                                 softcap: float | None = None, key_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Column sums of the causal attention matrix over all queries (H2O's heavy-hitter score),
     computed in query blocks so only (block x L) weights exist at a time. The queries are the
-    newest Lq positions of the L keys."""
+    newest Lq positions of the keys (`key_positions` as in window_attention_scores)."""
     length, lq = key.shape[-2], query.shape[-2]
+    end = length if key_positions is None else int(key_positions.max()) + 1
     total = torch.zeros(key.shape[0], key.shape[1], length, dtype=torch.float32, device=key.device)
     for start in range(0, lq, block):
         q_blk = query[..., start : start + block, :]
-        positions = torch.arange(length - lq + start, length - lq + start + q_blk.shape[-2], device=key.device)
-        weights = attention_weights(q_blk, key, block_mask(valid, positions, length, query.shape[1]), scaling, softcap)
+        positions = torch.arange(end - lq + start, end - lq + start + q_blk.shape[-2], device=key.device)
+        allowed = block_mask(valid, positions, length, query.shape[1], key_positions)
+        weights = attention_weights(q_blk, key, allowed, scaling, softcap)
         total += _grouped_sum(weights, key.shape[1]).sum(dim=-2)
     return total
 
@@ -93,36 +109,103 @@ def valid_rank(valid: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(valid.long(), -1) - 1
 
 
-def select_indices(scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, sinks: int = 0,
-                   recent: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entries to keep per (sequence, kv head), in their original order, and their validity.
+def position_rank(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rank of each valid entry among the valid ones of its row by position, oldest = 0, for entries
+    stored out of order (a cache reusing freed slots); equals valid_rank when stored in order."""
+    key = torch.where(valid, positions.long(), torch.iinfo(torch.long).max)
+    order = torch.argsort(key, dim=-1, stable=True)
+    ranks = torch.arange(key.shape[-1], device=key.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
 
-    scores, valid (bool): (B, Hkv, L). keep: (B,) entries each sequence keeps (capped by its
-    valid entries). The `sinks` oldest and the `recent` newest valid entries are always kept; the
+
+def select_mask(scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, sinks: int = 0,
+                recent: int | torch.Tensor = 0, positions: torch.Tensor | None = None,
+                head_adaptive: float | None = None) -> torch.Tensor:
+    """(B, Hkv, L) bool: the entries each (sequence, kv head) keeps.
+
+    scores, valid (bool): (B, Hkv, L). keep: (B,) entries each sequence keeps per kv head (capped by
+    its valid entries). The `sinks` oldest and the `recent` newest valid entries are always kept; the
     rest of the budget goes to the highest scores (`recent` may be (B,), one count per sequence).
-    Every row returns K = max(keep) slots; a
-    sequence keeping fewer has its spare slots marked invalid."""
-    valid_count = valid[:, 0].sum(-1)  # validity is the same for every head of a sequence
-    keep = torch.minimum(keep.to(valid_count.device), valid_count)
-    slots = int(keep.max()) if keep.numel() else 0
-    oldest_rank = valid_rank(valid)
-    newest_rank = valid_count[:, None, None] - 1 - oldest_rank  # 0 = newest
+    `positions` orders the entries when they are not stored oldest first.
+    head_adaptive (AdaKV): the sequence's budget over all its kv heads, keep x Hkv, goes to the best
+    entries wherever they are, except that each head first keeps its `head_adaptive` share of
+    `keep` best entries; so heads whose attention is spread keep more than focused heads."""
+    heads = valid.shape[1]
+    valid_count = valid.sum(-1)  # (B, Hkv)
+    oldest_rank = valid_rank(valid) if positions is None else position_rank(positions, valid)
+    newest_rank = valid_count[..., None] - 1 - oldest_rank  # 0 = newest
     if isinstance(recent, torch.Tensor):
         recent = recent.to(valid.device)[:, None, None]
-    # tiers, best first: sinks, then the recent window newest first, then the rest by score; so when
-    # the forced entries alone exceed a budget, the oldest recent entries are the ones that go
+    # tiers, best first: sinks, then the recent window newest first, then (adaptive) each head's
+    # protected share, then the rest by score; so when the forced entries alone exceed a budget,
+    # the oldest recent entries are the ones that go
     sink = valid & (oldest_rank < sinks)
     fresh = valid & ~sink & (newest_rank < recent)
-    tier = torch.where(sink, 3, torch.where(fresh, 2, torch.where(valid, 1, 0)))
+    tier = torch.where(sink, 4, torch.where(fresh, 3, torch.where(valid, 1, 0)))
     within = torch.nan_to_num(scores.float(), nan=float("-inf"))
     within = torch.where(sink, -oldest_rank.float(), torch.where(fresh, -newest_rank.float(), within))
+    keep = keep.to(valid.device)
+    if head_adaptive is not None:
+        share = torch.floor(keep.float() * head_adaptive).long()[:, None, None]
+        score_rank = torch.argsort(torch.argsort(torch.where(tier == 1, within, float("-inf")), dim=-1,
+                                                 descending=True, stable=True), dim=-1)
+        tier = torch.where((tier == 1) & (score_rank < share), 2, tier)
+        b, length = valid.shape[0], valid.shape[-1]
+        chosen = _top_by_tier(tier.reshape(b, 1, -1), within.reshape(b, 1, -1),
+                              torch.minimum(keep * heads, valid_count.sum(-1))[:, None])
+        return chosen.reshape(b, heads, length)
+    return _top_by_tier(tier, within, torch.minimum(keep[:, None], valid_count))
+
+
+def _top_by_tier(tier: torch.Tensor, within: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, H, L) bool: per row, the `keep` (B, H) best entries by tier, then by score within a tier."""
     by_score = torch.argsort(within, dim=-1, descending=True, stable=True)
     by_tier = torch.argsort(torch.gather(tier, -1, by_score), dim=-1, descending=True, stable=True)
-    top = torch.gather(by_score, -1, by_tier)[..., :slots]
-    within_budget = torch.arange(slots, device=scores.device)[None, None, :] < keep[:, None, None]
-    index, order = torch.sort(top, dim=-1)
-    new_valid = torch.gather(valid, -1, index) & torch.gather(within_budget.expand_as(top), -1, order)
-    return index, new_valid
+    ranked = torch.gather(by_score, -1, by_tier)  # entry indices, best first
+    slots = int(keep.max()) if keep.numel() else 0
+    take = torch.arange(slots, device=tier.device) < keep[..., None]
+    chosen = torch.zeros_like(tier, dtype=torch.bool)
+    return chosen.scatter_(-1, ranked[..., :slots], take)
+
+
+def compact(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen entries of each row (B, H, L) packed to the front in their stored order: index
+    (B, H, K) with K = the largest row's count, and its validity (a row keeping fewer has spare,
+    invalid slots)."""
+    slots = int(chosen.sum(-1).max()) if chosen.numel() else 0
+    index = torch.argsort((~chosen).to(torch.uint8), dim=-1, stable=True)[..., :slots]
+    return index, torch.gather(chosen, -1, index)
+
+
+def select_indices(scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, sinks: int = 0,
+                   recent: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """select_mask's entries packed (compact): indices in their original order and their validity."""
+    return compact(select_mask(scores, valid, keep, sinks, recent))
+
+
+def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
+                 sinks: int, recent: torch.Tensor, newest: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """select_mask for a cache that is at most a few entries over budget (a decoding step), in
+    O(L) instead of sorting: the sinks are the oldest valid positions and the recent window the
+    newest positions (neither is ever evicted, so both are contiguous), and each row drops its
+    `count - keep` lowest-scoring other entries. Returns None when those are too few (then the
+    forced entries themselves are over budget: use select_mask). recent (B,); newest: the newest
+    position. Returns (kept mask, the freed slots (B, H, e) when every row freed e, else None)."""
+    count = valid.sum(-1)  # (B, H)
+    excess = count - keep.to(count.device)[:, None]
+    most = int(excess.max())
+    if most <= 0:
+        return valid, None
+    first = positions.masked_fill(~valid, torch.iinfo(positions.dtype).max).amin(-1, keepdim=True)
+    forced = (positions < first + sinks) | (positions > newest - recent.to(valid.device)[:, None, None])
+    candidates = valid & ~forced
+    if bool((candidates.sum(-1) < excess).any()):
+        return None
+    key = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~candidates, float("inf"))
+    lowest = torch.topk(key, most, dim=-1, largest=False).indices
+    drop = torch.arange(most, device=valid.device) < excess[..., None]
+    kept = valid & ~torch.zeros_like(valid).scatter_(-1, lowest, drop)
+    return kept, (lowest.contiguous() if bool((excess == most).all()) else None)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,27 @@ def sdpa_attention(call, allowed: torch.Tensor | None, is_causal: bool) -> torch
     return out * visible.to(out.dtype)
 
 
+def one_query_attention(query, key, value, valid: torch.Tensor | None, scaling: float,
+                        with_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of one new token per sequence (a decoding step) over (B, Hkv, L, D) keys, of which
+    `valid` (B, Hkv, L) may be attended (None: all). Each kv head's query group is folded into the
+    query dimension, so keys and values are never repeated per query head. With `with_weights`
+    the softmax is computed here and its weights, summed over each query group (B, Hkv, L, float32),
+    come back with the output: the attention mass a scorer needs costs no second pass."""
+    b, hq, _, d = query.shape
+    folded = query.reshape(b, key.shape[1], hq // key.shape[1], d)
+    if not with_weights:
+        mask = None if valid is None else valid[:, :, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+        return out.reshape(b, hq, 1, d), None
+    scores = torch.matmul(folded.float(), key.float().transpose(-1, -2)) * scaling
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    out = torch.matmul(weights.to(value.dtype), value)
+    return out.reshape(b, hq, 1, d), weights.sum(dim=2)
+
+
 def visible_keys(call) -> torch.Tensor | None:
     """The call's boolean mask joined with its causality (bottom-right aligned)."""
     allowed = call.mask

@@ -2,6 +2,7 @@
 
 from .base import KVCacheMethod, KVCompressionMethod
 from .h2o import H2O
+from .keydiff import KeyDiff
 from .knorm import KNorm
 from .pyramidkv import PyramidKV
 from .quant import KVQuant
@@ -9,4 +10,4 @@ from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
 
-__all__ = ["H2O", "KNorm", "KVCacheMethod", "KVCompressionMethod", "KVQuant", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA"]
+__all__ = ["H2O", "KeyDiff", "KNorm", "KVCacheMethod", "KVCompressionMethod", "KVQuant", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA"]

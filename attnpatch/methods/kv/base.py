@@ -18,8 +18,9 @@ from typing import ClassVar
 
 import torch
 
-from ...ops.kv_select import accumulated_attention_scores, block_mask, select_indices, window_attention_scores
-from ...runtime.exact import exact_attention, sdpa_attention
+from ...ops.kv_select import (accumulated_attention_scores, block_mask, compact, evict_lowest, select_mask,
+                              window_attention_scores)
+from ...runtime.exact import exact_attention, one_query_attention, sdpa_attention
 from ...runtime.layers import CompressedKVLayer
 from ..base import Method, ParamSpec
 
@@ -40,6 +41,12 @@ BUDGET_PARAMS = (
 )
 
 
+HEAD_ADAPTIVE_PARAM = ParamSpec(
+    "head_adaptive", float, None, "AdaKV: share the sequence's budget over its kv heads by score (heads whose "
+    "attention is spread keep more); each head first keeps this share of its own budget (0.2 in the paper)",
+    low=0.0, high=1.0, optional=True)
+
+
 class KVCacheMethod(Method):
     """What every method of the family is: a decoder method acting on the KV cache through its own
     cache layer (attention and cache interventions)."""
@@ -52,7 +59,8 @@ class KVCacheMethod(Method):
 class KVCompressionMethod(KVCacheMethod):
     cache_layer_class = CompressedKVLayer
     accumulates: ClassVar[bool] = False  # scores add up over calls (H2O); the base keeps the running sum
-    params = BUDGET_PARAMS + (ParamSpec("sinks", int, 0, "first tokens always kept", low=0), decode_param("hold"))
+    params = BUDGET_PARAMS + (ParamSpec("sinks", int, 0, "first tokens always kept", low=0), HEAD_ADAPTIVE_PARAM,
+                              decode_param("hold"))
 
     # --- what a scorer defines
     def observed_queries(self) -> int | None:
@@ -89,68 +97,88 @@ class KVCompressionMethod(KVCacheMethod):
             return exact_attention(call)
         lq = call.query.shape[-2]
         if call.mask is not None:  # padding of the new tokens, from the model's mask
-            new_valid = call.mask[..., -lq:].any(dim=-2).any(dim=1)  # (B or 1, lq)
-            layer.valid[..., -lq:] &= new_valid[:, None, :]
+            layer.mark_new_padding(call.mask[..., -lq:].any(dim=-2).any(dim=1))  # (B or 1, lq)
         prefill = layer.budget is None
-        out = self.compute_output(call, layer, prefill)
-        if prefill:
-            layer.budget = self.layer_budget(layer.valid[:, 0].sum(-1))
-            scores = self._scores(call, layer, prefill)
-        elif self.config["decode"] == "hold":
-            scores = self._scores(call, layer, prefill)
-        else:  # compress once: the cache grows, except what a sliding window drops
-            layer.budget = layer.budget + lq
-            if layer.sliding_window is None:
-                return out
-            scores = torch.zeros_like(layer.valid, dtype=torch.float32)
-        if layer.sliding_window is not None:  # entries the model's own window no longer reaches
+        # a compressed context (compress_context) grows whatever the method does while decoding
+        policy = layer.decode or self.config["decode"]
+        holds = policy == "hold"
+        out, attention = self.compute_output(call, layer, prefill, with_weights=holds and self.observed_queries() != 0)
+        if layer.sliding_window is not None:  # entries the model's own window no longer reaches: freed
             newest = layer.seen_tokens - 1
             layer.valid &= (newest - layer.positions) < layer.sliding_window - 1
+        if prefill:
+            layer.budget = self.layer_budget(layer.valid[:, 0].sum(-1))
+            layer.headroom = not holds  # a held cache never needs more than its budget + one step
+        elif not holds:  # compress once: the cache grows (freed slots are reused)
+            layer.budget = layer.budget + lq
+            return out
+        scores = self._scores(call, layer, prefill, attention)
         # the tokens of this step are never evicted in it (nor the budget below them)
         budget = layer.budget if prefill else torch.clamp(layer.budget, min=lq)
         recent = self.recent(layer.budget)
         if not prefill:
             recent = torch.clamp(torch.as_tensor(recent, device=budget.device).expand_as(budget), min=lq)
-        over = bool((layer.valid[:, 0].sum(-1) > budget).any())
-        if over or layer.stored_tokens > int(budget.max()):
-            index, valid = select_indices(scores, layer.valid, budget, sinks=self.config["sinks"], recent=recent)
-            layer.keep(index, valid)
+        adaptive = self.config.get("head_adaptive")
+        if prefill:
+            if layer.stored_tokens > int(budget.max()) or bool((layer.valid.sum(-1) > budget[:, None]).any()):
+                kept = select_mask(scores, layer.valid, budget, sinks=self.config["sinks"], recent=recent,
+                                   head_adaptive=adaptive)
+                layer.keep(*compact(kept))  # once: pack the kept entries, freeing the prompt's storage
+            return out
+        evicted = None
+        if adaptive is None:  # a step over budget: drop the lowest entries without sorting the cache
+            evicted = evict_lowest(scores, layer.valid, layer.positions, budget, self.config["sinks"], recent,
+                                   layer.seen_tokens - 1)
+        if evicted is None:
+            evicted = select_mask(scores, layer.valid, budget, sinks=self.config["sinks"], recent=recent,
+                                  positions=layer.positions, head_adaptive=adaptive), None
+        layer.evict(*evicted)  # free the evicted slots in place; the next tokens are written there
         return out
 
-    def _scores(self, call, layer: CompressedKVLayer, prefill: bool) -> torch.Tensor:
-        """The scorer's scores, with the attention mass it asked for (computed in query blocks, never
-        (L x L) at once) and, for accumulating scorers, the running sum kept on the layer."""
+    def _scores(self, call, layer: CompressedKVLayer, prefill: bool, attention: torch.Tensor | None = None) -> torch.Tensor:
+        """The scorer's scores, with the attention mass it asked for (given, or computed in query
+        blocks, never (L x L) at once) and, for accumulating scorers, the running sum kept on the layer."""
         valid = layer.valid[:, :1] if prefill else layer.valid  # identical heads until the first eviction
         visible = None if bool(valid.all()) else valid
         window = self.observed_queries()
-        attention = None
-        if window is None:
-            attention = accumulated_attention_scores(call.query, layer.keys, visible, call.scaling, softcap=call.softcap)
-        elif window > 0:
+        positions = None if prefill else layer.positions  # stored out of order once slots are reused
+        if attention is not None or window == 0:
+            pass
+        elif window is None:
+            attention = accumulated_attention_scores(call.query, layer.keys, visible, call.scaling,
+                                                     softcap=call.softcap, key_positions=positions)
+        else:
             attention = window_attention_scores(call.query, layer.keys, visible, call.scaling,
-                                                min(window, call.query.shape[-2]), softcap=call.softcap)
+                                                min(window, call.query.shape[-2]), softcap=call.softcap,
+                                                key_positions=positions)
         scores = self.score(layer.keys, attention, layer.valid)
         if self.accumulates:
             layer.scores = scores if prefill else layer.scores + scores
             return layer.scores
         return scores
 
-    def compute_output(self, call, layer: CompressedKVLayer, prefill: bool) -> torch.Tensor:
+    def compute_output(self, call, layer: CompressedKVLayer, prefill: bool,
+                       with_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The call's attention output, and, when asked (`with_weights`) and free, the attention mass
+        of its one query per kv head (B, Hkv, L) for the scorer (else None: `_scores` computes it)."""
         lq, length = call.query.shape[-2], call.key.shape[-2]
         window = layer.sliding_window
         if prefill and lq == length and bool(layer.valid.all()) and (window is None or length <= window):
-            return sdpa_attention(call, None, True)
-        return sdpa_attention(call, self.allowed(call, layer, prefill), False)
+            return sdpa_attention(call, None, True), None
+        if not prefill and lq == 1 and window is None and call.softcap is None:  # a decoding step
+            valid = None if bool(layer.valid.all()) else layer.valid
+            return one_query_attention(call.query, call.key, call.value, valid, call.scaling, with_weights)
+        return sdpa_attention(call, self.allowed(call, layer, prefill), False), None
 
     def allowed(self, call, layer: CompressedKVLayer, prefill: bool) -> torch.Tensor:
-        """(B, 1 or Hq, Lq, L) boolean: valid, causal, and inside the model's own sliding window."""
+        """(B, 1 or Hq, Lq, L) boolean: valid, causal by position, and inside the model's own sliding window."""
         lq, length = call.query.shape[-2], call.key.shape[-2]
-        valid = layer.valid[:, :1] if prefill else layer.valid  # identical heads until the first eviction
-        allowed = block_mask(valid, torch.arange(length - lq, length, device=call.query.device), length,
-                             call.query.shape[1])
+        # identical heads until the first eviction; afterwards entries sit in reused slots, out of order
+        valid, positions = (layer.valid[:, :1], None) if prefill else (layer.valid, layer.positions)
+        q_positions = torch.arange(layer.seen_tokens - lq, layer.seen_tokens, device=call.query.device)
+        allowed = block_mask(valid, q_positions, length, call.query.shape[1], positions)
         if layer.sliding_window is not None:
-            positions = layer.positions[:, : allowed.shape[1] if prefill else None].long()
-            distance = positions[:, :, -lq:, None] - positions[:, :, None, :]  # new entries are last, in order
+            distance = q_positions[:, None] - layer.positions[:, : allowed.shape[1] if prefill else None, None, :].long()
             in_window = distance < layer.sliding_window
             if in_window.shape[1] != allowed.shape[1]:
                 in_window = in_window.repeat_interleave(allowed.shape[1] // in_window.shape[1], dim=1)

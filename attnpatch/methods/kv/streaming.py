@@ -31,20 +31,20 @@ class StreamingLLM(KVCompressionMethod):
     def score(self, keys, attention, valid):  # sinks and recent entries are all it keeps
         return torch.zeros_like(valid, dtype=torch.float32)
 
-    def compute_output(self, call, layer, prefill):
+    def compute_output(self, call, layer, prefill, with_weights=False):
         if not prefill:
-            return super().compute_output(call, layer, prefill)
+            return super().compute_output(call, layer, prefill, with_weights)
         budgets = self.layer_budget(layer.valid[:, 0].sum(-1))  # (B,): each sequence's own window
         sinks = self.config["sinks"]
         window = int(budgets.max()) - sinks
         if layer.sliding_window is None and bool(layer.valid.all()):  # every sequence has the same budget
             # block-wise: only the kept keys are touched, however long the prompt
             return sliding_window_attention(call.query, call.key, call.value, None, window=max(1, window), sinks=sinks,
-                                            causal=True, scaling=call.scaling, softcap=call.softcap)
+                                            causal=True, scaling=call.scaling, softcap=call.softcap), None
         # padding (sinks are each sequence's first real tokens) or a sliding layer: one explicit mask
         lq = call.query.shape[-2]
         rank = valid_rank(layer.valid[:, :1])  # (B, 1, L): position among real tokens
         distance = rank[..., -lq:, None] - rank[..., None, :]
         windows = (budgets - sinks).clamp(min=1).to(distance.device)[:, None, None, None]
         pattern = (distance < windows) | (rank[..., None, :] < sinks)
-        return sdpa_attention(call, self.allowed(call, layer, prefill) & pattern, False)
+        return sdpa_attention(call, self.allowed(call, layer, prefill) & pattern, False), None

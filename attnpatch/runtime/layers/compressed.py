@@ -1,5 +1,5 @@
 """The cache layer of KV compression methods: only the entries a method keeps, per sequence and
-kv head, with their positions and validity."""
+kv head, with their positions and validity, in preallocated storage written in place."""
 
 from __future__ import annotations
 
@@ -7,80 +7,155 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ...ops.kv_select import gather_tokens
-from .base import FullLengthGeometry, MappedBatchOps, no_tokens
+from .base import FullLengthGeometry, MappedBatchOps
+
+_FIELDS = ("keys", "values", "valid", "positions", "scores")
 
 
 class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
     """Stores only the K/V entries a compression method keeps, per sequence and per kv head.
 
-    keys/values (B, Hkv, K, D) are the kept entries in their original order; `valid` (B, Hkv, K)
-    marks real entries (False for padding, and for spare slots of a sequence that keeps fewer
-    than another); `positions` (B, Hkv, K) int32 are their absolute positions (keys are stored
-    after RoPE, so positions are only needed for sink/recency rules); `scores` is the method's
-    running score where it keeps one (H2O). `budget` (B,) is the per-sequence size kept while
-    decoding, set at prefill. The layer reports the full sequence length, so positions of new
-    tokens and the masks of other layers are what they would be without compression.
+    keys/values (B, Hkv, K, D) are the stored entries; `valid` (B, Hkv, K) marks real entries (False
+    for padding, evicted entries, and spare slots of a head keeping fewer than another);
+    `positions` (B, Hkv, K) int32 are their absolute positions (keys are stored after RoPE, so
+    positions only serve causality and the sink/recency rules); `scores` is the method's running
+    score where it keeps one (H2O). `budget` (B,) is the per-sequence size kept while decoding,
+    set at prefill. The layer reports the full sequence length, so positions of new tokens and the
+    masks of other layers are what they would be without compression.
+
+    Why preallocated: decoding writes each new token into a freed slot (an evicted entry's) or
+    after the last used slot of a buffer with headroom, so no step copies the whole cache (a
+    concatenation per token costs more than the attention it saves). Entries are therefore not
+    in position order once slots are reused; `positions` says where each one belongs, and
+    `new_slots` (B, Hkv, n) where the last update wrote. The views exposed as keys/values/... are
+    the first `length` slots; `nbytes` counts the whole allocation, headroom included.
     """
 
     is_croppable = False
 
     def __init__(self, sliding_window: int | None = None, **kwargs):
+        self._storage: dict[str, torch.Tensor | None] = dict.fromkeys(_FIELDS)
+        self.length = 0
         super().__init__(**kwargs)
         # with a sliding window, the method also keeps applying the model's window
         self._init_geometry(sliding_window)
-        self.valid = self.positions = self.scores = self.budget = None
+        self.budget = self.new_slots = self.freed = None
+        self.headroom = True  # grow buffers with spare slots (a cache that only holds needs none)
+        self.decode = None  # "grow" for a compressed context: its method's decode policy is overridden
+
+    # --- the views: the first `length` slots of each buffer
+    def _view(self, name):
+        buffer = self._storage[name]
+        return None if buffer is None else buffer[:, :, : self.length]
+
+    def _set(self, name, value):
+        buffer = self._storage[name]
+        if value is None:
+            self._storage[name] = None
+        elif buffer is not None and value.data_ptr() == buffer.data_ptr() and value.shape == buffer[:, :, : self.length].shape:
+            pass  # an in-place edit of the view (`layer.valid &= ...`) assigned back
+        elif buffer is not None and value.shape[2] == self.length and buffer.dtype == value.dtype \
+                and buffer.device == value.device and buffer.shape[:2] == value.shape[:2]:
+            buffer[:, :, : self.length].copy_(value)
+        else:  # a new tensor (another device, a batch edit): it becomes the buffer
+            self._storage[name] = value
+
+    keys = property(lambda self: self._view("keys"), lambda self, v: self._set("keys", v))
+    values = property(lambda self: self._view("values"), lambda self, v: self._set("values", v))
+    valid = property(lambda self: self._view("valid"), lambda self, v: self._set("valid", v))
+    positions = property(lambda self: self._view("positions"), lambda self, v: self._set("positions", v))
+    scores = property(lambda self: self._view("scores"), lambda self, v: self._set("scores", v))
 
     def lazy_initialization(self, key_states, value_states):
         # set here, not by DynamicLayer, whose fields differ between transformers releases
         self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
         b, h = key_states.shape[:2]
-        self.keys = no_tokens(key_states)
-        self.values = no_tokens(value_states)
-        self.valid = torch.zeros(b, h, 0, dtype=torch.bool, device=key_states.device)
-        self.positions = torch.zeros(b, h, 0, dtype=torch.int32, device=key_states.device)
+        self.length = 0
+        self._storage.update(
+            keys=key_states.new_empty(b, h, 0, key_states.shape[-1]),
+            values=value_states.new_empty(b, h, 0, value_states.shape[-1]),
+            valid=torch.zeros(b, h, 0, dtype=torch.bool, device=key_states.device),
+            positions=torch.zeros(b, h, 0, dtype=torch.int32, device=key_states.device))
+
+    def _reserve(self, needed: int) -> None:
+        """Every buffer holds at least `needed` slots; growth adds headroom so appends stay amortised O(1)."""
+        spare = min(max(needed // 16, 1), 1024) if self.headroom else 0
+        for name, buffer in self._storage.items():
+            if buffer is not None and buffer.shape[2] < needed:
+                grown = buffer.new_zeros(*buffer.shape[:2], needed + spare, *buffer.shape[3:])
+                grown[:, :, : self.length] = buffer[:, :, : self.length]
+                self._storage[name] = grown
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, n = key_states.shape[:3]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.valid = torch.cat([self.valid, self.valid.new_ones(b, h, n)], dim=-1)
-        new_positions = torch.arange(self.seen_tokens, self.seen_tokens + n, device=key_states.device, dtype=torch.int32)
-        self.positions = torch.cat([self.positions, new_positions.expand(b, h, n)], dim=-1)
-        if self.scores is not None:
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, n)], dim=-1)
+        device = key_states.device
+        free = None if self.freed is not None and self.freed.shape[-1] >= n else ~self.valid
+        if free is None:  # the slots the last eviction freed, as many in every row
+            slots, rest = self.freed[..., :n], self.freed[..., n:]
+            self.freed = rest if rest.shape[-1] else None
+        elif self.length and bool((free.sum(-1) >= n).all()):  # every row has freed slots: reuse the oldest ones
+            slots = torch.topk(free.to(torch.float32) - torch.arange(self.length, device=device) / (self.length + 1),
+                               n, dim=-1).indices.sort(dim=-1).values
+        else:  # append after the used slots
+            self._reserve(self.length + n)
+            slots = torch.arange(self.length, self.length + n, device=device).expand(b, h, n).contiguous()
+            self.length += n
+        new_positions = torch.arange(self.seen_tokens, self.seen_tokens + n, device=device, dtype=torch.int32)
+        for name, new in (("keys", key_states), ("values", value_states)):
+            self._storage[name][:, :, : self.length].scatter_(2, slots[..., None].expand(b, h, n, new.shape[-1]), new)
+        self.valid.scatter_(2, slots, True)
+        self.positions.scatter_(2, slots, new_positions.expand(b, h, n))
+        if self._storage["scores"] is not None:
+            self.scores.scatter_(2, slots, 0.0)
+        self.new_slots = slots
         self.seen_tokens += n
         return self.keys, self.values
 
+    def mark_new_padding(self, new_valid: torch.Tensor) -> None:
+        """new_valid (B or 1, n): which of the tokens of the last update are real (padding is not)."""
+        written = torch.gather(self.valid, 2, self.new_slots)
+        self.valid.scatter_(2, self.new_slots, written & new_valid[:, None, :].expand_as(written))
+
     def keep(self, index: torch.Tensor, valid: torch.Tensor) -> None:
-        """Keep only the entries at `index` (B, Hkv, K); the rest is freed."""
-        self.keys = gather_tokens(self.keys, index).contiguous()
-        self.values = gather_tokens(self.values, index).contiguous()
-        self.positions = torch.gather(self.positions, -1, index)
-        if self.scores is not None:
-            self.scores = torch.gather(self.scores, -1, index)
-        self.valid = valid
+        """Keep only the entries at `index` (B, Hkv, K), packed in that order; the rest is freed."""
+        gathered = {name: (gather_tokens(view, index).contiguous() if name in ("keys", "values")
+                           else torch.gather(view, -1, index))
+                    for name in _FIELDS if (view := self._view(name)) is not None}
+        gathered["valid"] = valid.contiguous()
+        self._storage.update(gathered)
+        self.length = index.shape[-1]
+        self.new_slots = self.freed = None
+
+    def evict(self, kept: torch.Tensor, freed: torch.Tensor | None = None) -> None:
+        """Free every entry not in `kept` (B, Hkv, length) in place: its slot is reused by the next token.
+        `freed` (B, Hkv, e): the freed slots when every row freed the same number (found faster then)."""
+        self.valid &= kept
+        self.freed = freed
 
     @property
     def stored_tokens(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return self.length
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.keys, self.values, self.valid, self.positions, self.scores, self.budget)
+        tensors = (*self._storage.values(), self.budget, self.new_slots, self.freed)
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
     def reset(self) -> None:
         super().reset()
-        self.seen_tokens = 0
-        self.valid = self.positions = self.scores = self.budget = None
+        self.seen_tokens = self.length = 0
+        self._storage = dict.fromkeys(_FIELDS)
+        self.budget = self.new_slots = self.freed = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed KV cache cannot be rolled back: evicted entries are gone")
 
     def _map(self, fn) -> None:
-        for name in ("keys", "values", "valid", "positions", "scores", "budget"):
+        self._storage = {name: (None if t is None else fn(t[:, :, : self.length].contiguous()))
+                         for name, t in self._storage.items()}
+        for name in ("budget", "new_slots", "freed"):
             value = getattr(self, name)
             if isinstance(value, torch.Tensor):
                 setattr(self, name, fn(value))

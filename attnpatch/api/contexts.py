@@ -1,0 +1,145 @@
+"""Compress a context once, then ask it any number of questions.
+
+    ctx = compress_context(model, context_ids, "snapkv", compression=0.75)
+    answer_ids = ctx.generate(question_ids, max_new_tokens=20)           # new tokens only
+    model.generate(ctx.input_ids_with(question_ids), **cache_kwargs(model, ctx.cache()))  # by hand
+
+The context is prefilled and compressed by the method before any question is seen
+(query-agnostic). Every question then runs on its own copy of the compressed cache, whose layers
+only grow after the context: neither a question nor its answer evicts context, whatever the
+method's `decode` policy, and one question never sees another.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ..config import PatchConfig
+from ..errors import PatchError
+from ..registry import get_method, resolve_params
+from ..runtime.cache import cache_kwargs, cache_nbytes
+from ..runtime.layers import CompressedKVLayer
+from .patching import patch_model, patched_configs, unpatch_model
+
+
+@dataclass
+class CompressedContext:
+    """A compressed context: `cache()` hands out copies of it; `generate` asks one question."""
+
+    model: nn.Module
+    method: str
+    input_ids: torch.Tensor  # (B, L) the context, as given
+    attention_mask: torch.Tensor  # (B, L) 1 = real token (left padding is 0)
+    template: DynamicCache
+    patched_here: bool  # compress_context patched the model, and `close` unpatches it
+
+    def cache(self) -> DynamicCache:
+        """A fresh copy of the compressed cache, to run one question (or conversation) on."""
+        return copy.deepcopy(self.template)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the compressed context holds (every tensor of its cache)."""
+        return cache_nbytes(self.template)
+
+    @property
+    def length(self) -> int:
+        """Context tokens seen (the cache reports this length to the model)."""
+        return self.input_ids.shape[1]
+
+    def input_ids_with(self, question_ids: torch.Tensor) -> torch.Tensor:
+        """Context + question, as generate() expects them with the context's cache (it feeds only the
+        tokens the cache has not seen)."""
+        question_ids = self._batch(question_ids)
+        return torch.cat([self.input_ids, question_ids.to(self.input_ids.device)], dim=1)
+
+    def attention_mask_with(self, question_ids: torch.Tensor, question_mask: torch.Tensor | None = None) -> torch.Tensor:
+        question_ids = self._batch(question_ids)
+        if question_mask is None:
+            question_mask = torch.ones_like(question_ids)
+        return torch.cat([self.attention_mask, question_mask.to(self.attention_mask)], dim=1)
+
+    @torch.no_grad()
+    def generate(self, question_ids: torch.Tensor, question_mask: torch.Tensor | None = None, **generate_kwargs):
+        """Generate after context + question on a copy of the compressed cache; returns only the
+        new tokens (B, n). `generate_kwargs` go to model.generate (max_new_tokens, do_sample...)."""
+        ids = self.input_ids_with(question_ids)
+        generate_kwargs.setdefault("pad_token_id", getattr(self.model.generation_config, "pad_token_id", None) or 0)
+        out = self.model.generate(input_ids=ids, attention_mask=self.attention_mask_with(question_ids, question_mask),
+                                  **cache_kwargs(self.model, self.cache()), **generate_kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        return sequences[:, ids.shape[1]:]
+
+    def close(self) -> None:
+        """Unpatch the model if compress_context patched it."""
+        if self.patched_here:
+            unpatch_model(self.model)
+            self.patched_here = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _batch(self, question_ids: torch.Tensor) -> torch.Tensor:
+        question_ids = question_ids if question_ids.dim() == 2 else question_ids[None]
+        if question_ids.shape[0] == 1 and self.input_ids.shape[0] > 1:
+            question_ids = question_ids.expand(self.input_ids.shape[0], -1)
+        if question_ids.shape[0] != self.input_ids.shape[0]:
+            raise PatchError(f"the question batch has {question_ids.shape[0]} rows and the context "
+                             f"{self.input_ids.shape[0]}; pass one question per context row (or one for all)")
+        return question_ids
+
+
+def _ensure_patched(model: nn.Module, method: str, params: dict) -> bool:
+    """Patch the model with the method unless it already is; True when patched here."""
+    configs = patched_configs(model)
+    if not configs:
+        patch_model(model, method, **params)
+        return True
+    if len(configs) == 1 and configs[0].method == method:
+        wanted = resolve_params(method, dict(params))
+        if params and wanted != configs[0].params:
+            raise PatchError(f"compress_context: the model is patched with {method} {configs[0].params}, not with "
+                             f"{wanted}; unpatch it first or pass no parameters to use the existing patch")
+        return False
+    raise PatchError(f"compress_context: the model is already patched with {[c.method for c in configs]}; "
+                     f"unpatch_model(model) first to compress with {method!r}")
+
+
+@torch.no_grad()
+def compress_context(model: nn.Module, context_ids: torch.Tensor, method: str | PatchConfig,
+                     attention_mask: torch.Tensor | None = None, **params) -> CompressedContext:
+    """Prefill `context_ids` (B, L; left-padded rows with `attention_mask`) once through the model
+    patched with a KV compression `method`, and return the compressed context. The model stays
+    patched (the compressed cache needs the method's attention) until `ctx.close()` when this
+    call patched it; a model already patched with the same method is used as it is."""
+    if isinstance(method, PatchConfig):
+        method, params = method.method, {**method.params, **params}
+    if get_method(method).cache_layer_class is None:
+        raise PatchError(f"compress_context needs a method that keeps its own KV cache (the kv-compressed family, "
+                         f"e.g. snapkv, tova, knorm, kv_quant); {method!r} keeps none")
+    context_ids = context_ids if context_ids.dim() == 2 else context_ids[None]
+    device = next(model.parameters()).device
+    context_ids = context_ids.to(device)
+    mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask.to(device)
+    patched_here = _ensure_patched(model, method, params)
+    try:
+        cache = DynamicCache(config=model.config)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # a left-padded row's positions start at 0, as generate's
+        model(input_ids=context_ids, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
+              use_cache=True, logits_to_keep=1)
+        for layer in cache.layers:
+            if isinstance(layer, CompressedKVLayer):
+                layer.decode, layer.headroom = "grow", True  # after the context, nothing is evicted
+    except BaseException:
+        if patched_here:
+            unpatch_model(model)
+        raise
+    return CompressedContext(model, method, context_ids, mask, cache, patched_here)

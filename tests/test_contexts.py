@@ -1,0 +1,87 @@
+"""compress_context: a context compressed once (query-agnostic), then questions on copies of it that
+never evict context; batches with left padding answer as each row would alone."""
+
+import pytest
+import torch
+
+import tiny_models as tm
+from attnpatch import PatchError, cache_kwargs, cache_nbytes, compress_context, is_patched, patch_model, unpatch_model
+from attnpatch.runtime.layers import CompressedKVLayer
+
+CASES = [("snapkv", {"budget": 8, "window": 2}), ("tova", {"budget": 8}), ("streaming", {"budget": 8, "sinks": 2}),
+         ("h2o", {"budget": 8}), ("knorm", {"budget": 8}), ("keydiff", {"budget": 8}),
+         ("snapkv", {"budget": 8, "window": 2, "head_adaptive": 0.2}),
+         ("kv_quant", {"group": 8, "residual": 2, "sinks": 1})]
+IDS = [f"{m}-adaptive" if "head_adaptive" in p else m for m, p in CASES]
+
+
+def _context_entries(cache):
+    """Per compressed layer, per (row, head): the set of positions held as valid entries."""
+    held = []
+    for layer in cache.layers:
+        if isinstance(layer, CompressedKVLayer):
+            valid, positions = layer.valid, layer.positions
+            held.append([[set(positions[b, h][valid[b, h]].tolist()) for h in range(valid.shape[1])]
+                         for b in range(valid.shape[0])])
+    return held
+
+
+@pytest.mark.parametrize("method,params", CASES, ids=IDS)
+def test_questions_never_evict_the_context_and_padded_rows_answer_as_alone(method, params):
+    model = tm.build("llama")
+    ids, mask = tm.text_batch(length=24, left_pad=5)
+    question = tm.text_batch(batch=2, length=4, seed=7)[0]
+    ctx = compress_context(model, ids, method, attention_mask=mask, **params)
+    assert is_patched(model) and ctx.patched_here
+    template_bytes, before = ctx.nbytes, _context_entries(ctx.template)
+    dense_bytes = 2 * model.config.num_hidden_layers * 2 * model.config.num_key_value_heads * 24 * 16 * 4
+    assert template_bytes < dense_bytes  # compressed before any question is seen
+    if "head_adaptive" in params:  # the budget is the row's over its kv heads, shared out by score
+        heads = model.config.num_key_value_heads
+        assert all(sum(map(len, row)) <= 8 * heads and min(map(len, row)) >= 1 for layer in before for row in layer)
+        assert any(len({len(h) for h in row}) > 1 for layer in before for row in layer)  # heads differ
+    elif method != "kv_quant":
+        assert all(len(head) <= 8 for layer in before for row in layer for head in row)
+
+    answers = ctx.generate(question, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    again = ctx.generate(question, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(answers, again)  # each question runs on its own copy: the template is untouched
+    assert ctx.nbytes == template_bytes and _context_entries(ctx.template) == before
+
+    # a conversation by hand: every context entry is still held after the question and the answer
+    cache = ctx.cache()
+    model.generate(ctx.input_ids_with(question), attention_mask=ctx.attention_mask_with(question), max_new_tokens=5,
+                   min_new_tokens=5, do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))
+    after = _context_entries(cache)
+    for layer_before, layer_after in zip(before, after):
+        for row_before, row_after in zip(layer_before, layer_after):
+            for head_before, head_after in zip(row_before, row_after):
+                assert head_before <= head_after
+                assert len(head_after) == len(head_before) + 4 + 4  # question + answer tokens, all kept
+    assert cache_nbytes(cache) > template_bytes
+
+    # the left-padded row answers what it answers with its context alone
+    alone = compress_context(model, ids[:1, 5:], method, **params)  # the model is patched: reused as it is
+    assert not alone.patched_here
+    assert torch.equal(alone.generate(question[:1], max_new_tokens=5, min_new_tokens=5, do_sample=False), answers[:1])
+    ctx.close()
+    assert not is_patched(model)
+
+
+def test_compress_context_errors_name_the_fix_and_leave_the_model_as_it_was():
+    model = tm.build("llama")
+    ids, _ = tm.text_batch(length=12)
+    with pytest.raises(PatchError, match="keeps its own KV cache"):
+        compress_context(model, ids, "sliding_window")
+    assert not is_patched(model)
+    patch_model(model, "tova", budget=4)
+    with pytest.raises(PatchError, match="unpatch_model"):
+        compress_context(model, ids, "snapkv", budget=4)
+    with pytest.raises(PatchError, match="not with"):
+        compress_context(model, ids, "tova", budget=6)
+    ctx = compress_context(model, ids, "tova")  # no parameters: the existing patch is used
+    with pytest.raises(PatchError, match="one question per context row"):
+        ctx.generate(torch.ones(3, 2, dtype=torch.long), max_new_tokens=1)
+    ctx.close()
+    assert is_patched(model)  # the caller's own patch stays
+    unpatch_model(model)
