@@ -444,3 +444,21 @@ def test_reusing_freed_slots_is_invisible(method, monkeypatch):
     packed, _ = _generate(model, method, new_tokens=8, **params)
     assert torch.equal(reused.sequences, packed.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(reused.scores, packed.scores)) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["tova", "h2o", "streaming"])
+def test_evict_every_k_steps_holds_at_most_budget_plus_k_minus_1(method):
+    model = tm.build("llama")
+    ids, mask = tm.text_batch(length=16)
+    cache = DynamicCache(config=model.config)
+    patch_model(model, method, budget=6, evict_every=3, **({"sinks": 2} if method == "streaming" else {}))
+    held = []
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+        for step in range(7):
+            mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+            model(input_ids=ids[:, step:step + 1], attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+            held.append({int(layer.valid[:, 0].sum(-1).max()) for layer in cache.layers})
+    assert held == [{7}, {8}, {6}, {7}, {8}, {6}, {7}]  # back to the budget on every third step
+    assert all(layer.stored_tokens == 6 + 3 for layer in cache.layers)  # slots: the budget + 3 steps
+    unpatch_model(model)

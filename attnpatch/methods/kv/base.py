@@ -38,6 +38,9 @@ BUDGET_PARAMS = (
               high_open=True),
     ParamSpec("budget", int, None, "cache entries kept per sequence and kv head (overrides compression)",
               low=1, optional=True),
+    ParamSpec("evict_every", int, 1, "with decode='hold': evict once every this many decoding steps, down to the "
+              "budget (up to budget + evict_every - 1 entries are held between); 1 = every step, as in the papers",
+              low=1),
 )
 
 
@@ -112,7 +115,14 @@ class KVCompressionMethod(KVCacheMethod):
         elif not holds:  # compress once: the cache grows (freed slots are reused)
             layer.budget = layer.budget + lq
             return out
+        else:  # held: evict every `evict_every` steps (scores that accumulate are updated every step)
+            layer.pending += 1
+            if layer.pending < self.config["evict_every"] and not self.accumulates:
+                return out
         scores = self._scores(call, layer, prefill, attention)
+        if not prefill and layer.pending < self.config["evict_every"]:
+            return out
+        layer.pending = 0
         # the tokens of this step are never evicted in it (nor the budget below them)
         budget = layer.budget if prefill else torch.clamp(layer.budget, min=lq)
         recent = self.recent(layer.budget)
@@ -139,7 +149,7 @@ class KVCompressionMethod(KVCacheMethod):
         """The scorer's scores, with the attention mass it asked for (given, or computed in query
         blocks, never (L x L) at once) and, for accumulating scorers, the running sum kept on the layer."""
         valid = layer.valid[:, :1] if prefill else layer.valid  # identical heads until the first eviction
-        visible = None if bool(valid.all()) else valid
+        visible = None if (bool(valid.all()) if prefill else layer.all_valid()) else valid
         window = self.observed_queries()
         positions = None if prefill else layer.positions  # stored out of order once slots are reused
         if attention is not None or window == 0:
@@ -166,7 +176,7 @@ class KVCompressionMethod(KVCacheMethod):
         if prefill and lq == length and bool(layer.valid.all()) and (window is None or length <= window):
             return sdpa_attention(call, None, True), None
         if not prefill and lq == 1 and window is None and call.softcap is None:  # a decoding step
-            valid = None if bool(layer.valid.all()) else layer.valid
+            valid = None if layer.all_valid() else layer.valid
             return one_query_attention(call.query, call.key, call.value, valid, call.scaling, with_weights)
         return sdpa_attention(call, self.allowed(call, layer, prefill), False), None
 

@@ -35,13 +35,14 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
 
     def __init__(self, sliding_window: int | None = None, **kwargs):
         self._storage: dict[str, torch.Tensor | None] = dict.fromkeys(_FIELDS)
-        self.length = 0
+        self.length, self._all_valid, self.appended_at = 0, False, 0
         super().__init__(**kwargs)
         # with a sliding window, the method also keeps applying the model's window
         self._init_geometry(sliding_window)
         self.budget = self.new_slots = self.freed = None
         self.headroom = True  # grow buffers with spare slots (a cache that only holds needs none)
         self.decode = None  # "grow" for a compressed context: its method's decode policy is overridden
+        self.pending = 0  # decoding steps since the last eviction (a method may evict every few steps)
 
     # --- the views: the first `length` slots of each buffer
     def _view(self, name):
@@ -49,6 +50,8 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         return None if buffer is None else buffer[:, :, : self.length]
 
     def _set(self, name, value):
+        if name == "valid":
+            self._all_valid = False
         buffer = self._storage[name]
         if value is None:
             self._storage[name] = None
@@ -70,7 +73,7 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         # set here, not by DynamicLayer, whose fields differ between transformers releases
         self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
         b, h = key_states.shape[:2]
-        self.length = 0
+        self.length, self._all_valid = 0, False
         self._storage.update(
             keys=key_states.new_empty(b, h, 0, key_states.shape[-1]),
             values=value_states.new_empty(b, h, 0, value_states.shape[-1]),
@@ -86,23 +89,37 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
                 grown[:, :, : self.length] = buffer[:, :, : self.length]
                 self._storage[name] = grown
 
+    def all_valid(self) -> bool:
+        """Every used slot holds a real entry (checked once after each change of `valid`, not per step)."""
+        if not self._all_valid:
+            self._all_valid = bool(self.valid.all())
+        return self._all_valid
+
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, n = key_states.shape[:3]
         device = key_states.device
-        free = None if self.freed is not None and self.freed.shape[-1] >= n else ~self.valid
-        if free is None:  # the slots the last eviction freed, as many in every row
+        new_positions = torch.arange(self.seen_tokens, self.seen_tokens + n, device=device, dtype=torch.int32)
+        self.seen_tokens += n
+        if self.freed is not None and self.freed.shape[-1] >= n:  # the slots the last eviction freed
             slots, rest = self.freed[..., :n], self.freed[..., n:]
             self.freed = rest if rest.shape[-1] else None
-        elif self.length and bool((free.sum(-1) >= n).all()):  # every row has freed slots: reuse the oldest ones
-            slots = torch.topk(free.to(torch.float32) - torch.arange(self.length, device=device) / (self.length + 1),
-                               n, dim=-1).indices.sort(dim=-1).values
-        else:  # append after the used slots
-            self._reserve(self.length + n)
-            slots = torch.arange(self.length, self.length + n, device=device).expand(b, h, n).contiguous()
+        elif not self.all_valid() and bool(((~self.valid).sum(-1) >= n).all()):  # every row has free slots
+            order = torch.arange(self.length, device=device) / (self.length + 1)
+            slots = torch.topk((~self.valid).to(torch.float32) - order, n, dim=-1).indices.sort(dim=-1).values
+        else:  # append after the used slots: plain slice writes
+            start = self.length
+            self._reserve(start + n)
             self.length += n
-        new_positions = torch.arange(self.seen_tokens, self.seen_tokens + n, device=device, dtype=torch.int32)
+            self._storage["keys"][:, :, start : start + n] = key_states
+            self._storage["values"][:, :, start : start + n] = value_states
+            self._storage["valid"][:, :, start : start + n] = True
+            self._storage["positions"][:, :, start : start + n] = new_positions
+            if self._storage["scores"] is not None:
+                self._storage["scores"][:, :, start : start + n] = 0.0
+            self.new_slots, self.appended_at = None, start
+            return self.keys, self.values
         for name, new in (("keys", key_states), ("values", value_states)):
             self._storage[name][:, :, : self.length].scatter_(2, slots[..., None].expand(b, h, n, new.shape[-1]), new)
         self.valid.scatter_(2, slots, True)
@@ -110,11 +127,15 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         if self._storage["scores"] is not None:
             self.scores.scatter_(2, slots, 0.0)
         self.new_slots = slots
-        self.seen_tokens += n
         return self.keys, self.values
 
     def mark_new_padding(self, new_valid: torch.Tensor) -> None:
         """new_valid (B or 1, n): which of the tokens of the last update are real (padding is not)."""
+        self._all_valid = False
+        if self.new_slots is None:  # appended
+            start = self.appended_at
+            self.valid[:, :, start : start + new_valid.shape[-1]] &= new_valid[:, None, :]
+            return
         written = torch.gather(self.valid, 2, self.new_slots)
         self.valid.scatter_(2, self.new_slots, written & new_valid[:, None, :].expand_as(written))
 
@@ -125,13 +146,14 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
                     for name in _FIELDS if (view := self._view(name)) is not None}
         gathered["valid"] = valid.contiguous()
         self._storage.update(gathered)
+        self._all_valid = False
         self.length = index.shape[-1]
         self.new_slots = self.freed = None
 
     def evict(self, kept: torch.Tensor, freed: torch.Tensor | None = None) -> None:
         """Free every entry not in `kept` (B, Hkv, length) in place: its slot is reused by the next token.
         `freed` (B, Hkv, e): the freed slots when every row freed the same number (found faster then)."""
-        self.valid &= kept
+        self.valid &= kept  # (through the setter: the all-valid flag is reset)
         self.freed = freed
 
     @property
@@ -146,6 +168,7 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.seen_tokens = self.length = 0
+        self._all_valid = False
         self._storage = dict.fromkeys(_FIELDS)
         self.budget = self.new_slots = self.freed = None
 
@@ -153,6 +176,7 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         raise NotImplementedError("a compressed KV cache cannot be rolled back: evicted entries are gone")
 
     def _map(self, fn) -> None:
+        self._all_valid = False
         self._storage = {name: (None if t is None else fn(t[:, :, : self.length].contiguous()))
                          for name, t in self._storage.items()}
         for name in ("budget", "new_slots", "freed"):
