@@ -80,7 +80,7 @@ def main() -> None:
             patch_model(model, config)
             try:
                 rows.append(dict(decode_speed(model, prompt_tokens=context, new_tokens=args.new_tokens),
-                                 method=name, params=params))
+                                 method=spec, params=params))
             finally:
                 unpatch_model(model)
         for row in rows:
@@ -90,6 +90,10 @@ def main() -> None:
                 row["kv_vs_dense"] = row["kv_bytes"] / dense["kv_bytes"]
                 print(f"  {row['method']:<10} {row['decode_tokens_per_s']:7.2f} tok/s  {row['vs_dense']:.2f}x dense  "
                       f"{row['vs_floor']:.2f}x floor  KV {row['kv_vs_dense']:.3f}", flush=True)
+    write(rows, args)
+
+
+def write(rows, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"environment": environment(0), "compression": args.compression, "new_tokens": args.new_tokens, "rows": rows}
     (args.out / "decode_speed.json").write_text(json.dumps(result, indent=1))
@@ -100,11 +104,11 @@ def main() -> None:
         lines.append(f"| {r['prompt_tokens']} | {r['method']} | {r['decode_tokens_per_s']:.2f} | {r['vs_dense']:.2f}x "
                      f"| {r['vs_floor']:.2f}x | {r['kv_bytes']:,} | {r['kv_vs_dense']:.3f} |")
     (args.out / "decode_speed.md").write_text("\n".join(lines) + "\n")
-    plot(rows, args.contexts, args.out / "decode_speed.png")
+    plot(rows, args.out / "decode_speed.png")
     print("\n".join(lines))
 
 
-def plot(rows, contexts, path: Path) -> None:
+def plot(rows, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +118,7 @@ def plot(rows, contexts, path: Path) -> None:
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         ax.plot([r["prompt_tokens"] for r in mine], [r["decode_tokens_per_s"] for r in mine],
-                "--" if method in ("dense", "floor") else "o-", marker="o", label=method)
+                "o--" if method in ("dense", "floor") else "o-", label=method)
     ax.set(xscale="log", yscale="log", xlabel="context before decoding (tokens)", ylabel="decode tokens / s",
            title="SmolLM2-135M decode speed, 2 CPU threads")
     ax.grid(alpha=0.3)

@@ -9,7 +9,7 @@ from attnpatch import PatchError, cache_kwargs, cache_nbytes, compress_context, 
 from attnpatch.runtime.layers import CompressedKVLayer
 
 CASES = [("snapkv", {"budget": 8, "window": 2}), ("tova", {"budget": 8}), ("streaming", {"budget": 8, "sinks": 2}),
-         ("h2o", {"budget": 8}), ("knorm", {"budget": 8}), ("keydiff", {"budget": 8}),
+         ("h2o", {"budget": 8}), ("knorm", {"budget": 8}), ("keydiff", {"budget": 8}), ("kvzip", {"budget": 8}),
          ("snapkv", {"budget": 8, "window": 2, "head_adaptive": 0.2}),
          ("kv_quant", {"group": 8, "residual": 2, "sinks": 1})]
 IDS = [f"{m}-adaptive" if "head_adaptive" in p else m for m, p in CASES]
@@ -40,6 +40,9 @@ def test_questions_never_evict_the_context_and_padded_rows_answer_as_alone(metho
         heads = model.config.num_key_value_heads
         assert all(sum(map(len, row)) <= 8 * heads and min(map(len, row)) >= 1 for layer in before for row in layer)
         assert any(len({len(h) for h in row}) > 1 for layer in before for row in layer)  # heads differ
+    elif method == "kvzip":  # one budget for the whole model (scope="model")
+        total = 8 * model.config.num_key_value_heads * model.config.num_hidden_layers
+        assert all(sum(len(h) for layer in before for h in layer[row]) <= total for row in range(2))
     elif method != "kv_quant":
         assert all(len(head) <= 8 for layer in before for row in layer for head in row)
 
@@ -84,4 +87,67 @@ def test_compress_context_errors_name_the_fix_and_leave_the_model_as_it_was():
         ctx.generate(torch.ones(3, 2, dtype=torch.long), max_new_tokens=1)
     ctx.close()
     assert is_patched(model)  # the caller's own patch stays
+    unpatch_model(model)
+
+
+def test_kvzip_keeps_what_replaying_the_context_attends_most():
+    """Against the definition: one dense forward over context + replay (eager attention weights);
+    per layer and kv head, the sinks plus the entries with the largest attention any replay query
+    of the head's group gives them."""
+    model = tm.build("llama")
+    ids, _ = tm.text_batch(batch=1, length=20)
+    budget, sinks = 8, 2
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        weights = model(input_ids=torch.cat([ids, ids], 1), output_attentions=True).attentions
+    model.set_attn_implementation("sdpa")
+    ctx = compress_context(model, ids, "kvzip", budget=budget, sinks=sinks, scope="layer")
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    layers = [layer for layer in ctx.template.layers if isinstance(layer, CompressedKVLayer)]
+    assert len(layers) == model.config.num_hidden_layers
+    for layer, w in zip(layers, weights):
+        replay_to_context = w[0, :, 20:, :20]  # (Hq, replay, context)
+        per_kv = replay_to_context.reshape(-1, groups, 20, 20).amax(dim=(1, 2))  # (Hkv, context)
+        for head in range(per_kv.shape[0]):
+            best = [p for p in per_kv[head].argsort(descending=True).tolist() if p >= sinks][: budget - sinks]
+            kept = sorted(layer.positions[0, head][layer.valid[0, head]].tolist())
+            assert kept == sorted(list(range(sinks)) + best), head
+    answer = ctx.generate(ids[:, :3], max_new_tokens=3, do_sample=False)
+    assert answer.shape == (1, 3)
+    ctx.close()
+
+
+def test_kvzip_one_budget_for_the_whole_model():
+    """scope='model': the entries of every layer and kv head compete for budget x heads x layers;
+    sinks stay in every head, the rest goes to the largest replay attention wherever it is."""
+    model = tm.build("llama")
+    ids, _ = tm.text_batch(batch=1, length=20)
+    budget, sinks = 8, 2
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        weights = model(input_ids=torch.cat([ids, ids], 1), output_attentions=True).attentions
+    model.set_attn_implementation("sdpa")
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    scores = torch.stack([w[0, :, 20:, :20].reshape(-1, groups, 20, 20).amax(dim=(1, 2)) for w in weights])
+    ranked = sorted(((float(scores[i, h, p]), i, h, p) for i, h, p in torch.cartesian_prod(
+        *(torch.arange(n) for n in scores.shape)).tolist() if p >= sinks), reverse=True)
+    heads = scores.shape[0] * scores.shape[1]
+    chosen = {(i, h, p) for _, i, h, p in ranked[: (budget - sinks) * heads]}
+    with compress_context(model, ids, "kvzip", budget=budget, sinks=sinks) as ctx:
+        layers = [layer for layer in ctx.template.layers if isinstance(layer, CompressedKVLayer)]
+        counts = []
+        for i, layer in enumerate(layers):
+            for h in range(scores.shape[1]):
+                kept = sorted(layer.positions[0, h][layer.valid[0, h]].tolist())
+                assert kept == sorted(list(range(sinks)) + [p for j, g, p in chosen if (j, g) == (i, h)]), (i, h)
+                counts.append(len(kept))
+        assert sum(counts) == budget * heads and len(set(counts)) > 1  # the same total, spread unevenly
+
+
+def test_kvzip_outside_compress_context_raises():
+    model = tm.build("llama")
+    patch_model(model, "kvzip", budget=4)
+    ids, _ = tm.text_batch(length=12)
+    with pytest.raises(PatchError, match="compress_context"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
     unpatch_model(model)

@@ -25,11 +25,12 @@ import tiny_models as tm
 import torch
 from transformers import DynamicCache
 
-from attnpatch import cache_nbytes, list_methods, patch_model, patched_methods, unpatch_model
+from attnpatch import cache_nbytes, compress_context, list_methods, patch_model, patched_methods, unpatch_model
 from attnpatch.runtime.cache import cache_kwargs
 
 KV = {"streaming": {"compression": 0.5, "sinks": 2}, "h2o": {"compression": 0.5},
       "tova": {"compression": 0.5}, "knorm": {"compression": 0.5}, "keydiff": {"compression": 0.5},
+      "kvzip": {"compression": 0.5, "chunk": 8},
       "snapkv": {"compression": 0.5, "window": 4, "kernel": 3},
       "pyramidkv": {"compression": 0.5, "window": 4, "kernel": 3}}
 # method -> (tiny models it runs on here, parameters that make it act at these lengths)
@@ -99,13 +100,20 @@ def decoder_outputs(model, name: str, dtype):
         extra["pixel_values"] = pixels.to(dtype)
     else:
         ids, mask = tm.text_batch(length=PROMPT, left_pad=PAD)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache), **extra)
-    logits = [out.logits[:, -1:]]
+    replays = replays_context(model)
+    if replays:  # compressed through compress_context (its positions count real tokens only)
+        cache, logits = compress_context(model, ids, replays, attention_mask=mask).template, []
+    else:
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache), **extra)
+        logits = [out.logits[:, -1:]]
     follow = torch.randint(3, tm.V - 2, (2, STEPS), generator=torch.Generator().manual_seed(7))
     for t in range(STEPS):
         mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
-        out = model(input_ids=follow[:, t:t + 1], attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+        if replays:
+            extra = {"position_ids": mask.sum(-1, keepdim=True) - 1}
+        out = model(input_ids=follow[:, t:t + 1], attention_mask=mask, use_cache=True, **cache_kwargs(model, cache),
+                    **extra)
         logits.append(out.logits)
     return torch.cat(logits, dim=1).float(), cache
 
@@ -119,6 +127,12 @@ def outputs(model, model_name: str, dtype):
     if model_name == "vit":
         return encoder_outputs(model, dtype)
     return decoder_outputs(model, model_name, dtype)
+
+
+def replays_context(model) -> str | None:
+    """The method's name when it scores a context by replaying it (kvzip): it runs through compress_context."""
+    methods = patched_methods(model)
+    return methods[0].name if methods and getattr(methods[0], "replays_context", False) else None
 
 
 def relative_error(got, reference) -> float:
@@ -202,6 +216,8 @@ def generate(model, model_name: str, rows: slice, pad: int):
     if pad and ids.shape[0] == 1 and rows.start == 0:  # row 0 alone: without its padding
         ids, mask = ids[:, pad:], mask[:, pad:]
     cache = DynamicCache(config=model.config)
+    if replays_context(model):  # the prompt but its last token compressed first, then generate after it
+        cache = compress_context(model, ids[:, :-1], replays_context(model), attention_mask=mask[:, :-1]).template
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS + 1, min_new_tokens=STEPS + 1,
                          do_sample=False,
                          pad_token_id=0, output_scores=True, return_dict_in_generate=True,

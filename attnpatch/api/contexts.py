@@ -24,7 +24,7 @@ from ..errors import PatchError
 from ..registry import get_method, resolve_params
 from ..runtime.cache import cache_kwargs, cache_nbytes
 from ..runtime.layers import CompressedKVLayer
-from .patching import patch_model, patched_configs, unpatch_model
+from .patching import patch_model, patched_configs, patched_methods, unpatch_model
 
 
 @dataclass
@@ -115,11 +115,13 @@ def _ensure_patched(model: nn.Module, method: str, params: dict) -> bool:
 
 @torch.no_grad()
 def compress_context(model: nn.Module, context_ids: torch.Tensor, method: str | PatchConfig,
-                     attention_mask: torch.Tensor | None = None, **params) -> CompressedContext:
+                     attention_mask: torch.Tensor | None = None, tokenizer=None, **params) -> CompressedContext:
     """Prefill `context_ids` (B, L; left-padded rows with `attention_mask`) once through the model
     patched with a KV compression `method`, and return the compressed context. The model stays
     patched (the compressed cache needs the method's attention) until `ctx.close()` when this
-    call patched it; a model already patched with the same method is used as it is."""
+    call patched it; a model already patched with the same method is used as it is.
+    `tokenizer`: for methods that replay the context (kvzip), to write their instruction (without
+    one, the context is replayed alone)."""
     if isinstance(method, PatchConfig):
         method, params = method.method, {**method.params, **params}
     if get_method(method).cache_layer_class is None:
@@ -133,8 +135,15 @@ def compress_context(model: nn.Module, context_ids: torch.Tensor, method: str | 
     try:
         cache = DynamicCache(config=model.config)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # a left-padded row's positions start at 0, as generate's
-        model(input_ids=context_ids, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
-              use_cache=True, logits_to_keep=1)
+        method_class = get_method(method)
+        if getattr(method_class, "replays_context", False):
+            instances = [m for m in patched_methods(model) if isinstance(m, method_class)]
+            prompt = None if tokenizer is None else tokenizer(method_class.REPLAY_PROMPT, add_special_tokens=False,
+                                                              return_tensors="pt")["input_ids"]
+            method_class.prefill_context(model, cache, instances, context_ids, mask, positions, prompt)
+        else:
+            model(input_ids=context_ids, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
+                  use_cache=True, logits_to_keep=1)
         for layer in cache.layers:
             if isinstance(layer, CompressedKVLayer):
                 layer.decode, layer.headroom = "grow", True  # after the context, nothing is evicted

@@ -3,7 +3,7 @@ The registry (attnpatch/registry.py) registers BUILTIN_METHODS by name."""
 
 from .heads.duo import DuoHeads
 from .heads.prune import PruneHeads
-from .kv import H2O, TOVA, KeyDiff, KNorm, KVQuant, PyramidKV, SnapKV, StreamingLLM
+from .kv import H2O, TOVA, KeyDiff, KNorm, KVQuant, KVzip, PyramidKV, SnapKV, StreamingLLM
 from .linear.linear import LinearAttention
 from .linear.lolcats import LolcatsAttention
 from .reference import SoftmaxAttention
@@ -30,7 +30,7 @@ BUILTIN_METHODS = (
     # head-pruned
     PruneHeads, DuoHeads,
     # kv-compressed
-    StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, KeyDiff, KVQuant,
+    StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, KeyDiff, KVzip, KVQuant,
     # sink-recalibrated
     AttentionCalibration, GatedAttention, VisualAttentionRedistribution,
     # tokens

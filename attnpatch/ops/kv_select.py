@@ -66,10 +66,13 @@ def window_attention_scores(query, key, valid, scaling: float, window: int, soft
 
 
 def accumulated_attention_scores(query, key, valid, scaling: float, block: int = 256,
-                                 softcap: float | None = None, key_positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Column sums of the causal attention matrix over all queries (H2O's heavy-hitter score),
+                                 softcap: float | None = None, key_positions: torch.Tensor | None = None,
+                                 reduce: str = "sum", query_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Column sums of the causal attention matrix over all queries (H2O's heavy-hitter score), or
+    with reduce="max" the largest weight any query of a kv head's group gives each key (KVzip),
     computed in query blocks so only (block x L) weights exist at a time. The queries are the
-    newest Lq positions of the keys (`key_positions` as in window_attention_scores)."""
+    newest Lq positions of the keys (`key_positions` as in window_attention_scores); queries where
+    `query_valid` (B, Lq) is False (padding inside the sequence) give nothing."""
     length, lq = key.shape[-2], query.shape[-2]
     end = length if key_positions is None else int(key_positions.max()) + 1
     total = torch.zeros(key.shape[0], key.shape[1], length, dtype=torch.float32, device=key.device)
@@ -78,7 +81,14 @@ def accumulated_attention_scores(query, key, valid, scaling: float, block: int =
         positions = torch.arange(end - lq + start, end - lq + start + q_blk.shape[-2], device=key.device)
         allowed = block_mask(valid, positions, length, query.shape[1], key_positions)
         weights = attention_weights(q_blk, key, allowed, scaling, softcap)
-        total += _grouped_sum(weights, key.shape[1]).sum(dim=-2)
+        if query_valid is not None:
+            weights = weights * query_valid[:, None, start : start + block, None].to(weights.dtype)
+        if reduce == "max":
+            b, hq = weights.shape[:2]
+            grouped = weights.reshape(b, key.shape[1], hq // key.shape[1], *weights.shape[2:])
+            total = torch.maximum(total, grouped.amax(dim=(2, 3)))
+        else:
+            total += _grouped_sum(weights, key.shape[1]).sum(dim=-2)
     return total
 
 

@@ -156,6 +156,12 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         self.valid &= kept  # (through the setter: the all-valid flag is reset)
         self.freed = freed
 
+    def truncate(self, length: int) -> None:
+        """Forget every entry written after the first `length` tokens (never evicted: nothing was yet)."""
+        self.length = self.seen_tokens = length
+        self.new_slots = self.freed = None
+        self._all_valid = False
+
     @property
     def stored_tokens(self) -> int:
         return self.length
