@@ -33,6 +33,7 @@ import torch
 
 from attnpatch import compress_context
 from attnpatch.analysis.retrieval_prompts import multikey_case, passkey_case, variable_tracking_case
+from attnpatch.config import parse_method_spec
 from attnpatch.evaluation.data import load_text
 from attnpatch.evaluation.report import environment
 from attnpatch.models import cache_dir, load_default_model
@@ -40,8 +41,9 @@ from attnpatch.models import cache_dir, load_default_model
 KVPRESS_VERSION = "0.5.5"
 # attnpatch method spec -> kvpress press of the same method (None: no counterpart in the other library)
 PAIRS = [("streaming", "streaming"), ("tova", "tova"), ("knorm", "knorm"), ("keydiff", "keydiff"),
-         ("snapkv", "snapkv"), ("pyramidkv", "pyramidkv"), ("kvzip", "kvzip"), ("h2o", None),
-         ("kvzip:head_adaptive=0.2", None), (None, "expected_attention"), (None, "adakv_expected_attention")]
+         ("snapkv", "snapkv"), ("pyramidkv", "pyramidkv"), ("kvzip", "kvzip"), ("kvzip:scope=model", None),
+         ("h2o", None), ("keydiff:head_adaptive=0.2", None), (None, "expected_attention"),
+         (None, "adakv_expected_attention")]
 QUERY_AWARE = [("snapkv", "snapkv"), ("tova", "tova")]
 
 
@@ -90,10 +92,9 @@ def attnpatch_answer(model, tokenizer, spec: str | None, ratio: float, mode: str
         cfg = model.config
         held = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context.shape[1] * 4
         return out[0, ids.shape[1]:].tolist(), held
-    name, _, extra = spec.partition(":")
-    params = dict(kv.split("=") for kv in extra.split(",") if kv)
-    params = {k: float(v) for k, v in params.items()}
-    with compress_context(model, context, name, compression=ratio, tokenizer=tokenizer, **params) as ctx:
+    config = parse_method_spec(spec)
+    config.params["compression"] = ratio
+    with compress_context(model, context, config, tokenizer=tokenizer) as ctx:
         held = ctx.nbytes
         tokens = ctx.generate(question, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               pad_token_id=tokenizer.eos_token_id)

@@ -7,7 +7,8 @@ JOB.json (written by kv_vs_kvpress.py): the model folder, the prompts as token i
 question), the runs (press name, compression ratio, mode) and the answer length. For each run and
 prompt: the context (query-aware: context + question but its last token) is prefilled under the
 press, the KV bytes are read from the cache tensors, then the rest of the question is fed at its
-true positions and the answer is decoded greedily. OUT.json: the answer token ids and bytes.
+true positions (one token at a time: PyramidKV's layers of different lengths break transformers'
+multi-token mask) and the answer is decoded greedily. OUT.json: the answer token ids and bytes.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ def answer(model, press, context_ids, question_ids, new_tokens: int):
         model.model(input_ids=context_ids, past_key_values=cache)
     held = cache_bytes(cache)
     start = context_ids.shape[1]
-    positions = torch.arange(start, start + question_ids.shape[1])[None]
-    out = model(input_ids=question_ids, past_key_values=cache, position_ids=positions, logits_to_keep=1)
+    # the question one token at a time (the same arithmetic as one pass): presses that leave layers at
+    # different lengths (PyramidKV) break the causal mask transformers builds for a multi-token step
+    for i in range(question_ids.shape[1]):
+        out = model(input_ids=question_ids[:, i : i + 1], past_key_values=cache,
+                    position_ids=torch.tensor([[start + i]]))
     tokens = [int(out.logits[0, -1].argmax())]
     for step in range(new_tokens - 1):
         position = torch.tensor([[start + question_ids.shape[1] + step]])

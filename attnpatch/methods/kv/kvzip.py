@@ -18,14 +18,15 @@ class KVzip(KVCompressionMethod):
     name = "kvzip"
     summary = ("KVzip-style: prefill the context, replay it (an instruction to repeat it, then the context "
                "again, in chunks) and keep the entries with the largest attention any replay query gives them "
-               "(one budget over every layer and kv head by default), plus sinks. Costs about two prefills; "
+               "(per layer and kv head; scope='model' ranks every layer and head together, as the paper), plus sinks. Costs about two prefills; "
                "needs compress_context (it runs the replay).")
     params = BUDGET_PARAMS + (
         ParamSpec("sinks", int, 4, "first tokens always kept", low=0), HEAD_ADAPTIVE_PARAM, decode_param("grow"),
         ParamSpec("chunk", int, 2048, "context tokens replayed per forward pass", low=1),
-        ParamSpec("scope", str, "model", "what shares the budget: 'model' ranks the entries of every layer and kv "
-                  "head together (KVzip's default: layers keep different shares), 'layer' gives each layer its own "
-                  "(per kv head, or shared by its heads with head_adaptive)", choices=("model", "layer")),
+        ParamSpec("scope", str, "layer", "what shares the budget: 'layer' gives each layer its own (per kv head, "
+                  "or shared by its heads with head_adaptive); 'model' ranks the entries of every layer and kv head "
+                  "together (KVzip's default). Storage is per layer as wide as its fullest kv head, so uneven "
+                  "budgets hold more bytes than they keep entries (measured, not hidden)", choices=("layer", "model")),
     )
     replays_context = True
     replay_phase = None  # "collect" while the context is prefilled, "replay" while it is replayed
