@@ -76,11 +76,10 @@ def main() -> None:
             config = parse_method_spec(spec)
             if "compression=" not in spec and "budget=" not in spec:
                 config.params["compression"] = args.compression
-            name, params = config.method, config.params
             patch_model(model, config)
             try:
                 rows.append(dict(decode_speed(model, prompt_tokens=context, new_tokens=args.new_tokens),
-                                 method=spec, params=params))
+                                 method=spec, params=config.params))
             finally:
                 unpatch_model(model)
         for row in rows:

@@ -34,8 +34,7 @@ def test_questions_never_evict_the_context_and_padded_rows_answer_as_alone(metho
     ctx = compress_context(model, ids, method, attention_mask=mask, **params)
     assert is_patched(model) and ctx.patched_here
     template_bytes, before = ctx.nbytes, _context_entries(ctx.template)
-    dense_bytes = 2 * model.config.num_hidden_layers * 2 * model.config.num_key_value_heads * 24 * 16 * 4
-    assert template_bytes < dense_bytes  # compressed before any question is seen
+    assert template_bytes < cache_nbytes_dense(model, 24)  # compressed before any question is seen
     if "head_adaptive" in params:  # the budget is the row's over its kv heads, shared out by score
         heads = model.config.num_key_value_heads
         assert all(sum(map(len, row)) <= 8 * heads and min(map(len, row)) >= 1 for layer in before for row in layer)
@@ -148,3 +147,24 @@ def test_kvzip_outside_compress_context_raises():
     with pytest.raises(PatchError, match="compress_context"):
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
     unpatch_model(model)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "qwen3"])
+def test_compress_context_on_other_decoders(name):
+    """Sliding-window layers (Mistral, Gemma2) keep applying the model's window on the compressed
+    context; the padded row still answers as it does alone."""
+    model = tm.build(name)
+    ids, mask = tm.text_batch(length=24, left_pad=5)
+    question = tm.text_batch(batch=2, length=4, seed=7)[0]
+    with compress_context(model, ids, "snapkv", attention_mask=mask, budget=8, window=2) as ctx:
+        assert ctx.nbytes < cache_nbytes_dense(model, 24)
+        answers = ctx.generate(question, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with compress_context(model, ids[:1, 5:], "snapkv", budget=8, window=2) as alone:
+        assert torch.equal(alone.generate(question[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False),
+                           answers[:1])
+
+
+def cache_nbytes_dense(model, length: int) -> int:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * length * head_dim * 4
