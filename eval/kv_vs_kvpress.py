@@ -47,14 +47,17 @@ PAIRS = [("streaming", "streaming"), ("tova", "tova"), ("knorm", "knorm"), ("key
 QUERY_AWARE = [("snapkv", "snapkv"), ("tova", "tova")]
 
 
-def build_cases(tokenizer, lengths, seed: int = 0) -> list[dict]:
+def build_cases(tokenizer, lengths, kinds=("passkey", "multikey", "variable_tracking"), seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     haystack = [s for s in re.split(r"(?<=[.!?])\s+", load_text(None, "valid")[0]) if len(s) > 20]
     cases = []
     for length in lengths:
-        cases += [passkey_case(tokenizer, length, depth, rng) for depth in (0.2, 0.5, 0.8)]
-        cases += [multikey_case(tokenizer, length, rng, haystack) for _ in range(2)]
-        cases.append(variable_tracking_case(tokenizer, length, rng))
+        if "passkey" in kinds:
+            cases += [passkey_case(tokenizer, length, depth, rng) for depth in (0.2, 0.5, 0.8)]
+        if "multikey" in kinds:
+            cases += [multikey_case(tokenizer, length, rng, haystack) for _ in range(2)]
+        if "variable_tracking" in kinds:
+            cases.append(variable_tracking_case(tokenizer, length, rng))
     out = []
     for i, case in enumerate(cases):
         context = tokenizer(case.context).input_ids
@@ -101,11 +104,14 @@ def attnpatch_answer(model, tokenizer, spec: str | None, ratio: float, mode: str
     return tokens[0].tolist(), held
 
 
-def runs_for(library: str, ratios) -> list[dict]:
+def runs_for(library: str, ratios, only=None, modes=("query_agnostic", "query_aware")) -> list[dict]:
+    """The runs of one library; `only`: attnpatch method specs to keep (with their kvpress counterparts)."""
     index = 0 if library == "attnpatch" else 1
     runs = [{"method": "dense", "ratio": 0.0, "mode": "query_agnostic"}]
     for mode, pairs in (("query_agnostic", PAIRS), ("query_aware", QUERY_AWARE)):
         for pair in pairs:
+            if mode not in modes or (only is not None and pair[0] not in only and pair[1] not in only):
+                continue
             if pair[index] is not None:
                 runs += [{"method": pair[index], "ratio": r, "mode": mode} for r in ratios]
     return runs
@@ -116,6 +122,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.875])
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--kinds", nargs="+", default=["passkey", "multikey", "variable_tracking"])
+    parser.add_argument("--only", nargs="+", default=None, help="method specs to run (and their counterparts)")
+    parser.add_argument("--modes", nargs="+", default=["query_agnostic", "query_aware"])
     parser.add_argument("--kvpress-venv", type=Path, default=cache_dir() / f"kvpress-{KVPRESS_VERSION}-venv")
     parser.add_argument("--out", type=Path, default=Path("eval/results/kv-vs-kvpress"))
     args = parser.parse_args()
@@ -123,16 +132,16 @@ def main() -> None:
     torch.set_num_threads(1)
     model, tokenizer = load_default_model()
     model.eval()
-    cases = build_cases(tokenizer, args.lengths)
+    cases = build_cases(tokenizer, args.lengths, args.kinds)
     python = ensure_kvpress_venv(args.kvpress_venv)
     job = {"model": str(cache_dir() / "smollm2-135m-instruct"), "cases": cases, "new_tokens": args.new_tokens,
            "threads": 1, "runs": [{"press": r["method"], "ratio": r["ratio"], "mode": r["mode"]}
-                                  for r in runs_for("kvpress", args.ratios)]}
+                                  for r in runs_for("kvpress", args.ratios, args.only, args.modes)]}
     (args.out / "job.json").write_text(json.dumps(job))
     worker = subprocess.Popen([python, Path(__file__).with_name("kvpress_worker.py"), args.out / "job.json",
                                args.out / "kvpress_raw.json"])
     rows = []
-    for run in runs_for("attnpatch", args.ratios):
+    for run in runs_for("attnpatch", args.ratios, args.only, args.modes):
         t0 = time.perf_counter()
         spec = None if run["method"] == "dense" else run["method"]
         for case in cases:
@@ -153,9 +162,9 @@ def main() -> None:
               "cases": [{k: v for k, v in c.items() if not k.endswith("_ids")} | {"tokens": len(c["context_ids"])}
                         for c in cases], "summary": summary, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
-    (args.out / "results.md").write_text(table(summary, args.ratios))
+    (args.out / "results.md").write_text(table(summary, args.ratios, args.modes))
     plot(summary, args.out / "accuracy_vs_bytes.png")
-    print(table(summary, args.ratios))
+    print(table(summary, args.ratios, args.modes))
 
 
 def summarise(rows, cases) -> list[dict]:
@@ -178,12 +187,15 @@ def summarise(rows, cases) -> list[dict]:
     return summary
 
 
-def table(summary, ratios) -> str:
+def table(summary, ratios, modes=("query_agnostic", "query_aware")) -> str:
     find = {(s["library"], s["method"], s["ratio"], s["mode"]): s for s in summary}
     dense = {lib: find.get((lib, "dense", 0.0, "query_agnostic")) for lib in ("attnpatch", "kvpress")}
     lines = [f"Dense accuracy: attnpatch {dense['attnpatch']['accuracy']:.3f}, kvpress {dense['kvpress']['accuracy']:.3f} "
              "(the same model and prompts; both libraries' dense paths).", ""]
     for mode, pairs in (("query_agnostic", PAIRS), ("query_aware", QUERY_AWARE)):
+        if mode not in modes:
+            continue
+        pairs = [p for p in pairs if any(s["method"] in p and s["mode"] == mode for s in summary)]
         lines += [f"**{mode.replace('_', '-')}** (accuracy, attnpatch / kvpress; KV bytes as a fraction of dense)", "",
                   "| method | " + " | ".join(f"@{r}" for r in ratios) + " | KV fraction (attnpatch / kvpress) |",
                   "|---|" + "---|" * (len(ratios) + 1)]

@@ -67,20 +67,26 @@ def window_attention_scores(query, key, valid, scaling: float, window: int, soft
 
 def accumulated_attention_scores(query, key, valid, scaling: float, block: int = 256,
                                  softcap: float | None = None, key_positions: torch.Tensor | None = None,
-                                 reduce: str = "sum", query_valid: torch.Tensor | None = None) -> torch.Tensor:
+                                 reduce: str = "sum", query_valid: torch.Tensor | None = None,
+                                 values: torch.Tensor | None = None):
     """Column sums of the causal attention matrix over all queries (H2O's heavy-hitter score), or
     with reduce="max" the largest weight any query of a kv head's group gives each key (KVzip),
     computed in query blocks so only (block x L) weights exist at a time. The queries are the
     newest Lq positions of the keys (`key_positions` as in window_attention_scores); queries where
-    `query_valid` (B, Lq) is False (padding inside the sequence) give nothing."""
+    `query_valid` (B, Lq) is False (padding inside the sequence) give nothing. With `values`
+    (B, Hkv, L, D), the attention output (B, Hq, Lq, D) of the same weights comes back too:
+    (scores, output), one pass instead of a separate attention call."""
     length, lq = key.shape[-2], query.shape[-2]
     end = length if key_positions is None else int(key_positions.max()) + 1
     total = torch.zeros(key.shape[0], key.shape[1], length, dtype=torch.float32, device=key.device)
+    outputs = []
     for start in range(0, lq, block):
         q_blk = query[..., start : start + block, :]
         positions = torch.arange(end - lq + start, end - lq + start + q_blk.shape[-2], device=key.device)
         allowed = block_mask(valid, positions, length, query.shape[1], key_positions)
         weights = attention_weights(q_blk, key, allowed, scaling, softcap)
+        if values is not None:
+            outputs.append(torch.matmul(weights.to(values.dtype), repeat_kv(values, query.shape[1] // key.shape[1])))
         if query_valid is not None:
             weights = weights * query_valid[:, None, start : start + block, None].to(weights.dtype)
         if reduce == "max":
@@ -89,7 +95,7 @@ def accumulated_attention_scores(query, key, valid, scaling: float, block: int =
             total = torch.maximum(total, grouped.amax(dim=(2, 3)))
         else:
             total += _grouped_sum(weights, key.shape[1]).sum(dim=-2)
-    return total
+    return total if values is None else (total, torch.cat(outputs, dim=-2))
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, mode: str = "avg", valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -46,10 +46,11 @@ class KVzip(KVCompressionMethod):
         if self.replay_phase == "collect":  # the context itself: exact attention, everything kept
             return self.compute_output(call, layer, True)[0]
         # the replayed tokens see the whole context; record the most attention any of them gives each entry
-        out = self.compute_output(call, layer, False)[0]
-        scores = accumulated_attention_scores(call.query, layer.keys, layer.valid, call.scaling, softcap=call.softcap,
-                                              key_positions=layer.positions, reduce="max",
-                                              query_valid=None if real is None else real.expand(call.query.shape[0], -1))
+        # (the output from the same weights: one pass over the replay, not an attention call plus a scoring one)
+        scores, out = accumulated_attention_scores(
+            call.query, layer.keys, layer.valid, call.scaling, softcap=call.softcap, key_positions=layer.positions,
+            reduce="max", query_valid=None if real is None else real.expand(call.query.shape[0], -1),
+            values=layer.values)
         context = layer.replay_scores.shape[-1]
         layer.replay_scores = torch.maximum(layer.replay_scores, scores[..., :context])
         return out
