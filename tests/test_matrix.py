@@ -110,10 +110,9 @@ def decoder_outputs(model, name: str, dtype):
     follow = torch.randint(3, tm.V - 2, (2, STEPS), generator=torch.Generator().manual_seed(7))
     for t in range(STEPS):
         mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
-        if replays:
-            extra = {"position_ids": mask.sum(-1, keepdim=True) - 1}
+        step = {"position_ids": mask.sum(-1, keepdim=True) - 1} if replays else {}
         out = model(input_ids=follow[:, t:t + 1], attention_mask=mask, use_cache=True, **cache_kwargs(model, cache),
-                    **extra)
+                    **step)
         logits.append(out.logits)
     return torch.cat(logits, dim=1).float(), cache
 
