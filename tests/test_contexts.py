@@ -86,6 +86,19 @@ def test_compress_context_errors_name_the_fix_and_leave_the_model_as_it_was():
     unpatch_model(model)
 
 
+def replay_scores_by_definition(model, ids):
+    """(layers, Hkv, L): the largest attention any replay query of a kv head's group gives each context
+    entry, from one dense eager forward over context + context (the replay with no instruction)."""
+    length = ids.shape[1]
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        weights = model(input_ids=torch.cat([ids, ids], 1), output_attentions=True).attentions
+    model.set_attn_implementation("sdpa")
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    return torch.stack([w[0, :, length:, :length].reshape(-1, groups, length, length).amax(dim=(1, 2))
+                        for w in weights])
+
+
 def test_kvzip_keeps_what_replaying_the_context_attends_most():
     """Against the definition: one dense forward over context + replay (eager attention weights);
     per layer and kv head, the sinks plus the entries with the largest attention any replay query
@@ -93,17 +106,11 @@ def test_kvzip_keeps_what_replaying_the_context_attends_most():
     model = tm.build("llama")
     ids, _ = tm.text_batch(batch=1, length=20)
     budget, sinks = 8, 2
-    model.set_attn_implementation("eager")
-    with torch.no_grad():
-        weights = model(input_ids=torch.cat([ids, ids], 1), output_attentions=True).attentions
-    model.set_attn_implementation("sdpa")
+    scores = replay_scores_by_definition(model, ids)
     ctx = compress_context(model, ids, "kvzip", budget=budget, sinks=sinks)
-    groups = model.config.num_attention_heads // model.config.num_key_value_heads
     layers = [layer for layer in ctx.template.layers if isinstance(layer, CompressedKVLayer)]
     assert len(layers) == model.config.num_hidden_layers
-    for layer, w in zip(layers, weights):
-        replay_to_context = w[0, :, 20:, :20]  # (Hq, replay, context)
-        per_kv = replay_to_context.reshape(-1, groups, 20, 20).amax(dim=(1, 2))  # (Hkv, context)
+    for layer, per_kv in zip(layers, scores):
         for head in range(per_kv.shape[0]):
             best = [p for p in per_kv[head].argsort(descending=True).tolist() if p >= sinks][: budget - sinks]
             kept = sorted(layer.positions[0, head][layer.valid[0, head]].tolist())
@@ -119,12 +126,7 @@ def test_kvzip_one_budget_for_the_whole_model():
     model = tm.build("llama")
     ids, _ = tm.text_batch(batch=1, length=20)
     budget, sinks = 8, 2
-    model.set_attn_implementation("eager")
-    with torch.no_grad():
-        weights = model(input_ids=torch.cat([ids, ids], 1), output_attentions=True).attentions
-    model.set_attn_implementation("sdpa")
-    groups = model.config.num_attention_heads // model.config.num_key_value_heads
-    scores = torch.stack([w[0, :, 20:, :20].reshape(-1, groups, 20, 20).amax(dim=(1, 2)) for w in weights])
+    scores = replay_scores_by_definition(model, ids)
     ranked = sorted(((float(scores[i, h, p]), i, h, p) for i, h, p in torch.cartesian_prod(
         *(torch.arange(n) for n in scores.shape)).tolist() if p >= sinks), reverse=True)
     heads = scores.shape[0] * scores.shape[1]

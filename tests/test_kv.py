@@ -323,10 +323,10 @@ def test_snapkv_pools_the_prefix_only_and_tova_averages_heads():
 def test_forced_entries_over_budget_keep_sinks_then_the_newest():
     """Sinks and a recent window that together exceed the budget: the newest entries stay, the oldest
     recent ones go (before: the oldest forced entries were kept and the newest dropped)."""
-    from attnpatch.ops.kv_select import select_indices
+    from attnpatch.ops.kv_select import compact, select_mask
 
     valid = torch.ones(1, 1, 10, dtype=torch.bool)
-    index, kept = select_indices(torch.zeros(1, 1, 10), valid, torch.tensor([5]), sinks=2, recent=6)
+    index, kept = compact(select_mask(torch.zeros(1, 1, 10), valid, torch.tensor([5]), sinks=2, recent=6))
     assert index[0, 0][kept[0, 0]].tolist() == [0, 1, 7, 8, 9]
 
 

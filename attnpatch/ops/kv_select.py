@@ -193,12 +193,6 @@ def compact(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, torch.gather(chosen, -1, index)
 
 
-def select_indices(scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, sinks: int = 0,
-                   recent: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """select_mask's entries packed (compact): indices in their original order and their validity."""
-    return compact(select_mask(scores, valid, keep, sinks, recent))
-
-
 def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
                  sinks: int, recent: torch.Tensor, newest: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """select_mask for a cache that is at most a few entries over budget (a decoding step), in

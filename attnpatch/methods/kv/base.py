@@ -152,12 +152,10 @@ class KVCompressionMethod(KVCacheMethod):
         visible = None if (bool(valid.all()) if prefill else layer.all_valid()) else valid
         window = self.observed_queries()
         positions = None if prefill else layer.positions  # stored out of order once slots are reused
-        if attention is not None or window == 0:
-            pass
-        elif window is None:
+        if attention is None and window is None:
             attention = accumulated_attention_scores(call.query, layer.keys, visible, call.scaling,
                                                      softcap=call.softcap, key_positions=positions)
-        else:
+        elif attention is None and window > 0:
             attention = window_attention_scores(call.query, layer.keys, visible, call.scaling,
                                                 min(window, call.query.shape[-2]), softcap=call.softcap,
                                                 key_positions=positions)
