@@ -3,7 +3,7 @@ matter (`score`), and this base does the rest: the budget per sequence, attentio
 kept, the attention mass the scorer asked for, padding, sinks and recent entries, the model's own
 sliding window, and writing the kept entries to the `CompressedKVLayer`.
 
-Budget: `budget` entries, or ceil((1 - compression) x real prompt tokens) per sequence (padding
+Budget: `budget` entries, or floor((1 - compression) x real prompt tokens) per sequence (padding
 never counts; compression=0 keeps the model's own cache, exactly dense). Prefill: attention over
 the whole prompt is exact (a method may override `compute_output`, as streaming does), then the
 cache is cut to the budget by the score. After the prompt, `decode` says what happens: "hold"
@@ -91,7 +91,9 @@ class KVCompressionMethod(KVCacheMethod):
     def layer_budget(self, real_tokens: torch.Tensor) -> torch.Tensor:
         if self.config["budget"] is not None:
             return torch.full_like(real_tokens, self.config["budget"])
-        return torch.clamp(torch.ceil(real_tokens * (1.0 - self.config["compression"])).long(), min=1)
+        # floor in float64, the rounding kvpress uses, so equal settings keep equal entries
+        kept = torch.floor(real_tokens.double() * (1.0 - self.config["compression"]))
+        return torch.clamp(kept.long(), min=1)
 
     # --- shared machinery
     def attention(self, call):
