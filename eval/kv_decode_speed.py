@@ -2,8 +2,9 @@
 
     python eval/kv_decode_speed.py --contexts 1024 16384 --out eval/results/kv-decode-speed
 
-For each context length: a random prompt prefilled once per method (the KV methods compress it
-then), followed by `--new-tokens` greedy steps, timed (prefill excluded). Rows:
+For each context length: a random prompt prefilled once per row (the KV methods compress it then),
+then `--new-tokens` greedy steps of every row in turn (one step each, alternating, so the machine's
+noise falls on all rows alike); tokens/s = 1 / the median step (prefill excluded). Rows:
 - dense: the unpatched model, transformers' own DynamicCache;
 - floor: the same model whose attention returns the current token's value and which keeps no cache
   (what decoding would cost if attention and its cache cost nothing);
@@ -14,81 +15,49 @@ Writes decode_speed.json / .md / .png into --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import time
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
 
-from attnpatch import patch_model, unpatch_model
+from attnpatch import patch_model
 from attnpatch.config import parse_method_spec
 from attnpatch.evaluation.report import environment
-from attnpatch.evaluation.speed import _random_ids, decode_speed
+from attnpatch.evaluation.speed import decode_speed_side_by_side
 from attnpatch.models import load_default_model
 
-FLOOR = "attnpatch_floor"
-
-
-def floor_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention that costs nothing: each query's output is its own token's value."""
-    groups = query.shape[1] // value.shape[1]
-    return value[:, :, -query.shape[2]:].repeat_interleave(groups, 1).transpose(1, 2).contiguous(), None
-
-
 @torch.no_grad()
-def floor_decode_speed(model, prompt_tokens: int, new_tokens: int) -> dict:
-    """Greedy steps with no cache and attention returning V, at the positions dense would use."""
-    AttentionInterface.register(FLOOR, floor_attention)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(FLOOR)
-    try:
-        token = _random_ids(model, 1, 0)
-        t0 = time.perf_counter()
-        for step in range(new_tokens):
-            out = model(input_ids=token, position_ids=torch.tensor([[prompt_tokens + step]]), use_cache=False)
-            token = out.logits[:, -1:].argmax(-1)
-        seconds = time.perf_counter() - t0
-    finally:
-        model.set_attn_implementation(previous)
-    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "decode_tokens_per_s": new_tokens / seconds,
-            "kv_bytes": 0}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--compression", type=float, default=0.75)
-    parser.add_argument("--methods", nargs="+", default=["snapkv", "knorm", "tova", "streaming"])
+    parser.add_argument("--methods", nargs="+", default=["snapkv", "keydiff", "tova", "streaming"])
     parser.add_argument("--out", type=Path, default=Path("eval/results/kv-decode-speed"))
     args = parser.parse_args()
     torch.manual_seed(0)
     model, _ = load_default_model()
     model.eval()
+    contenders, params = {"dense": model, "floor": model}, {}
+    for spec in args.methods:  # each method on its own copy, so their steps can alternate
+        config = parse_method_spec(spec)
+        if "compression=" not in spec and "budget=" not in spec:
+            config.params["compression"] = args.compression
+        contenders[spec] = patch_model(copy.deepcopy(model), config)
+        params[spec] = config.params
     rows = []
     for context in args.contexts:
         print(f"context {context}", flush=True)
-        dense = decode_speed(model, prompt_tokens=context, new_tokens=args.new_tokens)
-        floor = floor_decode_speed(model, context, args.new_tokens)
-        rows += [dict(dense, method="dense"), dict(floor, method="floor")]
-        for spec in args.methods:
-            config = parse_method_spec(spec)
-            if "compression=" not in spec and "budget=" not in spec:
-                config.params["compression"] = args.compression
-            patch_model(model, config)
-            try:
-                rows.append(dict(decode_speed(model, prompt_tokens=context, new_tokens=args.new_tokens),
-                                 method=spec, params=config.params))
-            finally:
-                unpatch_model(model)
-        for row in rows:
-            if row["prompt_tokens"] == context:
-                row["vs_dense"] = row["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
-                row["vs_floor"] = row["decode_tokens_per_s"] / floor["decode_tokens_per_s"]
-                row["kv_vs_dense"] = row["kv_bytes"] / dense["kv_bytes"]
-                print(f"  {row['method']:<10} {row['decode_tokens_per_s']:7.2f} tok/s  {row['vs_dense']:.2f}x dense  "
-                      f"{row['vs_floor']:.2f}x floor  KV {row['kv_vs_dense']:.3f}", flush=True)
+        measured = decode_speed_side_by_side(contenders, context, args.new_tokens, floor="floor")
+        dense, floor = measured["dense"], measured["floor"]
+        for name, row in measured.items():
+            row.update(method=name, vs_dense=row["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+                       vs_floor=row["decode_tokens_per_s"] / floor["decode_tokens_per_s"],
+                       kv_vs_dense=row["kv_bytes"] / dense["kv_bytes"], **({"params": params[name]} if name in params else {}))
+            rows.append(row)
+            print(f"  {name:<10} {row['decode_tokens_per_s']:7.2f} tok/s  {row['vs_dense']:.2f}x dense  "
+                  f"{row['vs_floor']:.2f}x floor  KV {row['kv_vs_dense']:.3f}", flush=True)
     write(rows, args)
 
 
@@ -97,7 +66,7 @@ def write(rows, args) -> None:
     result = {"environment": environment(0), "compression": args.compression, "new_tokens": args.new_tokens, "rows": rows}
     (args.out / "decode_speed.json").write_text(json.dumps(result, indent=1))
     lines = [f"Decode tokens/s after a prefill of each context (greedy, {args.new_tokens} tokens, prefill excluded), "
-             f"KV methods at compression {args.compression}; ratios are within one run.", "",
+             f"KV methods at compression {args.compression}; the rows' steps alternate in one run, tokens/s = 1 / median step.", "",
              "| context | method | tok/s | vs dense | vs floor | KV bytes | KV vs dense |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['prompt_tokens']} | {r['method']} | {r['decode_tokens_per_s']:.2f} | {r['vs_dense']:.2f}x "

@@ -158,7 +158,7 @@ def main() -> None:
         row["text"] = tokenizer.decode(row["tokens"], skip_special_tokens=True)
         row["correct"] = first_number(row["text"]) == by_id[row["case"]]["answer"]
     summary = summarise(rows, cases)
-    result = {"environment": environment(0), "kvpress": {"version": KVPRESS_VERSION, "transformers": raw["transformers"]},
+    result = {"command": " ".join(["python", *sys.argv]), "environment": environment(0), "kvpress": {"version": KVPRESS_VERSION, "transformers": raw["transformers"]},
               "cases": [{k: v for k, v in c.items() if not k.endswith("_ids")} | {"tokens": len(c["context_ids"])}
                         for c in cases], "summary": summary, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(result, indent=1))

@@ -233,3 +233,41 @@ def test_offline_text_fallback_is_decided_at_once(tmp_path, monkeypatch):
             load_text("wikitext2", "test")
     finally:
         hub_offline.cache_clear()
+
+
+def test_the_floor_is_attention_free_and_restores_the_model():
+    """Under attention_free each token's output is its own value: no earlier token changes the last
+    token's logits (attention is really off); afterwards the model attends again, and a patched
+    model is refused."""
+    from attnpatch.evaluation.floor import attention_free, floor_attention
+
+    model = tm.build("llama")
+    ids = torch.randint(5, 100, (1, 12))
+    other = ids.clone()
+    other[0, :6] = torch.randint(5, 100, (6,))
+    with attention_free(model):
+        last = model(input_ids=ids, use_cache=False).logits[0, -1]
+        assert torch.allclose(model(input_ids=other, use_cache=False).logits[0, -1], last, atol=1e-6)
+    assert not torch.allclose(model(input_ids=other, use_cache=False).logits[0, -1],
+                              model(input_ids=ids, use_cache=False).logits[0, -1], atol=1e-4)
+    q, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    out, _ = floor_attention(None, q, v, v, None)
+    assert torch.equal(out, v.repeat_interleave(2, 1).transpose(1, 2))  # (B, L, Hq, D): its own value
+    patch_model(model, "streaming", budget=8)
+    with pytest.raises(ValueError, match="unpatch"):
+        with attention_free(model):
+            pass
+
+
+def test_decode_speed_side_by_side_measures_every_contender():
+    import copy
+
+    from attnpatch.evaluation.speed import decode_speed_side_by_side
+
+    model = tm.build("llama")
+    held = patch_model(copy.deepcopy(model), "streaming", budget=8)
+    rows = decode_speed_side_by_side({"dense": model, "floor": model, "streaming": held}, 24, new_tokens=4,
+                                     floor="floor")
+    assert set(rows) == {"dense", "floor", "streaming"}
+    assert rows["floor"]["kv_bytes"] == 0 and 0 < rows["streaming"]["kv_bytes"] < rows["dense"]["kv_bytes"]
+    assert all(r["decode_tokens_per_s"] > 0 and r["new_tokens"] == 4 for r in rows.values())

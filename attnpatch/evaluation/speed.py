@@ -6,6 +6,7 @@ itself (stored keys/values plus any recurrent state), not estimated from shapes.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -32,7 +33,8 @@ def best_seconds(fn, repeats: int, device=None) -> float:
     return best
 
 
-def _random_ids(model, length: int, seed: int) -> torch.Tensor:
+def random_ids(model, length: int, seed: int) -> torch.Tensor:
+    """(1, length) seeded random token ids of the model's vocabulary (special tokens avoided)."""
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(seed)
     return torch.randint(10, max(11, vocab - 1), (1, length), generator=g)
@@ -43,9 +45,9 @@ def prefill_latency(model, lengths, repeats: int = 2, seed: int = 0) -> list[dic
     """Seconds for one forward over `length` random tokens (no cache, last logits only)."""
     device = next(model.parameters()).device
     rows = []
-    model(input_ids=_random_ids(model, min(lengths), seed).to(device), use_cache=False, logits_to_keep=1)  # warm-up
+    model(input_ids=random_ids(model, min(lengths), seed).to(device), use_cache=False, logits_to_keep=1)  # warm-up
     for length in lengths:
-        ids = _random_ids(model, length, seed + length).to(device)
+        ids = random_ids(model, length, seed + length).to(device)
         with peak_memory() as mem:
             best = best_seconds(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), repeats, device)
         rows.append({"tokens": length, "seconds": best, "tokens_per_s": length / best, "peak_mb": mem["bytes"] / 2**20})
@@ -58,7 +60,7 @@ def decode_speed(model, prompt_tokens: int = 256, new_tokens: int = 64, seed: in
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    ids = _random_ids(model, prompt_tokens, seed).to(device)
+    ids = random_ids(model, prompt_tokens, seed).to(device)
     cache = DynamicCache(config=model.config)
     with peak_memory() as mem:
         out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
@@ -72,6 +74,56 @@ def decode_speed(model, prompt_tokens: int = 256, new_tokens: int = 64, seed: in
         seconds = time.perf_counter() - t0
     return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "decode_tokens_per_s": new_tokens / seconds,
             "kv_bytes": cache_nbytes(cache), "peak_mb": mem["bytes"] / 2**20}
+
+
+@torch.no_grad()
+def decode_speed_side_by_side(contenders: dict[str, torch.nn.Module], prompt_tokens: int, new_tokens: int = 64,
+                              seed: int = 0, floor: str | None = None) -> dict[str, dict]:
+    """Decode speed of several models (dense, patched copies, the floor) in one interleaved run: each
+    prefills the same random prompt, then their greedy steps alternate, one step each in turn, so
+    the machine's noise falls on all of them alike (the order rotates every step). tokens/s = 1 / the median step time. The
+    contender named `floor` runs with attention that costs nothing and no cache (`attention_free`).
+    Returns {name: {prompt_tokens, new_tokens, decode_tokens_per_s, step_ms, kv_bytes}}."""
+    from transformers import DynamicCache
+
+    from .floor import attention_free, floor_step
+
+    ids = random_ids(next(iter(contenders.values())), prompt_tokens, seed)
+    state = {}
+    for name, model in contenders.items():
+        device = next(model.parameters()).device
+        if name == floor:
+            with attention_free(model):
+                logits = floor_step(model, ids[:, -1:].to(device), prompt_tokens - 1)
+            state[name] = {"cache": None, "token": logits.argmax(-1), "steps": []}
+            continue
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids.to(device), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+        state[name] = {"cache": cache, "token": out.logits[:, -1:].argmax(-1), "steps": []}
+    names = list(contenders)
+    for step in range(new_tokens):
+        for name in names[step % len(names):] + names[:step % len(names)]:  # rotated: no one always goes first
+            model, mine = contenders[name], state[name]
+            device = mine["token"].device
+            if name == floor:
+                with attention_free(model):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    logits = floor_step(model, mine["token"], prompt_tokens + step)
+                    _sync(device)
+            else:
+                _sync(device)
+                t0 = time.perf_counter()
+                logits = model(input_ids=mine["token"], **cache_kwargs(model, mine["cache"]), use_cache=True).logits
+                _sync(device)
+            mine["steps"].append(time.perf_counter() - t0)
+            mine["token"] = logits[:, -1:].argmax(-1)
+    rows = {}
+    for name, mine in state.items():
+        median = statistics.median(mine["steps"])
+        rows[name] = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "decode_tokens_per_s": 1.0 / median,
+                      "step_ms": median * 1e3, "kv_bytes": 0 if mine["cache"] is None else cache_nbytes(mine["cache"])}
+    return rows
 
 
 def style_speedup_axes(ax, xlabel: str, title: str) -> None:

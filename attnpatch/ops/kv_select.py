@@ -206,16 +206,20 @@ def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Ten
     most = int(excess.max())
     if most <= 0:
         return valid, None
-    first = positions.masked_fill(~valid, torch.iinfo(positions.dtype).max).amin(-1, keepdim=True)
-    forced = (positions < first + sinks) | (positions > newest - recent.to(valid.device)[:, None, None])
-    candidates = valid & ~forced
+    # one pass of few ops: a decoding step runs this once per layer and per token
+    oldest = torch.where(valid, positions, torch.iinfo(positions.dtype).max).amin(-1, keepdim=True)
+    candidates = valid & (positions >= oldest + sinks) & (positions <= newest - recent.to(valid.device)[:, None, None])
     if bool((candidates.sum(-1) < excess).any()):
         return None
-    key = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~candidates, float("inf"))
+    key = torch.where(candidates, torch.nan_to_num(scores.float(), nan=float("-inf")), float("inf"))
+    every_row_frees = bool((excess == most).all())
+    if most == 1 and every_row_frees:  # the usual step: one new token, one eviction per row
+        lowest = key.argmin(-1, keepdim=True)
+        return valid.scatter(-1, lowest, False), lowest
     lowest = torch.topk(key, most, dim=-1, largest=False).indices
     drop = torch.arange(most, device=valid.device) < excess[..., None]
     kept = valid & ~torch.zeros_like(valid).scatter_(-1, lowest, drop)
-    return kept, (lowest.contiguous() if bool((excess == most).all()) else None)
+    return kept, (lowest.contiguous() if every_row_frees else None)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
