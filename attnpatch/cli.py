@@ -186,7 +186,7 @@ def _cmd_eval(args) -> int:
         data=args.data, ppl_tokens=args.ppl_tokens or None, ppl_window=args.window, ppl_stride=args.stride,
         decode_tokens=args.decode_tokens, decode_prefill=args.decode_prefill, lm_eval_tasks=args.tasks, lm_eval_limit=args.limit or None,
         task_items=args.task_items, task_text=args.task_text, retrieval_lengths=args.lengths,
-        retrieval_depths=args.depths, retrieval_samples=args.samples, speed_lengths=args.speed_lengths,
+        retrieval_depths=args.depths, retrieval_samples=args.samples, query_agnostic=args.query_agnostic, speed_lengths=args.speed_lengths,
         decode_prompt=args.decode_prompt, decode_new_tokens=args.decode_new_tokens, seed=args.seed)
     torch.manual_seed(args.seed)
     model, tokenizer = _load_for_metrics(args)
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="retrieval context lengths")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--samples", type=int, default=1, help="retrieval prompts per (length, depth)")
+    p.add_argument("--query-agnostic", action="store_true",
+                   help="retrieval: KV methods compress the context before the question is seen (compress_context)")
     p.add_argument("--speed-lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--decode-prompt", type=int, default=256)
     p.add_argument("--decode-new-tokens", type=int, default=64)

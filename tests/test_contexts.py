@@ -151,6 +151,49 @@ def test_kvzip_outside_compress_context_raises():
     unpatch_model(model)
 
 
+def test_evaluations_compress_a_replaying_method_through_compress_context():
+    """kvzip cannot prefill with one forward: decoding perplexity, decode speed and retrieval prefill
+    it through compress_context, and give what compressing by hand then stepping gives."""
+    from attnpatch.analysis.retrieval_prompts import passkey_case
+    from attnpatch.evaluation import decoding_perplexity
+    from attnpatch.evaluation.retrieval import evaluate_retrieval
+    from attnpatch.evaluation.speed import decode_speed
+
+    model, tokenizer = tm.build("llama"), tm.tiny_tokenizer()
+    ids = tm.text_batch(length=20)[0][:1]
+    patch_model(model, "kvzip", budget=6)
+    result = decoding_perplexity(model, ids[0], prefill=12, progress=False)
+    with compress_context(model, ids[:, :12], "kvzip") as ctx:  # by hand
+        cache, nll = ctx.cache(), [torch.nn.functional.cross_entropy(ctx.next_token_logits[0], ids[0, 12:13])]
+        for t in range(12, 19):
+            logits = model(input_ids=ids[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True).logits
+            nll.append(torch.nn.functional.cross_entropy(logits[0], ids[0, t + 1:t + 2]))
+    assert is_patched(model)  # the evaluation's own patch stays
+    assert result.tokens == 8 and abs(result.nll - float(torch.stack(nll).mean())) < 1e-5
+    assert result.extra["cache_bytes"] == cache_nbytes(cache)
+    assert decode_speed(model, prompt_tokens=16, new_tokens=2)["kv_bytes"] < cache_nbytes_dense(model, 18)
+
+    import random
+
+    cases = [passkey_case(tokenizer, 48, depth, random.Random(0)) for depth in (0.0, 1.0)]
+    rows = evaluate_retrieval(model, tokenizer, cases, max_new_tokens=3, progress=False).cases
+    assert all(r["query_agnostic"] for r in rows)
+    with compress_context(model, tokenizer(cases[1].context, return_tensors="pt").input_ids, "kvzip",
+                          tokenizer=tokenizer) as ctx:
+        question = tokenizer(cases[1].question, add_special_tokens=False, return_tensors="pt").input_ids
+        by_hand = ctx.generate(question, max_new_tokens=3, do_sample=False, pad_token_id=0)[0]
+    assert rows[1]["answer"] == tokenizer.decode(by_hand, skip_special_tokens=True).strip()
+    unpatch_model(model)
+    with pytest.raises(ValueError, match="query_agnostic"):  # nothing to compress the context with
+        evaluate_retrieval(model, tokenizer, cases, progress=False, query_agnostic=True)
+    patch_model(model, "snapkv", budget=6, window=2)  # any KV method, when asked
+    assert all(r["query_agnostic"] for r in evaluate_retrieval(model, tokenizer, cases, max_new_tokens=3,
+                                                               progress=False, query_agnostic=True).cases)
+    assert not any(r["query_agnostic"] for r in evaluate_retrieval(model, tokenizer, cases, max_new_tokens=3,
+                                                                   progress=False).cases)
+    unpatch_model(model)
+
+
 @pytest.mark.parametrize("name", ["mistral", "gemma2", "qwen3"])
 def test_compress_context_on_other_decoders(name):
     """Sliding-window layers (Mistral, Gemma2) keep applying the model's window on the compressed

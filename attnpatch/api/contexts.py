@@ -37,6 +37,7 @@ class CompressedContext:
     attention_mask: torch.Tensor  # (B, L) 1 = real token (left padding is 0)
     template: DynamicCache
     patched_here: bool  # compress_context patched the model, and `close` unpatches it
+    next_token_logits: torch.Tensor | None = None  # (B, 1, V) the prediction after the context's last token
 
     def cache(self) -> DynamicCache:
         """A fresh copy of the compressed cache, to run one question (or conversation) on."""
@@ -140,10 +141,10 @@ def compress_context(model: nn.Module, context_ids: torch.Tensor, method: str | 
             instances = [m for m in patched_methods(model) if isinstance(m, method_class)]
             prompt = None if tokenizer is None else tokenizer(method_class.REPLAY_PROMPT, add_special_tokens=False,
                                                               return_tensors="pt")["input_ids"]
-            method_class.prefill_context(model, cache, instances, context_ids, mask, positions, prompt)
+            out = method_class.prefill_context(model, cache, instances, context_ids, mask, positions, prompt)
         else:
-            model(input_ids=context_ids, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
-                  use_cache=True, logits_to_keep=1)
+            out = model(input_ids=context_ids, attention_mask=mask, position_ids=positions,
+                        **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         for layer in cache.layers:
             if isinstance(layer, CompressedKVLayer):
                 layer.decode, layer.headroom = "grow", True  # after the context, nothing is evicted
@@ -151,4 +152,28 @@ def compress_context(model: nn.Module, context_ids: torch.Tensor, method: str | 
         if patched_here:
             unpatch_model(model)
         raise
-    return CompressedContext(model, method, context_ids, mask, cache, patched_here)
+    return CompressedContext(model, method, context_ids, mask, cache, patched_here, out.logits[:, -1:])
+
+
+def context_replaying_method(model: nn.Module) -> str | None:
+    """The name of the method the model is patched with when it can only compress through
+    `compress_context` (it replays the context, as kvzip does), else None."""
+    for config in patched_configs(model):
+        if getattr(get_method(config.method), "replays_context", False):
+            return config.method
+    return None
+
+
+@torch.no_grad()
+def prefill_cache(model: nn.Module, input_ids: torch.Tensor, tokenizer=None) -> tuple[DynamicCache, torch.Tensor]:
+    """Prefill `input_ids` (1, L) into a new cache as the patched method wants it: through
+    `compress_context` for a method that replays the context (kvzip), else one forward. Returns
+    the cache, ready to decode, and the last position's logits (1, 1, V)."""
+    method = context_replaying_method(model)
+    if method is not None:
+        context = compress_context(model, input_ids, method, tokenizer=tokenizer)
+        return context.template, context.next_token_logits
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+    return cache, out.logits[:, -1:]
+

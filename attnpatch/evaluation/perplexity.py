@@ -89,26 +89,36 @@ def windowed_perplexity(model, input_ids: torch.Tensor, max_length: int = 1024, 
 
 @torch.no_grad()
 def decoding_perplexity(model, input_ids: torch.Tensor, max_tokens: int = 1024, prefill: int = 1,
-                        cache_factory=None, desc: str = "decoding perplexity", progress: bool = True) -> PerplexityResult:
+                        cache_factory=None, desc: str = "decoding perplexity", progress: bool = True,
+                        tokenizer=None) -> PerplexityResult:
     """Prefill `prefill` tokens in one forward (a KV method compresses them then), then feed the
     rest one token at a time through the cache, scoring every token after the prefill: tokens
     prefill .. max_tokens-1, each predicted from everything the cache still holds.
 
     cache_factory(model) -> Cache; default: a DynamicCache for the model's config (a patched model
-    swaps in its own layers where its method needs them). The result's extra holds the cache's
-    bytes at the end and the tokens it saw."""
-    from transformers import DynamicCache
+    swaps in its own layers where its method needs them). A method that compresses only through
+    `compress_context` (kvzip: it replays the context; `tokenizer` writes its instruction) prefills
+    that way. The result's extra holds the cache's bytes at the end and the tokens it saw."""
+    from ..api.contexts import context_replaying_method, prefill_cache
 
     ids = input_ids.reshape(-1)[:max_tokens].to(_device(model))
     if ids.numel() < 2:
         raise ValueError("decoding perplexity needs at least 2 tokens")
     prefill = max(1, min(prefill, ids.numel() - 1))
-    cache = cache_factory(model) if cache_factory is not None else DynamicCache(config=model.config)
+    replaying = context_replaying_method(model)
+    if replaying is not None and cache_factory is not None:
+        raise ValueError(f"{replaying} compresses through compress_context, which makes its own cache: "
+                         "pass no cache_factory")
     total_nll, scored = 0.0, 0
     with peak_memory() as mem:
         t0 = time.perf_counter()
-        out = model(input_ids=ids[None, :prefill], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-        total_nll += float(torch.nn.functional.cross_entropy(out.logits[0, -1:].float(), ids[prefill : prefill + 1]))
+        if cache_factory is None:
+            cache, logits = prefill_cache(model, ids[None, :prefill], tokenizer)
+        else:
+            cache = cache_factory(model)
+            logits = model(input_ids=ids[None, :prefill], **cache_kwargs(model, cache), use_cache=True,
+                           logits_to_keep=1).logits
+        total_nll += float(torch.nn.functional.cross_entropy(logits[0, -1:].float(), ids[prefill : prefill + 1]))
         scored += 1
         prefill_seconds = time.perf_counter() - t0
         for t in tqdm(range(prefill, ids.numel() - 1), desc=desc, disable=not progress, leave=False):

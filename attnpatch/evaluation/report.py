@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import patch_model, unpatch_model
+from ..api.patching import patched_configs
 from ..config import parse_method_spec
 from . import lm_tasks, retrieval, speed, vision
 from .data import load_text
@@ -41,6 +42,7 @@ class EvalSettings:
     retrieval_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     retrieval_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     retrieval_samples: int = 1
+    query_agnostic: bool = False  # retrieval: compress the context before the question (compress_context)
     speed_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
     decode_prompt: int = 256
     decode_new_tokens: int = 64
@@ -98,12 +100,13 @@ def _measure(metric, model, tokenizer, inputs: _Inputs, dense: dict, label: str,
                                    progress=progress).as_dict()
     if metric == "decode_ppl":
         return decoding_perplexity(model, inputs.ids, s.decode_tokens, prefill=s.decode_prefill,
-                                   desc=f"{label} decode ppl", progress=progress).as_dict()
+                                   desc=f"{label} decode ppl", progress=progress, tokenizer=tokenizer).as_dict()
     if metric == "lm_eval":
         return lm_tasks.run_lm_eval(model, tokenizer, s.lm_eval_tasks, include_path=inputs.tasks_dir,
                                     limit=s.lm_eval_limit, seed=s.seed)
     if metric in ("passkey", "needle"):
-        return retrieval.evaluate_retrieval(model, tokenizer, inputs.cases[metric], progress=progress).as_dict()
+        return retrieval.evaluate_retrieval(model, tokenizer, inputs.cases[metric], progress=progress,
+                                            query_agnostic=s.query_agnostic and bool(patched_configs(model))).as_dict()
     if metric == "speed":
         return {"prefill": speed.prefill_latency(model, s.speed_lengths, seed=s.seed),
                 "decode": speed.decode_speed(model, s.decode_prompt, s.decode_new_tokens, s.seed)}

@@ -57,21 +57,43 @@ class RetrievalResult:
 
 @torch.no_grad()
 def evaluate_retrieval(model, tokenizer, cases: list[RetrievalCase], max_new_tokens: int = 10,
-                       progress: bool = True) -> RetrievalResult:
-    """Greedy answers; a case is right when the first number in the answer equals the hidden one."""
+                       progress: bool = True, query_agnostic: bool = False) -> RetrievalResult:
+    """Greedy answers; a case is right when the first number in the answer equals the hidden one.
+    query_agnostic: the model's KV method compresses the context before the question is seen
+    (`compress_context`), as in multi-question use; methods that replay the context (kvzip) always
+    run so. Otherwise the whole prompt, question included, is prefilled at once."""
+    from ..api.contexts import compress_context, context_replaying_method
+    from ..api.patching import patched_configs
+
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id or tokenizer.eos_token_id
+    method = context_replaying_method(model)
+    if method is None and query_agnostic:
+        configs = patched_configs(model)
+        if len(configs) != 1:
+            raise ValueError("query_agnostic retrieval needs a model patched with one KV compression method, "
+                             f"got {[c.method for c in configs] or 'an unpatched model'}")
+        method = configs[0].method
     scored = []
     t0 = time.perf_counter()
     for case in tqdm(cases, desc=f"{cases[0].kind if cases else 'retrieval'}", disable=not progress, leave=False):
         inputs = tokenizer(case.prompt, return_tensors="pt").to(device)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        answer = tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+        if method is None:
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            new_tokens = out[0, inputs.input_ids.shape[1]:]
+        else:
+            if not case.question:
+                raise ValueError(f"a query-agnostic {case.kind} case needs its question (RetrievalCase.question)")
+            context = tokenizer(case.context, return_tensors="pt").input_ids
+            question = tokenizer(case.question, add_special_tokens=False, return_tensors="pt").input_ids
+            with compress_context(model, context, method, tokenizer=tokenizer) as ctx:
+                new_tokens = ctx.generate(question, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)[0]
+        answer = tokenizer.decode(new_tokens, skip_special_tokens=True)
         # digit-level tokenizers may decode a number with spaces between its digits
         found = re.search(r"\d+", re.sub(r"(?<=\d)\s+(?=\d)", "", answer))
         scored.append({"length": case.length, "depth": case.depth, "tokens": int(inputs.input_ids.shape[1]),
                        "expected": case.answer, "answer": answer.strip(),
-                       "correct": bool(found and found.group() == case.answer)})
+                       "correct": bool(found and found.group() == case.answer), "query_agnostic": method is not None})
     grid: dict = {}
     for row in scored:
         grid.setdefault(row["length"], {}).setdefault(row["depth"], []).append(row["correct"])

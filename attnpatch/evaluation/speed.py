@@ -57,14 +57,13 @@ def prefill_latency(model, lengths, repeats: int = 2, seed: int = 0) -> list[dic
 @torch.no_grad()
 def decode_speed(model, prompt_tokens: int = 256, new_tokens: int = 64, seed: int = 0) -> dict:
     """Greedy decoding after a random prompt: decode tokens/s (prefill excluded), KV bytes, peak memory."""
-    from transformers import DynamicCache
+    from ..api.contexts import prefill_cache
 
     device = next(model.parameters()).device
     ids = random_ids(model, prompt_tokens, seed).to(device)
-    cache = DynamicCache(config=model.config)
     with peak_memory() as mem:
-        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1:].argmax(-1)
+        cache, logits = prefill_cache(model, ids)
+        token = logits.argmax(-1)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
@@ -84,8 +83,7 @@ def decode_speed_side_by_side(contenders: dict[str, torch.nn.Module], prompt_tok
     the machine's noise falls on all of them alike (the order rotates every step). tokens/s = 1 / the median step time. The
     contender named `floor` runs with attention that costs nothing and no cache (`attention_free`).
     Returns {name: {prompt_tokens, new_tokens, decode_tokens_per_s, step_ms, kv_bytes}}."""
-    from transformers import DynamicCache
-
+    from ..api.contexts import prefill_cache
     from .floor import attention_free, floor_step
 
     ids = random_ids(next(iter(contenders.values())), prompt_tokens, seed)
@@ -97,9 +95,8 @@ def decode_speed_side_by_side(contenders: dict[str, torch.nn.Module], prompt_tok
                 logits = floor_step(model, ids[:, -1:].to(device), prompt_tokens - 1)
             state[name] = {"cache": None, "token": logits.argmax(-1), "steps": []}
             continue
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids.to(device), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-        state[name] = {"cache": cache, "token": out.logits[:, -1:].argmax(-1), "steps": []}
+        cache, logits = prefill_cache(model, ids.to(device))
+        state[name] = {"cache": cache, "token": logits.argmax(-1), "steps": []}
     names = list(contenders)
     for step in range(new_tokens):
         for name in names[step % len(names):] + names[:step % len(names)]:  # rotated: no one always goes first

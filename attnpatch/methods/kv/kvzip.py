@@ -60,15 +60,16 @@ class KVzip(KVCompressionMethod):
     def prefill_context(cls, model, cache, methods, context_ids, attention_mask, position_ids, prompt_ids=None):
         """Prefill the context into `cache` through the model patched with `methods` (this class's
         instances), replay it chunk by chunk after `prompt_ids` (1, P; the repeat instruction, see
-        REPLAY_PROMPT; None: the context alone), then cut every layer to its budget by the scores."""
+        REPLAY_PROMPT; None: the context alone), then cut every layer to its budget by the scores.
+        Returns the model output of the context's prefill (its last position's logits)."""
         keyword = cache_kwargs(model, cache)
         _set_phase(methods, "collect")
         try:
-            model(input_ids=context_ids, attention_mask=attention_mask, position_ids=position_ids, **keyword,
-                  use_cache=True, logits_to_keep=1)
+            prefilled = model(input_ids=context_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              **keyword, use_cache=True, logits_to_keep=1)
             layers = [layer for layer in cache.layers if isinstance(layer, CompressedKVLayer)]
             if not layers:  # compression=0: the model's own cache, nothing to score
-                return
+                return prefilled
             if len(layers) != len(methods):
                 raise PatchError(f"kvzip: {len(methods)} patched layers but {len(layers)} compressed cache layers")
             length = context_ids.shape[1]
@@ -95,6 +96,7 @@ class KVzip(KVCompressionMethod):
                     method.cut_to_budget(layer)
         finally:
             _set_phase(methods, None)
+        return prefilled
 
     def cut_to_budget(self, layer: CompressedKVLayer) -> None:
         layer.budget = self.layer_budget(layer.valid[:, 0].sum(-1))
