@@ -147,6 +147,9 @@ def test_report_grid_on_tiny_decoder(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Decoding perplexity" in md and "| linear |" in md and "## Time per metric" in md
     assert "## Attention sinks" in md and 0 < r["dense"]["sinks"]["first_token_mass"] < 1
+    floor = r["dense"]["speed"]["floor"]  # the attention-free floor, measured beside dense
+    assert [row["tokens"] for row in floor["prefill"]] == [16, 32] and floor["decode"]["kv_bytes"] == 0
+    assert "| floor (attention-free) |" in md and "method / floor" in md
     assert r["dense"]["sinks"]["heads"] == 12  # 3 layers x 4 heads
     for plot in ("quality_vs_compression.png", "perplexity.png", "latency_vs_length.png", "passkey_heatmap.png",
                  "sinks_dense.png", "sinks_linear.png"):

@@ -108,8 +108,12 @@ def _measure(metric, model, tokenizer, inputs: _Inputs, dense: dict, label: str,
         return retrieval.evaluate_retrieval(model, tokenizer, inputs.cases[metric], progress=progress,
                                             query_agnostic=s.query_agnostic and bool(patched_configs(model))).as_dict()
     if metric == "speed":
-        return {"prefill": speed.prefill_latency(model, s.speed_lengths, seed=s.seed),
-                "decode": speed.decode_speed(model, s.decode_prompt, s.decode_new_tokens, s.seed)}
+        measured = {"prefill": speed.prefill_latency(model, s.speed_lengths, seed=s.seed),
+                    "decode": speed.decode_speed(model, s.decode_prompt, s.decode_new_tokens, s.seed)}
+        if label == "dense" and hasattr(model, "set_attn_implementation"):  # the floor, beside dense
+            measured["floor"] = speed.floor_speed(model, s.speed_lengths, s.decode_prompt, s.decode_new_tokens,
+                                                  seed=s.seed)
+        return measured
     if metric == "sinks":  # 4 sequences of 512 tokens; exact-softmax attention of the (patched) model's q/k
         from ..analysis.sink_inspector import inspect_sinks
 

@@ -106,20 +106,33 @@ def _sinks(report: dict) -> list[str]:
 
 
 def _speed(report: dict) -> list[str]:
-    """Prefill latency per length, decode speed and KV bytes, with ratios to dense."""
+    """Prefill latency per length and decode speed, each as dense / method (speed-up) and method /
+    floor (time over the attention-free model), with KV bytes and peak memory."""
     r, specs, lines = report["results"], report["methods"], []
-    lengths = [row["tokens"] for row in r["dense"]["speed"]["prefill"]]
-    lines += ["## Speed and memory (ratios to dense measured in this run)", "",
-              "| method | " + " | ".join(f"prefill {n} (s, vs dense)" for n in lengths) +
-              " | decode tok/s (vs dense) | KV bytes (vs dense) |", "|---|" + "---|" * (len(lengths) + 2)]
     dense = r["dense"]["speed"]
-    for spec in specs:
-        sp = r[spec]["speed"]
-        cells = [f"{row['seconds']:.3f} ({_ratio(row['seconds'], base['seconds']):.2f}x)"
-                 for row, base in zip(sp["prefill"], dense["prefill"])]
-        d, db = sp["decode"], dense["decode"]
-        cells.append(f"{d['decode_tokens_per_s']:.1f} ({_ratio(d['decode_tokens_per_s'], db['decode_tokens_per_s']):.2f}x)")
-        cells.append(f"{d['kv_bytes']:,} ({_ratio(d['kv_bytes'], db['kv_bytes']):.3f})")
+    floor = dense.get("floor")
+    lengths = [row["tokens"] for row in dense["prefill"]]
+    against = "dense / method, method / floor" if floor else "dense / method"
+    lines += ["## Speed and memory (every ratio measured in this run)", "",
+              f"Prefill: seconds ({against}: time ratios); decode: tokens/s ({against}: time per token ratios)."
+              + (" The floor is the same model with attention that costs nothing (each token's output is its own "
+                 "value, no cache)." if floor else ""), "",
+              "| method | " + " | ".join(f"prefill {n}" for n in lengths) +
+              " | prefill peak MB (RSS growth) | decode tok/s | KV bytes (vs dense) |", "|---|" + "---|" * (len(lengths) + 3)]
+
+    def ratios(seconds, dense_seconds, floor_seconds):
+        cells = f"{_ratio(dense_seconds, seconds):.2f}x"
+        return f"{cells}, {_ratio(seconds, floor_seconds):.2f}x" if floor_seconds is not None else cells
+
+    rows = [(spec, r[spec]["speed"]) for spec in specs] + ([("floor (attention-free)", floor)] if floor else [])
+    for spec, sp in rows:
+        cells = [f"{row['seconds']:.3f} ({ratios(row['seconds'], base['seconds'], f['seconds'] if floor else None)})"
+                 for row, base, f in zip(sp["prefill"], dense["prefill"], (floor or dense)["prefill"])]
+        cells.append(f"{max(row['peak_mb'] for row in sp['prefill']):.0f}")
+        d = sp["decode"]
+        step = 1 / d["decode_tokens_per_s"]
+        cells.append(f"{d['decode_tokens_per_s']:.1f} ({ratios(step, 1 / dense['decode']['decode_tokens_per_s'], 1 / floor['decode']['decode_tokens_per_s'] if floor else None)})")
+        cells.append(f"{d['kv_bytes']:,} ({_ratio(d['kv_bytes'], dense['decode']['kv_bytes']):.3f})")
         lines.append(f"| {spec} | " + " | ".join(cells) + " |")
     return lines
 

@@ -46,6 +46,11 @@ def make_plots(report: dict, out_dir: Path) -> list[Path]:
         for spec in specs:
             rows = r[spec]["speed"]["prefill"]
             ax.plot([x["tokens"] for x in rows], [x["seconds"] for x in rows], marker="o", label=spec)
+        floor = r["dense"]["speed"].get("floor")
+        if floor:
+            rows = floor["prefill"]
+            ax.plot([x["tokens"] for x in rows], [x["seconds"] for x in rows], "k--", marker="x",
+                    label="floor (attention-free)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("prompt tokens")

@@ -76,6 +76,29 @@ def decode_speed(model, prompt_tokens: int = 256, new_tokens: int = 64, seed: in
 
 
 @torch.no_grad()
+def floor_speed(model, lengths, decode_prompt: int = 256, new_tokens: int = 64, repeats: int = 2,
+                seed: int = 0) -> dict:
+    """The attention-free floor of an unpatched model (`floor.attention_free`): prefill latency per
+    length and decode tokens/s, as `prefill_latency` and `decode_speed` measure them."""
+    from .floor import attention_free, floor_step
+
+    device = next(model.parameters()).device
+    with attention_free(model):
+        prefill = prefill_latency(model, lengths, repeats, seed)
+        token = random_ids(model, 1, seed).to(device)
+        with peak_memory() as mem:
+            _sync(device)
+            t0 = time.perf_counter()
+            for step in range(new_tokens):
+                token = floor_step(model, token, decode_prompt + step).argmax(-1)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+    decode = {"prompt_tokens": decode_prompt, "new_tokens": new_tokens, "decode_tokens_per_s": new_tokens / seconds,
+              "kv_bytes": 0, "peak_mb": mem["bytes"] / 2**20}
+    return {"prefill": prefill, "decode": decode}
+
+
+@torch.no_grad()
 def decode_speed_side_by_side(contenders: dict[str, torch.nn.Module], prompt_tokens: int, new_tokens: int = 64,
                               seed: int = 0, floor: str | None = None) -> dict[str, dict]:
     """Decode speed of several models (dense, patched copies, the floor) in one interleaved run: each
