@@ -37,6 +37,8 @@ def hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: f
     (what a decoding cache must carry over as a state)."""
     groups = query.shape[1] // key.shape[1]
     lq, lk = query.shape[-2], key.shape[-2]
+    if causal and lq == 1 and lk <= window:
+        return _decoding_step(query, key, value, fq, fk, gate, scaling, key_valid, state, window, softcap)
     out_dtype = value.dtype
     q, k, v = query.float(), repeat_kv(key, groups).float(), repeat_kv(value, groups).float()
     fq, fk_g = fq.float(), repeat_kv(fk, groups).float()
@@ -89,6 +91,32 @@ def hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: f
     carried = max(0, lk - (window - 1))  # keys that leave the window for good
     if carried > folded:
         prefix = accumulate_state(prefix, fk_g[:, ::groups, folded:carried], v[:, ::groups, folded:carried])
+    return out, prefix
+
+
+def _decoding_step(query, key, value, fq, fk, gate, scaling, key_valid, state, window, softcap):
+    """hybrid_attention for one new token whose keys all lie in its window (a decoding step): each
+    kv head's query group folded into the query dim (no repeated K/V), the state read as it is,
+    then the key leaving the window folded in."""
+    b, hq, _, d = query.shape
+    hkv, lk = key.shape[1], key.shape[-2]
+    groups = hq // hkv
+    k, v, fk = key.float(), value.float(), fk.float()
+    if key_valid is not None:
+        fk = fk * key_valid[:, None, :, None]
+    allowed = (torch.ones(b, lk, dtype=torch.bool, device=k.device) if key_valid is None
+               else key_valid)[:, None, None, :]
+    q = query.float().reshape(b, hkv, groups, d)
+    fq = fq.float().reshape(b, hkv, groups, fq.shape[-1])
+    g = gate.float().reshape(1, hkv, groups, 1)
+    e = _window_scores(q, k, scaling, allowed, softcap)  # (B, Hkv, G, lk)
+    prefix = state if state is not None else zero_state(fk, v)
+    num = g * (e @ v) + (1 - g) * (fq @ prefix.kv)
+    den = g * e.sum(-1, keepdim=True) + (1 - g) * (fq @ prefix.k_sum[..., None])
+    out = (num / den.clamp_min(1e-30)).reshape(b, hq, 1, -1).to(value.dtype)
+    carried = lk - (window - 1)  # keys that leave the window for good
+    if carried > 0:
+        prefix = accumulate_state(prefix, fk[:, :, :carried], v[:, :, :carried])
     return out, prefix
 
 

@@ -212,6 +212,11 @@ def causal_linear_attention(
     if lq == 0:
         return fq.new_zeros(*fq.shape[:-1], dv).to(out_dtype), state
     grouped_q = _group_queries(fq, kv_heads)  # (B, Hkv, G, L, F)
+    if lq == 1:  # a decoding step: fold the token into the state, then read it (no chunk machinery)
+        state = accumulate_state(state, fk, v)
+        num = grouped_q @ state.kv[:, :, None]
+        den = grouped_q @ state.k_sum[:, :, None, :, None]
+        return _ungroup(num / den.clamp_min(_EPS)).to(out_dtype), state
     batch, groups = grouped_q.shape[0], grouped_q.shape[2]
     chunk = max(1, min(chunk_size, lq))
     per_chunk_bytes = batch * kv_heads * f * dv * 4
