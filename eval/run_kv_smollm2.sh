@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 methods=()
 for r in 0.5 0.75 0.875; do
-  for m in streaming h2o snapkv pyramidkv tova knorm; do methods+=("$m:compression=$r"); done
+  for m in streaming h2o snapkv pyramidkv tova knorm keydiff kvzip; do methods+=("$m:compression=$r"); done
 done
 methods+=("kv_quant:bits=4" "kv_quant:bits=2")
 attnpatch eval --methods "${methods[@]}" --metrics decode_ppl passkey \

@@ -93,13 +93,14 @@ def llava_inputs(model, left_pad: int = 0):
 @torch.no_grad()
 def decoder_outputs(model, name: str, dtype):
     """Logits of the last prompt position and of STEPS teacher-forced cached decoding steps (B, 1+STEPS, V),
-    and the cache: the path where cache-keeping methods act."""
-    extra = {}
+    and the cache: the path where cache-keeping methods act. Inputs go to the model's device."""
+    extra, device = {}, next(model.parameters()).device
     if name == "llava":
         ids, mask, pixels = llava_inputs(model, left_pad=PAD)
-        extra["pixel_values"] = pixels.to(dtype)
+        extra["pixel_values"] = pixels.to(device, dtype)
     else:
         ids, mask = tm.text_batch(length=PROMPT, left_pad=PAD)
+    ids, mask = ids.to(device), mask.to(device)
     replays = replays_context(model)
     if replays:  # compressed through compress_context (its positions count real tokens only)
         cache, logits = compress_context(model, ids, replays, attention_mask=mask).template, []
@@ -107,7 +108,7 @@ def decoder_outputs(model, name: str, dtype):
         cache = DynamicCache(config=model.config)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache), **extra)
         logits = [out.logits[:, -1:]]
-    follow = torch.randint(3, tm.V - 2, (2, STEPS), generator=torch.Generator().manual_seed(7))
+    follow = torch.randint(3, tm.V - 2, (2, STEPS), generator=torch.Generator().manual_seed(7)).to(device)
     for t in range(STEPS):
         mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
         step = {"position_ids": mask.sum(-1, keepdim=True) - 1} if replays else {}
@@ -119,7 +120,7 @@ def decoder_outputs(model, name: str, dtype):
 
 @torch.no_grad()
 def encoder_outputs(model, dtype):
-    return model(pixel_values=tm.pixels().to(dtype)).last_hidden_state.float(), None
+    return model(pixel_values=tm.pixels().to(next(model.parameters()).device, dtype)).last_hidden_state.float(), None
 
 
 def outputs(model, model_name: str, dtype):

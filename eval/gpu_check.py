@@ -1,0 +1,305 @@
+"""The GPU check: what a session lent a GPU runs first, and what CI runs on CPU so that it cannot rot.
+
+    python eval/gpu_check.py                          # a GPU machine: CUDA, 8k-128k tokens (~8 min on one H200)
+    python eval/gpu_check.py --device cpu --quick     # CI: the same code paths at small sizes (~2 min, 2 cores)
+
+1. parity: every method of the test matrix (tests/test_matrix.py CASES) on its tiny models (Llama,
+   ViT, Llava): float32 on the device against float32 on the CPU, then bfloat16 and float16 on the
+   device: no NaN/inf and within the matrix's tolerance of the device's float32 output (3x the
+   unpatched model's own half-precision error; the matrix's wider bound for discrete-choice methods).
+2. speed on SmolLM2-135M (bfloat16 on CUDA, float32 on CPU): prefill latency and peak memory per
+   length for dense SDPA, the attention-free floor and the sparse and linear methods (last logits
+   only), and decode tokens/s after a prefill with every contender's steps alternating in one run.
+3. a recipe: a two-stage LoLCATs conversion of a tiny Llama through `accelerate launch` on the device.
+
+Writes report.md, results.json and speed plots into --out (default eval/results/gpu, or
+eval/results/gpu-cpu-quick for --device cpu --quick) and exits non-zero when a parity row or the
+recipe fails. Every part catches its own errors, so one broken method does not hide the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import test_matrix as matrix  # noqa: E402
+import tiny_models as tm  # noqa: E402
+
+from attnpatch import patch_model, unpatch_model  # noqa: E402
+from attnpatch.config import parse_method_spec  # noqa: E402
+from attnpatch.evaluation.report import environment  # noqa: E402
+from attnpatch.evaluation.speed import decode_speed_side_by_side, floor_speed, prefill_latency  # noqa: E402
+
+# float32 on another device: kernels sum in another order (and may use TF32 where allowed)
+FLOAT32_TOLERANCE = 2e-3
+PREFILL_METHODS = ["linear", "sliding_window", "a_shape", "block_topk", "lolcats"]
+DECODE_METHODS = ["linear", "lolcats", "snapkv:compression=0.75", "streaming:compression=0.75"]
+SIZES = {"full": {"lengths": [8192, 32768, 131072], "decode_contexts": [8192, 32768], "new_tokens": 32,
+                  "repeats": 2},
+         "quick": {"lengths": [256, 512], "decode_contexts": [256], "new_tokens": 4, "repeats": 1}}
+
+
+def _short_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+# ----------------------------------------------------------------------------- 1. parity
+
+
+def parity(device: torch.device, half_dtypes) -> list[dict]:
+    dense_error: dict = {}
+
+    def dense_half_error(model_name, dtype):
+        if (model_name, dtype) not in dense_error:
+            model = tm.build(model_name).to(device)
+            reference = matrix.outputs(model, model_name, torch.float32)[0]
+            got = matrix.outputs(model.to(dtype), model_name, dtype)[0]
+            dense_error[(model_name, dtype)] = matrix.relative_error(got, reference)
+        return dense_error[(model_name, dtype)]
+
+    rows = []
+    for name, model_name in matrix.method_model_pairs():
+        row = {"method": name, "model": model_name, "passed": False}
+        try:
+            model = tm.build(model_name)
+            matrix.patch(model, name, model_name)
+            cpu = matrix.outputs(model, model_name, torch.float32)[0]
+            model.to(device)
+            on_device = matrix.outputs(model, model_name, torch.float32)[0]
+            row["float32_vs_cpu"] = matrix.relative_error(on_device.cpu(), cpu)
+            bound = max(FLOAT32_TOLERANCE, matrix.DISCRETE_CHOICE_TOLERANCE.get(name, 0.0))
+            failures = [] if row["float32_vs_cpu"] <= bound else [f"float32 {row['float32_vs_cpu']:.2e} > {bound:.0e}"]
+            for dtype in half_dtypes:  # each from the float32 weights (not one rounding after another)
+                label = str(dtype).removeprefix("torch.")
+                got = matrix.outputs(copy.deepcopy(model).to(dtype), model_name, dtype)[0]
+                finite = bool(torch.isfinite(got).all())
+                error = matrix.relative_error(got, on_device)
+                tolerance = (matrix.DISCRETE_CHOICE_TOLERANCE.get(name)
+                             or matrix.DENSE_ERROR_FACTOR * dense_half_error(model_name, dtype))
+                row[label] = {"finite": finite, "error": error, "tolerance": tolerance}
+                if not finite:
+                    failures.append(f"{label}: NaN or inf")
+                elif error > tolerance:
+                    failures.append(f"{label} {error:.4f} > {tolerance:.4f}")
+            row["passed"], row["failures"] = not failures, failures
+        except Exception as exc:  # one broken method must not hide the others
+            row["error"] = _short_error(exc)
+            row["trace"] = traceback.format_exc(limit=6)
+        rows.append(row)
+        print(f"parity {name:<20} {model_name:<6} {'ok' if row['passed'] else 'FAIL ' + str(row.get('failures') or row.get('error'))}",
+              flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. speed
+
+
+def speed(device: torch.device, sizes: dict) -> dict:
+    from attnpatch.models import load_default_model
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, _ = load_default_model()
+    model.to(device, dtype).eval()
+    result = {"dtype": str(dtype).removeprefix("torch."), "prefill": {}, "decode": {}, "errors": {}}
+    lengths, repeats = sizes["lengths"], sizes["repeats"]
+    try:
+        floor = floor_speed(model, lengths, sizes["decode_contexts"][0], sizes["new_tokens"], repeats=repeats)
+        result["prefill"]["floor"] = floor["prefill"]
+        print("prefill floor            " + "  ".join(f"{r['tokens']}: {r['seconds']:.3f} s" for r in floor["prefill"]),
+              flush=True)
+    except Exception as exc:
+        result["errors"]["floor"] = _short_error(exc)
+    for spec in ["dense"] + PREFILL_METHODS:
+        rows = []
+        try:
+            if spec != "dense":
+                patch_model(model, parse_method_spec(spec))
+            for length in lengths:  # one length at a time: a length that does not fit stops that row only
+                rows += prefill_latency(model, [length], repeats=repeats)
+        except Exception as exc:
+            result["errors"][spec] = _short_error(exc)
+        finally:
+            if spec != "dense":
+                unpatch_model(model)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        result["prefill"][spec] = rows
+        print(f"prefill {spec:<16} " + "  ".join(f"{r['tokens']}: {r['seconds']:.3f} s" for r in rows), flush=True)
+    contenders = {"dense": model, "floor": model}
+    for spec in DECODE_METHODS:
+        contenders[spec] = patch_model(copy.deepcopy(model), parse_method_spec(spec))
+    for context in sizes["decode_contexts"]:
+        try:
+            rows = decode_speed_side_by_side(contenders, context, sizes["new_tokens"], floor="floor")
+            result["decode"][str(context)] = rows
+            print(f"decode {context}: " + "  ".join(f"{k} {v['decode_tokens_per_s']:.1f}" for k, v in rows.items()),
+                  flush=True)
+        except Exception as exc:
+            result["errors"][f"decode {context}"] = _short_error(exc)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------- 3. recipe
+
+
+def recipe(device: torch.device, quick: bool) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="attnpatch-gpu-check-"))
+    tm.build("llama").save_pretrained(work / "tiny")
+    tm.tiny_tokenizer().save_pretrained(work / "tiny")
+    text = " ".join(tm.word(14 + ((i * 7) % 11 + (i % 3) * 13) % (tm.V - 14)) for i in range(6000))
+    (work / "train.txt").write_text(text)
+    (work / "eval.txt").write_text(text[: len(text) // 6])
+    steps = 4 if quick else 20
+    (work / "recipe.yaml").write_text(f"""
+model: {work / 'tiny'}
+attention: {{method: lolcats, params: {{window: 4, chunk_size: 8}}}}
+data: {{train: [{work / 'train.txt'}], eval: [{work / 'eval.txt'}], seq_len: 32, train_tokens: 4000, eval_tokens: 256}}
+stage1: {{steps: {steps}, lr: 0.05, batch_size: 4, eval_every: {steps}, attention_ce: 0.5}}
+stage2: {{steps: {steps}, lr: 0.01, batch_size: 4, eval_every: {steps}}}
+output_dir: {work / 'out'}
+""")
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    launch += (["--config_file", str(ROOT / "recipes/accelerate/cpu.yaml")] if device.type == "cpu"
+               else ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
+    t0 = time.perf_counter()
+    done = subprocess.run(launch + [str(ROOT / "recipes/convert.py"), str(work / "recipe.yaml")], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
+    final = work / "out" / "final"
+    result = {"returncode": done.returncode, "seconds": time.perf_counter() - t0, "final_written": final.exists(),
+              "log_tail": (done.stdout + done.stderr)[-1500:]}
+    result["passed"] = done.returncode == 0 and result["final_written"]
+    print(f"recipe: rc {done.returncode}, final/ {'written' if result['final_written'] else 'MISSING'}, "
+          f"{result['seconds']:.0f} s", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report_lines(result: dict) -> list[str]:
+    env = result["environment"]
+    lines = [f"# GPU check ({result['mode']}, device {result['device']})", "",
+             f"torch {env['torch']}, transformers {env['transformers']}, {result.get('device_name', env['cpu'])}, "
+             f"{env['date']}; `{result['command']}`", ""]
+    rows = result["parity"]
+    passed = sum(r["passed"] for r in rows)
+    lines += [f"## Parity: {passed} of {len(rows)} method x model rows pass", "",
+              "| method | model | float32 vs CPU | bfloat16 (tolerance) | float16 (tolerance) | result |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        halves = [f"{r[k]['error']:.4f} ({r[k]['tolerance']:.4f})" + ("" if r[k]["finite"] else " NaN/inf")
+                  if k in r else "-" for k in ("bfloat16", "float16")]
+        verdict = "ok" if r["passed"] else "FAIL: " + "; ".join(r.get("failures") or [r.get("error", "")])
+        lines.append(f"| {r['method']} | {r['model']} | {r.get('float32_vs_cpu', float('nan')):.1e} | "
+                     + " | ".join(halves) + f" | {verdict} |")
+    sp = result["speed"]
+    if sp.get("prefill"):
+        dense = {r["tokens"]: r for r in sp["prefill"].get("dense", [])}
+        floor = {r["tokens"]: r for r in sp["prefill"].get("floor", [])}
+        lengths = sorted({r["tokens"] for rows in sp["prefill"].values() for r in rows})
+        lines += ["", f"## Prefill on SmolLM2-135M ({sp['dtype']}): seconds (dense / method, method / floor), peak MB",
+                  "", "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        for spec, rows in sp["prefill"].items():
+            by_length = {r["tokens"]: r for r in rows}
+            cells = []
+            for n in lengths:
+                r = by_length.get(n)
+                if r is None:
+                    cells.append("-")
+                    continue
+                ratios = [f"{dense[n]['seconds'] / r['seconds']:.2f}x" if n in dense else "-",
+                          f"{r['seconds'] / floor[n]['seconds']:.2f}x" if n in floor else "-"]
+                cells.append(f"{r['seconds']:.3f} ({', '.join(ratios)}), {r['peak_mb']:.0f} MB")
+            lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    for context, rows in sp.get("decode", {}).items():
+        d, f = rows["dense"]["decode_tokens_per_s"], rows["floor"]["decode_tokens_per_s"]
+        lines += ["", f"## Decode after {context} tokens (steps alternating in one run)", "",
+                  "| contender | tok/s | vs dense | step vs floor | KV bytes |", "|---|---|---|---|---|"]
+        for name, r in rows.items():
+            t = r["decode_tokens_per_s"]
+            lines.append(f"| {name} | {t:.1f} | {t / d:.2f}x | {f / t:.2f}x | {r['kv_bytes']:,} |")
+    if sp.get("errors"):
+        lines += ["", "Speed rows that failed: " + "; ".join(f"{k}: {v}" for k, v in sp["errors"].items())]
+    rc = result["recipe"]
+    lines += ["", f"## Recipe: {'ok' if rc.get('passed') else 'FAILED'} (two-stage LoLCATs on a tiny Llama, "
+              f"rc {rc.get('returncode')}, {rc.get('seconds', 0):.0f} s)"]
+    return lines
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prefill = result["speed"].get("prefill", {})
+    if not prefill:
+        return
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for spec, rows in prefill.items():
+        if not rows:
+            continue
+        style = "k--" if spec == "floor" else ("k-" if spec == "dense" else "-")
+        for ax, key in ((time_ax, "seconds"), (memory_ax, "peak_mb")):
+            ax.plot([r["tokens"] for r in rows], [max(r[key], 1e-6) for r in rows], style, marker="o", label=spec)
+    time_ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="prefill seconds", title="time")
+    memory_ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="peak MB", title="memory")
+    for ax in (time_ax, memory_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"SmolLM2-135M prefill on {result['device']} ({result['speed']['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI, or a first look)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "speed", "recipe"])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    mode = "quick" if args.quick else "full"
+    out = args.out or ROOT / "eval" / "results" / ("gpu" if device.type == "cuda" else f"gpu-{device.type}-{mode}")
+    out.mkdir(parents=True, exist_ok=True)
+    halves = [torch.bfloat16, torch.float16]
+    result = {"command": " ".join(["python", "eval/gpu_check.py", *sys.argv[1:]]), "mode": mode, "device": str(device),
+              "environment": environment(0), "parity": [], "speed": {}, "recipe": {}}
+    if device.type == "cuda":
+        result["device_name"] = torch.cuda.get_device_name(device)
+    t0 = time.perf_counter()
+    if "parity" not in args.skip:
+        result["parity"] = parity(device, halves)
+    if "speed" not in args.skip:
+        result["speed"] = speed(device, SIZES[mode])
+    if "recipe" not in args.skip:
+        result["recipe"] = recipe(device, args.quick)
+    result["seconds"] = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (out / "report.md").write_text("\n".join(report_lines(result)) + "\n")
+    plot(result, out / "prefill_time_memory.png")
+    print(f"wrote {out}/report.md ({result['seconds']:.0f} s)")
+    failed = [r for r in result["parity"] if not r["passed"]]
+    recipe_failed = "recipe" not in args.skip and not result["recipe"].get("passed")
+    return 1 if failed or recipe_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

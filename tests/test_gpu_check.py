@@ -1,0 +1,29 @@
+"""eval/gpu_check.py in CI's CPU mode, so that the script a GPU session runs first cannot rot:
+every parity row passes, every speed row is measured (floor included), the recipe writes final/."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_runs_on_cpu_quick(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "eval/gpu_check.py"), "--device", "cpu", "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["parity"] and all(row["passed"] for row in result["parity"])
+    assert {row["method"] for row in result["parity"]} >= {"linear", "snapkv", "kvzip", "kv_quant", "var"}
+    prefill = result["speed"]["prefill"]
+    assert set(prefill) == {"floor", "dense", "linear", "sliding_window", "a_shape", "block_topk", "lolcats"}
+    assert all(len(rows) == 2 for rows in prefill.values()) and not result["speed"]["errors"]
+    decode = result["speed"]["decode"]["256"]
+    assert decode["floor"]["kv_bytes"] == 0 and 0 < decode["snapkv:compression=0.75"]["kv_bytes"] < decode["dense"]["kv_bytes"]
+    assert result["recipe"]["passed"]
+    report = (tmp_path / "report.md").read_text()
+    assert "## Parity:" in report and "## Prefill on SmolLM2-135M" in report and "## Recipe: ok" in report
+    assert (tmp_path / "prefill_time_memory.png").stat().st_size > 1000
