@@ -71,7 +71,7 @@ def test_compress_context_errors_name_the_fix_and_leave_the_model_as_it_was():
     model = tm.build("llama")
     ids, _ = tm.text_batch(length=12)
     with pytest.raises(PatchError, match="keeps its own KV cache"):
-        compress_context(model, ids, "sliding_window")
+        compress_context(model, ids, "block_topk")
     assert not is_patched(model)
     patch_model(model, "tova", budget=4)
     with pytest.raises(PatchError, match="unpatch_model"):

@@ -215,6 +215,44 @@ def test_generate_decodes_through_a_dense_cache(method):
     assert out.shape == dense.shape  # sparse prefill, exact dense decoding steps
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_sliding_window_decodes_from_a_cache_of_sinks_and_window(name):
+    """Decoding keeps only each row's sinks and newest window - 1 tokens (the duo_heads store with
+    every head streaming), exactly: every step's logits equal a cache-free forward of the whole
+    sequence so far, on a left-padded batch (Mistral: under the model's own sliding window too)."""
+    from attnpatch import cache_nbytes
+    from attnpatch.runtime.cache import cache_kwargs
+    from attnpatch.runtime.layers import DuoHeadLayer
+    from transformers import DynamicCache
+
+    model = tm.build(name)
+    patch_model(model, "sliding_window", window=5, sinks=2)
+    ids, mask = tm.text_batch(length=20, left_pad=3)
+    follow = torch.randint(3, tm.V - 2, (2, 6), generator=torch.Generator().manual_seed(4))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        steps = [model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]]
+        for t in range(6):
+            mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+            steps.append(model(input_ids=follow[:, t:t + 1], attention_mask=mask, **cache_kwargs(model, cache),
+                               use_cache=True).logits[:, -1])
+        assert all(isinstance(layer, DuoHeadLayer) for layer in cache.layers)
+        # stored: at most the sinks of the padded row and of the other, plus the newest window - 1
+        assert all(layer.stream_keys.shape[-2] <= 2 + 3 + 4 for layer in cache.layers)
+        whole = torch.cat([ids, follow], 1)
+        for t, logits in enumerate(steps):
+            n = 20 + t
+            free = model(input_ids=whole[:, :n], attention_mask=mask[:, :n], use_cache=False).logits[:, -1]
+            assert torch.allclose(logits, free, atol=1e-5), (t, (logits - free).abs().max())
+    unpatch_model(model)
+    dense = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=whole, attention_mask=mask, **cache_kwargs(model, dense), use_cache=True)
+    # Llama: 9 of 26 entries (+ a validity byte per token); Mistral: the model's own window (6) hides the
+    # sinks, so 4 entries against the 5 its own sliding-window cache keeps
+    assert cache_nbytes(cache) < {"llama": 0.45, "mistral": 0.85}[name] * cache_nbytes(dense)
+
+
 def test_bad_parameters_name_the_fix():
     model = tm.build("llama")
     with pytest.raises(PatchError, match="kv heads"):

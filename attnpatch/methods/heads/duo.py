@@ -16,6 +16,7 @@ from ...errors import PatchError
 from ...ops.kv_select import valid_rank
 from ...ops.reference import causal_mask
 from ...ops.sliding import sliding_window_attention
+from ...runtime.call import run_rows_without_padding
 from ...runtime.exact import exact_attention, sdpa_attention
 from ...runtime.layers import DuoHeadLayer
 from ..base import Method, ParamSpec
@@ -102,19 +103,42 @@ class DuoHeads(Method):
             out[:, q] = exact_attention(sub)
         if self.streaming:
             q = _query_heads(self.streaming, groups)
-            positions = layer.stream_positions
-            valid = layer.valid[:, positions]
-            sub = dataclasses.replace(call, query=call.query[:, q], key=layer.stream_keys, value=layer.stream_values,
-                                      mask=None if all_valid else valid[:, None, None, :], causal=True)
-            if all_valid and positions.numel() == layer.seen_tokens:  # nothing evicted yet, no padding
-                out[:, q] = self._stream(sub)
-                return
-            # sinks and window counted in real tokens (a padded sequence attends as it would alone)
-            rank = valid_rank(layer.valid)  # (B, L) rank of each position among real tokens
-            k_rank, q_rank = rank[:, positions][:, None, :], rank[:, -lq:][:, :, None]
-            allowed = (k_rank <= q_rank) & ((k_rank < self.config["sinks"]) | (q_rank - k_rank < self.config["window"]))
-            allowed = (allowed & valid[:, None, :])[:, None]
-            out[:, q] = sdpa_attention(sub, allowed, False)
+            sub = dataclasses.replace(call, query=call.query[:, q])
+            out[:, q] = window_cache_attention(sub, layer, self.config["sinks"], self.config["window"],
+                                               all_valid=all_valid)
+
+
+def window_cache_attention(call, layer: DuoHeadLayer, sinks: int, window: int, all_valid: bool | None = None):
+    """The call's queries (the streaming heads' query heads) over the layer's streaming store:
+    each query sees its row's first `sinks` real tokens and its newest `window` (itself included),
+    counted in real tokens so a left-padded row attends as it would alone. While nothing has been
+    dropped yet (a prefill) this is the block-wise sliding-window kernel on the whole prompt (each
+    padded row on its real tokens); afterwards the store holds at most sinks + window - 1 + new
+    tokens, attended under an explicit mask."""
+    lq = call.query.shape[-2]
+    positions = layer.stream_positions
+    all_valid = bool(layer.valid.all()) if all_valid is None else all_valid
+    valid = layer.valid[:, positions]
+
+    def windowed(c):
+        return sliding_window_attention(c.query, c.key, c.value, c.mask, window=window, sinks=sinks, causal=True,
+                                        scaling=c.scaling, softcap=c.softcap)
+
+    if positions.numel() == layer.seen_tokens and lq == positions.numel():  # a prefill: the whole prompt is here
+        # the model's own mask: padding, and the model's sliding window where it has one
+        whole = dataclasses.replace(call, key=layer.stream_keys, value=layer.stream_values, causal=True)
+        pads = None if all_valid else whole.leading_padding()
+        if all_valid or pads is None:
+            return windowed(whole)
+        return run_rows_without_padding(windowed, whole, pads)
+    rank = valid_rank(layer.valid)  # (B, L) rank of each position among real tokens
+    k_rank, q_rank = rank[:, positions][:, None, :], rank[:, -lq:][:, :, None]
+    allowed = (k_rank <= q_rank) & ((k_rank < sinks) | (q_rank - k_rank < window)) & valid[:, None, :]
+    if layer.sliding_window is not None:  # the model's own window, in absolute positions as its mask counts
+        q_positions = torch.arange(layer.seen_tokens - lq, layer.seen_tokens, device=positions.device)
+        allowed = allowed & ((q_positions[:, None] - positions[None, :]) < layer.sliding_window)[None]
+    sub = dataclasses.replace(call, key=layer.stream_keys, value=layer.stream_values, mask=None, causal=True)
+    return sdpa_attention(sub, allowed[:, None], False)
 
 
 def duo_reference_mask(lq: int, lk: int, retrieval: list[int], num_kv_heads: int, groups: int, sinks: int,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ...ops.sliding import sliding_window_attention
+from ...runtime.layers import DuoHeadLayer
 from ..base import Method, ParamSpec
+from ..heads.duo import window_cache_attention
 
 
 class SlidingWindowAttention(Method):
@@ -11,18 +13,33 @@ class SlidingWindowAttention(Method):
     family = "sparse"
     summary = (
         "Each query sees the first `sinks` keys and its `window` nearest keys (causal: the most recent, "
-        "itself included; bidirectional: |i-j| < window). Computed block-wise, touching only kept keys."
+        "itself included; bidirectional: |i-j| < window). Computed block-wise, touching only kept keys. "
+        "Decoding keeps only the sinks and the newest window - 1 tokens in the cache (exact: no later query "
+        "sees older ones), so memory and step cost stay flat with context length."
     )
+    cache_layer_class = DuoHeadLayer
     params = (
         ParamSpec("window", int, 256, "keys in the local window", low=1),
         ParamSpec("sinks", int, 0, "initial tokens every query also sees (attention sinks)", low=0),
         ParamSpec("block_size", int, 128, "queries processed together", low=1, high=65536),
     )
 
-    def needs_unpadded_rows(self, call) -> bool:  # sinks are a row's first real tokens
-        return call.causal and (self.config["sinks"] > 0 or call.query.shape[-2] > 1)
+    def new_cache_layer(self, sliding_window=None):  # every kv head streams: the duo_heads store with no retrieval head
+        heads = list(range(self.site.num_kv_heads))
+        return DuoHeadLayer([], heads, self.config["sinks"], self.config["window"], sliding_window)
+
+    def needs_unpadded_rows(self, call) -> bool:  # sinks are a row's first real tokens (the cache counts them itself)
+        return call.cache_layer is None and call.causal and (self.config["sinks"] > 0 or call.query.shape[-2] > 1)
 
     def attention(self, call):
+        layer = call.cache_layer
+        if isinstance(layer, DuoHeadLayer):
+            if call.mask is not None:  # padding among the new tokens
+                lq = call.query.shape[-2]
+                layer.valid[:, -lq:] &= call.mask[..., -lq:].any(dim=-2).any(dim=1).expand(layer.valid.shape[0], -1)
+            out = window_cache_attention(call, layer, self.config["sinks"], self.config["window"])
+            layer.trim()
+            return out
         return sliding_window_attention(
             call.query,
             call.key,

@@ -57,6 +57,8 @@ class DuoHeadLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         positions = self.stream_positions
         first_real = int(leading_invalid(self.valid).max())
         keep = (positions < first_real + self.sinks) | (positions > self.seen_tokens - self.window)
+        if self.sliding_window is not None:  # what the model's own window hides from every later query
+            keep &= positions > self.seen_tokens - self.sliding_window
         if bool(keep.all()):
             return
         index = keep.nonzero().squeeze(-1)
