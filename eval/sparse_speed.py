@@ -7,8 +7,9 @@ cost of attention does not depend on the values) runs one forward over random to
 length; each method's budget is set per length so that it computes `--density` of the key
 blocks dense causal attention computes (the density each run really had is measured from its
 layouts and reported). Also times the attention op alone (one layer's shapes) against
-`scaled_dot_product_attention(is_causal=True)`. Dense timings are taken before and after the
-methods at each length; ratios use their minimum. Writes speed.json, speed.md and speed.png.
+`scaled_dot_product_attention(is_causal=True)`. Dense timings and the attention-free floor's (the
+same model whose attention returns V) are taken before and after the methods at each length;
+ratios use their minimum. Writes speed.json, speed.md and speed.png.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from attnpatch import patch_model, patched_methods, unpatch_model
+from attnpatch.evaluation.floor import attention_free
 from attnpatch.evaluation.report import environment
 from attnpatch.evaluation.speed import best_seconds, style_speedup_axes
 from attnpatch.ops.block_sparse import block_sparse_attention
@@ -66,8 +68,13 @@ def model_rows(length: int, args) -> list[dict]:
     def forward():
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
+    def floor_seconds():
+        with attention_free(model):
+            forward()
+            return best_seconds(forward, args.repeats)
+
     forward()  # warm-up
-    dense = [best_seconds(forward, args.repeats)]
+    dense, floor = [best_seconds(forward, args.repeats)], [floor_seconds()]
     rows = []
     for density in args.density:
         for method in METHODS:
@@ -81,10 +88,14 @@ def model_rows(length: int, args) -> list[dict]:
                          "density": sum(measured) / len(measured), "seconds": seconds})
             print(rows[-1], flush=True)
     dense.append(best_seconds(forward, args.repeats))
+    floor.append(floor_seconds())
     for row in rows:
-        row["dense_seconds"] = min(dense)
+        row["dense_seconds"], row["floor_seconds"] = min(dense), min(floor)
         row["speedup"] = min(dense) / row["seconds"]
-    return [{"tokens": length, "method": "dense (SDPA)", "seconds": min(dense), "dense_runs": dense}] + rows
+        row["vs_floor"] = row["seconds"] / min(floor)
+    return [{"tokens": length, "method": "dense (SDPA)", "seconds": min(dense), "dense_runs": dense,
+             "vs_floor": min(dense) / min(floor)},
+            {"tokens": length, "method": "floor (attention-free)", "seconds": min(floor), "floor_runs": floor}] + rows
 
 
 @torch.no_grad()
@@ -119,12 +130,16 @@ def op_rows(length: int, args) -> list[dict]:
 
 def markdown(results: dict) -> str:
     lines = ["## Tiny-width Llama prefill (one forward)", "",
-             "| tokens | method | density (measured) | seconds | dense SDPA seconds | speedup vs dense |",
+             "| tokens | method | density (measured) | seconds | dense / method | method / floor |",
              "|---|---|---|---|---|---|"]
     for r in results["model"]:
         if "speedup" in r:
             lines.append(f"| {r['tokens']} | {r['method']} | {r['density']:.3f} | {r['seconds']:.3f} "
-                         f"| {r['dense_seconds']:.3f} | {r['speedup']:.2f}x |")
+                         f"| {r['speedup']:.2f}x | {r['vs_floor']:.2f}x |")
+        elif "vs_floor" in r:
+            lines.append(f"| {r['tokens']} | {r['method']} | 1.000 | {r['seconds']:.3f} | 1.00x | {r['vs_floor']:.2f}x |")
+        else:
+            lines.append(f"| {r['tokens']} | {r['method']} | 0 | {r['seconds']:.3f} | - | 1.00x |")
     lines += ["", "## Attention op alone (1 x 4 query / 2 kv heads x 64 dims)", "",
               "| tokens | op | density | seconds | speedup vs SDPA causal |", "|---|---|---|---|---|"]
     for r in results["op"]:
