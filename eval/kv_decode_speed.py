@@ -8,7 +8,8 @@ noise falls on all rows alike); tokens/s = 1 / the median step (prefill excluded
 - dense: the unpatched model, transformers' own DynamicCache;
 - floor: the same model whose attention returns the current token's value and which keeps no cache
   (what decoding would cost if attention and its cache cost nothing);
-- each KV method at `--compression`, its cache bytes read from the cache tensors.
+- each KV method at `--compression`, its cache bytes read from the cache tensors; any other method
+  given (linear, lolcats, sliding_window: their decoding caches are a state or a window) as it is.
 Writes decode_speed.json / .md / .png into --out.
 """
 
@@ -42,7 +43,8 @@ def main() -> None:
     contenders, params = {"dense": model, "floor": model}, {}
     for spec in args.methods:  # each method on its own copy, so their steps can alternate
         config = parse_method_spec(spec)
-        if "compression=" not in spec and "budget=" not in spec:
+        takes_compression = "compression" in config.params  # the KV methods; linear, lolcats, windows do not
+        if takes_compression and "compression=" not in spec and "budget=" not in spec:
             config.params["compression"] = args.compression
         contenders[spec] = patch_model(copy.deepcopy(model), config)
         params[spec] = config.params
