@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .reference import repeat_kv
 
 
 def _grouped_sum(weights: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -43,14 +42,28 @@ def _per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def attention_weights(query, key, allowed, scaling: float, softcap: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scaling [softcapped]) over allowed keys, float32, (B, Hq, Lq, L); rows with no
-    key are 0."""
-    scores = torch.matmul(query.float(), repeat_kv(key, query.shape[1] // key.shape[1]).float().transpose(-1, -2))
-    scores = scores * scaling
+    key are 0. Each kv head's query group is folded into the query dim (keys are never repeated)."""
+    b, hq, lq, d = query.shape
+    hkv = key.shape[1]
+    folded = (query.float() * scaling).reshape(b, hkv, (hq // hkv) * lq, d)  # scaled before: Lq x D, not Lq x L
+    scores = torch.matmul(folded, key.float().transpose(-1, -2)).reshape(b, hq, lq, key.shape[-2])
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    if allowed is None:
+        return torch.softmax(scores, dim=-1)
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    # a row with no key is NaN in every column, any other row in none: one column tells
+    if not bool(torch.isnan(weights[..., 0]).any()):
+        return weights
+    return torch.nan_to_num(weights, nan=0.0)
+
+
+def grouped_output(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """weights (B, Hq, Lq, L) @ values (B, Hkv, L, D) per query group, without repeating the values."""
+    b, hq, lq, length = weights.shape
+    hkv = values.shape[1]
+    folded = weights.to(values.dtype).reshape(b, hkv, (hq // hkv) * lq, length)
+    return torch.matmul(folded, values).reshape(b, hq, lq, values.shape[-1])
 
 
 def window_attention_scores(query, key, valid, scaling: float, window: int, softcap: float | None = None,
@@ -86,7 +99,7 @@ def accumulated_attention_scores(query, key, valid, scaling: float, block: int =
         allowed = block_mask(valid, positions, length, query.shape[1], key_positions)
         weights = attention_weights(q_blk, key, allowed, scaling, softcap)
         if values is not None:
-            outputs.append(torch.matmul(weights.to(values.dtype), repeat_kv(values, query.shape[1] // key.shape[1])))
+            outputs.append(grouped_output(weights, values))
         if query_valid is not None:
             weights = weights * query_valid[:, None, start : start + block, None].to(weights.dtype)
         if reduce == "max":
