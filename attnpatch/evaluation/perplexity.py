@@ -62,7 +62,7 @@ def windowed_perplexity(model, input_ids: torch.Tensor, max_length: int = 1024, 
         ids = ids[:max_tokens]
     device = _device(model)
     if warmup:
-        model(input_ids=ids[:max_length].to(device)[None], use_cache=False)
+        model(input_ids=ids[:max_length].to(device)[None], use_cache=False, logits_to_keep=1)
     total_nll, scored, previous_end, windows = 0.0, 0, 0, 0
     begins = list(range(0, max(1, ids.numel() - 1), stride))
     with peak_memory() as mem:
