@@ -9,7 +9,8 @@
    unpatched model's own half-precision error; the matrix's wider bound for discrete-choice methods).
 2. speed on SmolLM2-135M (bfloat16 on CUDA, float32 on CPU): prefill latency and peak memory per
    length for dense SDPA, the attention-free floor and the sparse and linear methods (last logits
-   only), and decode tokens/s after a prefill with every contender's steps alternating in one run.
+   only; the block-sparse methods on both backends, FlexAttention and the torch kernel), and decode
+   tokens/s after a prefill with every contender's steps alternating in one run.
 3. a recipe: a two-stage LoLCATs conversion of a tiny Llama through `accelerate launch` on the device.
 
 Writes report.md, results.json and speed plots into --out (default eval/results/gpu, or
@@ -46,6 +47,8 @@ from attnpatch.evaluation.speed import decode_speed_side_by_side, floor_speed, p
 # float32 on another device: kernels sum in another order (and may use TF32 where allowed)
 FLOAT32_TOLERANCE = 2e-3
 PREFILL_METHODS = ["linear", "sliding_window", "a_shape", "block_topk", "lolcats"]
+# the block-sparse backends side by side: `auto` is FlexAttention on CUDA and the torch kernel elsewhere
+OTHER_BACKEND = {"cuda": ["a_shape:backend=torch", "block_topk:backend=torch"], "cpu": ["block_topk:backend=flex"]}
 DECODE_METHODS = ["linear", "lolcats", "snapkv:compression=0.75", "streaming:compression=0.75"]
 SIZES = {"full": {"lengths": [8192, 32768, 131072], "decode_contexts": [8192, 32768], "new_tokens": 32,
                   "repeats": 2},
@@ -122,7 +125,7 @@ def speed(device: torch.device, sizes: dict) -> dict:
               flush=True)
     except Exception as exc:
         result["errors"]["floor"] = _short_error(exc)
-    for spec in ["dense"] + PREFILL_METHODS:
+    for spec in ["dense"] + PREFILL_METHODS + OTHER_BACKEND.get(device.type, []):
         rows = []
         try:
             if spec != "dense":

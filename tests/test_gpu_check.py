@@ -19,7 +19,8 @@ def test_gpu_check_runs_on_cpu_quick(tmp_path):
     assert result["parity"] and all(row["passed"] for row in result["parity"])
     assert {row["method"] for row in result["parity"]} >= {"linear", "snapkv", "kvzip", "kv_quant", "var"}
     prefill = result["speed"]["prefill"]
-    assert set(prefill) == {"floor", "dense", "linear", "sliding_window", "a_shape", "block_topk", "lolcats"}
+    assert set(prefill) == {"floor", "dense", "linear", "sliding_window", "a_shape", "block_topk", "lolcats",
+                            "block_topk:backend=flex"}
     assert all(len(rows) == 2 for rows in prefill.values()) and not result["speed"]["errors"]
     decode = result["speed"]["decode"]["256"]
     assert decode["floor"]["kv_bytes"] == 0 and 0 < decode["snapkv:compression=0.75"]["kv_bytes"] < decode["dense"]["kv_bytes"]

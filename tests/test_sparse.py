@@ -70,6 +70,54 @@ def test_kernel_equals_naive_under_random_layouts(causal, lq, lk, bs, padded):
     check(q, k, v, layout, causal, padding_mask(lq, lk) if padded else None, softcap=2.0 if padded else None)
 
 
+@pytest.mark.parametrize("causal,lq,lk,bs", [(True, 37, 37, 8), (True, 11, 37, 8), (False, 20, 20, 7),
+                                             (True, 64, 64, 16)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_flex_backend_equals_the_torch_kernel(causal, lq, lk, bs, padded):
+    """The FlexAttention path (BlockMask from the same layout) against the torch kernel, which the
+    test above holds to naive attention: random layouts, left padding, chunked queries, softcap,
+    rows with no visible key (0 in both)."""
+    from attnpatch.ops.block_sparse_flex import flex_block_sparse_attention
+
+    q, k, v = qkv(lq, lk, seed=3)
+    first = (lk - lq) // bs if causal else 0
+    nq = -(-(lq + ((lk - lq) % bs if causal else 0)) // bs)
+    nk = -(-lk // bs)
+    blocks = torch.rand(B, HKV, nq, nk, generator=torch.Generator().manual_seed(2)) < 0.5
+    layout = layout_from_block_mask(blocks, bs, first)
+    mask = padding_mask(lq, lk) if padded else None
+    for softcap in (None, 2.0):
+        expected = block_sparse_attention(q, k, v, layout, mask, causal=causal, scaling=D**-0.5, softcap=softcap)
+        got = flex_block_sparse_attention(q, k, v, layout, mask, causal=causal, scaling=D**-0.5, softcap=softcap)
+        assert (got - expected).abs().max() <= 1e-5, (softcap, (got - expected).abs().max())
+    extra = torch.full((B, HKV, nq, 1), 0)
+    with pytest.raises(ValueError, match="extra keys"):
+        flex_block_sparse_attention(q, k, v, layout_from_block_mask(blocks, bs, first, extra_keys=extra), mask,
+                                    causal=causal, scaling=D**-0.5)
+
+
+@pytest.mark.parametrize("method", ["block_topk", "a_shape", "bigbird"])
+def test_flex_backend_on_a_model(method):
+    """backend='flex' runs FlexAttention (recorded per call) and gives the torch kernel's logits on a
+    left-padded batch; vertical_slash (single extra keys) refuses it by name."""
+    from attnpatch import patched_methods
+
+    model = tm.build("llama")
+    ids, mask = tm.text_batch(length=40, left_pad=3)
+    params = {"block_topk": {"top_k": 1}, "a_shape": {"local_blocks": 1}, "bigbird": {"random_blocks": 1}}[method]
+    outputs = {}
+    for backend in ("torch", "flex"):
+        patch_model(model, method, block_size=8, backend=backend, **params)
+        with torch.no_grad():
+            outputs[backend] = model(input_ids=ids, attention_mask=mask).logits
+        assert {m.last_backend for m in patched_methods(model)} == {backend}
+        unpatch_model(model)
+    real = mask.bool()
+    assert (outputs["flex"][real] - outputs["torch"][real]).abs().max() <= 1e-4
+    with pytest.raises(PatchError, match="FlexAttention"):
+        patch_model(model, "vertical_slash", backend="flex")
+
+
 def test_every_block_kept_is_dense_attention():
     q, k, v = qkv(50, 50)
     for causal in (True, False):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from ...ops.sparse_patterns import a_shape
 from ..base import ParamSpec
-from .base import BLOCK_SIZE, BlockSparseMethod
+from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
 
 
 class AShapeAttention(BlockSparseMethod):
     name = "a_shape"
     summary = ("Sinks + local window at block granularity (MInference's A-shape): each query block computes the "
                "first `sink_blocks` key blocks and its `local_blocks` nearest ones, nothing else.")
-    params = (BLOCK_SIZE,
+    params = (BLOCK_SIZE, BACKEND,
               ParamSpec("sink_blocks", int, 1, "initial key blocks every query block computes", low=0),
               ParamSpec("local_blocks", int, 4, "nearest key blocks (the diagonal included)", low=1))
 

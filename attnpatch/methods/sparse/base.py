@@ -6,18 +6,25 @@ from __future__ import annotations
 
 from ...errors import PatchError
 from ...ops.block_sparse import block_sparse_attention
+from ...ops.block_sparse_flex import flex_available, flex_block_sparse_attention
 from ...runtime.exact import exact_attention
 from ..base import Method, ParamSpec
 
 BLOCK_SIZE = ParamSpec("block_size", int, 64, "tokens per query and key block", low=1, high=8192)
+BACKEND = ParamSpec("backend", str, "auto", "kernel for the kept blocks: 'torch' (gathers the kept keys, "
+                    "chunked SDPA-style math; the CPU default), 'flex' (PyTorch FlexAttention with a block mask; "
+                    "compiled on CUDA), 'auto' (flex on CUDA when the layout allows it, else torch)",
+                    choices=("auto", "torch", "flex"))
 
 
 
 
 class BlockSparseMethod(Method):
     family = "sparse"
-    params = (BLOCK_SIZE,)
+    params = (BLOCK_SIZE, BACKEND)
+    extra_keys = False  # layouts with single extra keys (vertical_slash) have no FlexAttention form
     last_density: float | None = None  # computed / dense key blocks of the latest sparse call
+    last_backend: str | None = None  # the kernel the latest sparse call ran ("torch" or "flex")
 
     def layout(self, call):
         raise NotImplementedError
@@ -35,8 +42,24 @@ class BlockSparseMethod(Method):
             return exact_attention(call)
         layout = self.layout(call)
         self.last_density = layout.density(lk, call.causal)  # for benchmarks: fraction of blocks computed
+        backend = self.config.get("backend", "torch")
+        if backend == "flex" or (backend == "auto" and call.query.is_cuda and not self.extra_keys and flex_available()):
+            self.last_backend = "flex"
+            return flex_block_sparse_attention(call.query, call.key, call.value, layout, call.mask,
+                                               causal=call.causal, scaling=call.scaling, softcap=call.softcap)
+        self.last_backend = "torch"
         return block_sparse_attention(call.query, call.key, call.value, layout, call.mask,
                                       causal=call.causal, scaling=call.scaling, softcap=call.softcap)
+
+    @classmethod
+    def check_params(cls, params):
+        if params.get("backend") == "flex":
+            if cls.extra_keys:
+                raise PatchError(f"{cls.name} keeps single key tokens that a FlexAttention block mask cannot "
+                                 "express: use backend='torch' or 'auto' (auto keeps it on the torch kernel)")
+            if not flex_available():
+                raise PatchError("backend='flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5); "
+                                 "use backend='torch'")
 
     def check_site(self, site) -> None:  # per-kv-head list parameters must match the layer
         for spec in self.params:

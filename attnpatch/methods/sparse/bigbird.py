@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from ...ops.sparse_patterns import bigbird
 from ..base import ParamSpec
-from .base import BLOCK_SIZE, BlockSparseMethod
+from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
 
 
 class BigBirdAttention(BlockSparseMethod):
     name = "bigbird"
     summary = ("BigBird: a window of key blocks, global blocks (the first ones, as keys and as queries) and random "
                "blocks per query block and kv head, drawn from a seed (fixed per layer).")
-    params = (BLOCK_SIZE,
+    params = (BLOCK_SIZE, BACKEND,
               ParamSpec("window_blocks", int, 1, "key blocks on each side of the diagonal (causal: before it)", low=0),
               ParamSpec("global_blocks", int, 1, "first blocks that attend and are attended everywhere", low=0),
               ParamSpec("random_blocks", int, 2, "random key blocks per query block", low=0),

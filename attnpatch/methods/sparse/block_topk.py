@@ -7,7 +7,7 @@ import torch
 from ...ops.sparse_patterns import block_topk, block_topk_recall
 from ...runtime.exact import exact_attention
 from ..base import ParamSpec
-from .base import BLOCK_SIZE, BlockSparseMethod
+from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
 
 
 class BlockTopKAttention(BlockSparseMethod):
@@ -15,7 +15,7 @@ class BlockTopKAttention(BlockSparseMethod):
     summary = ("Training-free block top-k (Quest / MoBA style): key blocks are scored by every query of a query "
                "block against pooled keys (mean, or Quest's max/min bound), and each query block computes its "
                "`top_k` best blocks plus its local block(s). Per-kv-head budgets with `head_top_k`.")
-    params = (BLOCK_SIZE,
+    params = (BLOCK_SIZE, BACKEND,
               ParamSpec("top_k", int, 8, "key blocks chosen per query block, besides the local and sink blocks", low=0),
               ParamSpec("pooling", str, "mean", "key-block summary used for scoring", choices=("mean", "maxmin")),
               ParamSpec("local_blocks", int, 1, "nearest key blocks always computed", low=1),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...ops.sparse_patterns import vertical_slash
 from ..base import ParamSpec
-from .base import BLOCK_SIZE, BlockSparseMethod
+from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
 
 
 class VerticalSlashAttention(BlockSparseMethod):
@@ -13,7 +13,8 @@ class VerticalSlashAttention(BlockSparseMethod):
     summary = ("MInference's vertical-slash pattern: the last `last_q` queries' attention picks per kv head the "
                "`vertical` most attended key columns and the `slash` most attended diagonals; columns are computed "
                "as single keys, diagonals as the blocks their band crosses.")
-    params = (BLOCK_SIZE,
+    extra_keys = True
+    params = (BLOCK_SIZE, BACKEND,
               ParamSpec("vertical", int, 256, "key columns kept per kv head", low=0),
               ParamSpec("slash", int, 8, "diagonals kept per kv head (the main one always)", low=1),
               ParamSpec("last_q", int, 64, "newest queries used to estimate the pattern", low=1))

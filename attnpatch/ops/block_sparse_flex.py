@@ -1,0 +1,104 @@
+"""Block-sparse attention through PyTorch's FlexAttention: the same `BlockLayout` turned into a
+FlexAttention `BlockMask`, so that on a GPU the fused kernel skips the unkept blocks.
+
+Same contract as `block_sparse.block_sparse_attention` (absolute block alignment, bottom-right
+causality, the model's boolean mask, softcap, rows with no visible key are 0). Single extra key
+tokens (`extra_keys`, vertical_slash's columns) have no block-mask form: such layouts raise, and
+the method's `auto` backend keeps them on the torch path. On CUDA the kernel is compiled once per
+process (`torch.compile`); elsewhere FlexAttention runs eagerly, which is correct but slow: that
+is for parity tests, not speed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .block_sparse import BlockLayout, grid
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _kv_block_lists(layout: BlockLayout, batch: int, heads: int, groups: int):
+    """kv_num_blocks (B, Hq, nQ) and kv_indices (B, Hq, nQ, nK) int32: each row's kept blocks, ascending."""
+    blocks = layout.kv_blocks
+    if blocks.shape[1] > 1:  # per kv head: each query head of a group uses its kv head's layout
+        blocks = blocks.repeat_interleave(groups, dim=1)
+    blocks = blocks.expand(batch, heads, *blocks.shape[2:])
+    unused = torch.iinfo(blocks.dtype).max
+    ordered = torch.where(blocks < 0, unused, blocks).sort(dim=-1).values
+    counts = (ordered != unused).sum(-1).to(torch.int32)
+    indices = torch.where(ordered == unused, 0, ordered).to(torch.int32)
+    width = layout.num_key_blocks
+    if indices.shape[-1] < width:
+        indices = torch.nn.functional.pad(indices, (0, width - indices.shape[-1]))
+    return counts.contiguous(), indices[..., :width].contiguous()
+
+
+def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout,
+                                mask: torch.Tensor | None = None, *, causal: bool, scaling: float,
+                                softcap: float | None = None) -> torch.Tensor:
+    """query (B, Hq, Lq, D); key/value (B, Hkv, Lk, D); mask boolean broadcastable to (B, Hq|1, Lq, Lk)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if layout.extra_keys is not None and bool((layout.extra_keys >= 0).any()):
+        raise ValueError("FlexAttention block masks cannot express single extra keys (extra_keys); "
+                         "use the torch block-sparse path for this layout")
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    groups, bs = hq // hkv, layout.block_size
+    first, pad, nq, nk = grid(lq, lk, bs, causal)
+    if (first, nq) != (layout.first_block, layout.num_query_blocks):
+        raise ValueError(f"layout covers query blocks {layout.first_block}..+{layout.num_query_blocks}, "
+                         f"the call needs {first}..+{nq}")
+    # queries padded at the front so that query block r starts at absolute block first + r; keys
+    # padded to whole blocks (the padding is masked below)
+    q = torch.nn.functional.pad(query, (0, 0, pad, nq * bs - lq - pad))
+    k = torch.nn.functional.pad(key, (0, 0, 0, nk * bs - lk))
+    v = torch.nn.functional.pad(value, (0, 0, 0, nk * bs - lk))
+    offset = first * bs  # absolute position of padded query 0
+    if mask is not None:
+        mask = mask.expand(mask.shape[0], mask.shape[1], lq, lk)
+        per_batch, per_head = mask.shape[0] > 1, mask.shape[1] > 1
+
+    counts, indices = _kv_block_lists(layout, b, hq, groups)
+    # the mask_mod is exact on its own (eager FlexAttention applies only it; kernels use the block
+    # lists to skip blocks): the layout's blocks, causality, the key padding, the model's mask
+    kept = torch.zeros(b, hq, nq, nk + 1, dtype=torch.bool, device=query.device)
+    kept.scatter_(-1, torch.where(torch.arange(indices.shape[-1], device=query.device) < counts[..., None],
+                                  indices.long(), nk), True)
+    kept = kept[..., :nk]
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        keep = (kv_idx < lk) & kept[batch, head, q_idx // bs, (kv_idx // bs).clamp(max=nk - 1)]
+        if causal:
+            keep = keep & (q_idx + offset >= kv_idx)
+        if mask is not None:
+            row = (q_idx - pad).clamp(0, lq - 1)
+            seen = mask[batch if per_batch else 0, head if per_head else 0, row, kv_idx.clamp(max=lk - 1)]
+            keep = keep & seen
+        return keep
+
+    block_mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=bs, mask_mod=mask_mod,
+                                          seq_lengths=(nq * bs, nk * bs))
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, batch, head, q_idx, kv_idx):
+            return torch.tanh(score / softcap) * softcap
+    attend = _compiled_flex() if query.is_cuda else flex_attention
+    out = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
+    return out[:, :, pad:pad + lq]
