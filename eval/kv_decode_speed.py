@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -36,7 +37,10 @@ def main() -> None:
     parser.add_argument("--compression", type=float, default=0.75)
     parser.add_argument("--methods", nargs="+", default=["snapkv", "keydiff", "tova", "streaming"])
     parser.add_argument("--out", type=Path, default=Path("eval/results/kv-decode-speed"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, _ = load_default_model()
     model.eval()
@@ -65,7 +69,7 @@ def main() -> None:
 
 def write(rows, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"environment": environment(0), "compression": args.compression, "new_tokens": args.new_tokens, "rows": rows}
+    result = {"command": " ".join(["python", *sys.argv]), "environment": environment(0), "compression": args.compression, "new_tokens": args.new_tokens, "rows": rows}
     (args.out / "decode_speed.json").write_text(json.dumps(result, indent=1))
     lines = [f"Decode tokens/s after a prefill of each context (greedy, {args.new_tokens} tokens, prefill excluded), "
              f"KV methods at compression {args.compression}; the rows' steps alternate in one run, tokens/s = 1 / median step.", "",
@@ -90,7 +94,7 @@ def plot(rows, path: Path) -> None:
         ax.plot([r["prompt_tokens"] for r in mine], [r["decode_tokens_per_s"] for r in mine],
                 "o--" if method in ("dense", "floor") else "o-", label=method)
     ax.set(xscale="log", yscale="log", xlabel="context before decoding (tokens)", ylabel="decode tokens / s",
-           title="SmolLM2-135M decode speed, 2 CPU threads")
+           title=f"SmolLM2-135M decode speed, {torch.get_num_threads()} CPU thread(s)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
