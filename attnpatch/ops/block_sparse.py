@@ -72,6 +72,15 @@ def grid(lq: int, lk: int, block_size: int, causal: bool) -> tuple[int, int, int
     return first, pad, math.ceil((lq + pad) / block_size), math.ceil(lk / block_size)
 
 
+def layout_grid(layout: BlockLayout, lq: int, lk: int, causal: bool) -> tuple[int, int, int, int]:
+    """`grid` of a call, checked against the layout made for it."""
+    first, pad, nq, nk = grid(lq, lk, layout.block_size, causal)
+    if (first, nq) != (layout.first_block, layout.num_query_blocks):
+        raise ValueError(f"layout covers query blocks {layout.first_block}..+{layout.num_query_blocks}, "
+                         f"the call needs {first}..+{nq}")
+    return first, pad, nq, nk
+
+
 def query_block_positions(layout: BlockLayout, device) -> torch.Tensor:
     """(nQ, bs) absolute positions of each query block's rows (front padding included)."""
     bs = layout.block_size
@@ -160,10 +169,7 @@ def block_sparse_attention(
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     groups, bs = hq // hkv, layout.block_size
-    first, pad, nq, _ = grid(lq, lk, bs, causal)
-    if (first, nq) != (layout.first_block, layout.num_query_blocks):
-        raise ValueError(f"layout covers query blocks {layout.first_block}..+{layout.num_query_blocks}, "
-                         f"the call needs {first}..+{nq}")
+    first, pad, nq, _ = layout_grid(layout, lq, lk, causal)
     device = query.device
     # queries grouped per kv head: (B*Hkv*nQ, groups * bs, D), padded at the front to the grid
     padded = torch.nn.functional.pad(query, (0, 0, pad, nq * bs - lq - pad))

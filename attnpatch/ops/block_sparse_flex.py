@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from .block_sparse import BlockLayout, grid
+from .block_sparse import BlockLayout, layout_grid
 
 
 def flex_available() -> bool:
@@ -49,6 +49,12 @@ def _kv_block_lists(layout: BlockLayout, batch: int, heads: int, groups: int):
     return counts.contiguous(), indices[..., :width].contiguous()
 
 
+def _softcapped(softcap: float):
+    def score_mod(score, batch, head, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+    return score_mod
+
+
 def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout,
                                 mask: torch.Tensor | None = None, *, causal: bool, scaling: float,
                                 softcap: float | None = None) -> torch.Tensor:
@@ -61,10 +67,7 @@ def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     groups, bs = hq // hkv, layout.block_size
-    first, pad, nq, nk = grid(lq, lk, bs, causal)
-    if (first, nq) != (layout.first_block, layout.num_query_blocks):
-        raise ValueError(f"layout covers query blocks {layout.first_block}..+{layout.num_query_blocks}, "
-                         f"the call needs {first}..+{nq}")
+    first, pad, nq, nk = layout_grid(layout, lq, lk, causal)
     # queries padded at the front so that query block r starts at absolute block first + r; keys
     # padded to whole blocks (the padding is masked below)
     q = torch.nn.functional.pad(query, (0, 0, pad, nq * bs - lq - pad))
@@ -95,10 +98,7 @@ def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
 
     block_mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=bs, mask_mod=mask_mod,
                                           seq_lengths=(nq * bs, nk * bs))
-    score_mod = None
-    if softcap is not None:
-        def score_mod(score, batch, head, q_idx, kv_idx):
-            return torch.tanh(score / softcap) * softcap
+    score_mod = None if softcap is None else _softcapped(softcap)
     attend = _compiled_flex() if query.is_cuda else flex_attention
     out = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
     return out[:, :, pad:pad + lq]
