@@ -222,13 +222,18 @@ def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Ten
     # one pass of few ops: a decoding step runs this once per layer and per token
     oldest = torch.where(valid, positions, torch.iinfo(positions.dtype).max).amin(-1, keepdim=True)
     candidates = valid & (positions >= oldest + sinks) & (positions <= newest - recent.to(valid.device)[:, None, None])
+    every_row_frees = bool((excess == most).all())
+    if most == 1 and every_row_frees:  # the usual step: one new token, one eviction per row
+        # NaN scores are taken first by argmin (as -inf would be); a row whose lowest is +inf has no
+        # candidate: the forced entries alone are over budget
+        key = torch.where(candidates, scores, float("inf"))
+        lowest = key.argmin(-1, keepdim=True)
+        if bool(torch.isinf(key.gather(-1, lowest)).any()):
+            return None
+        return valid.scatter(-1, lowest, False), lowest
     if bool((candidates.sum(-1) < excess).any()):
         return None
     key = torch.where(candidates, torch.nan_to_num(scores.float(), nan=float("-inf")), float("inf"))
-    every_row_frees = bool((excess == most).all())
-    if most == 1 and every_row_frees:  # the usual step: one new token, one eviction per row
-        lowest = key.argmin(-1, keepdim=True)
-        return valid.scatter(-1, lowest, False), lowest
     lowest = torch.topk(key, most, dim=-1, largest=False).indices
     drop = torch.arange(most, device=valid.device) < excess[..., None]
     kept = valid & ~torch.zeros_like(valid).scatter_(-1, lowest, drop)

@@ -37,7 +37,7 @@ def one_query_attention(query, key, value, valid: torch.Tensor | None, scaling: 
         mask = None if valid is None else valid[:, :, None, :]
         out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
         return out.reshape(b, hq, 1, d), None
-    scores = torch.matmul(folded.float(), key.float().transpose(-1, -2)) * scaling
+    scores = torch.matmul(folded.float() * scaling, key.float().transpose(-1, -2))  # scaled on the small side
     if valid is not None:
         scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
     weights = torch.softmax(scores, dim=-1)

@@ -126,10 +126,10 @@ class KVCompressionMethod(KVCacheMethod):
             return out
         layer.pending = 0
         # the tokens of this step are never evicted in it (nor the budget below them)
-        budget = layer.budget if prefill else torch.clamp(layer.budget, min=lq)
-        recent = self.recent(layer.budget)
-        if not prefill:
-            recent = torch.clamp(torch.as_tensor(recent, device=budget.device).expand_as(budget), min=lq)
+        if prefill:
+            budget, recent = layer.budget, self.recent(layer.budget)
+        else:
+            budget, recent = self._step_limits(layer, lq)
         adaptive = self.config.get("head_adaptive")
         if prefill:
             if layer.stored_tokens > int(budget.max()) or bool((layer.valid.sum(-1) > budget[:, None]).any()):
@@ -146,6 +146,19 @@ class KVCompressionMethod(KVCacheMethod):
                                   positions=layer.positions, head_adaptive=adaptive), None
         layer.evict(*evicted)  # free the evicted slots in place; the next tokens are written there
         return out
+
+    def _step_limits(self, layer: CompressedKVLayer, lq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A held step's budget and recent window, at least the step's own tokens; reused while the
+        layer's budget tensor stays the same (every step of a held cache). Kept on the method, not the
+        cache, so the cache's bytes stay exactly its own."""
+        cached = getattr(self, "_step_limits_cache", None)
+        if cached is not None and cached[0] is layer.budget and cached[1] == lq:
+            return cached[2], cached[3]
+        budget = torch.clamp(layer.budget, min=lq)
+        recent = torch.as_tensor(self.recent(layer.budget), device=budget.device)
+        recent = torch.clamp(recent.expand_as(budget), min=lq)
+        self._step_limits_cache = (layer.budget, lq, budget, recent)
+        return budget, recent
 
     def _scores(self, call, layer: CompressedKVLayer, prefill: bool, attention: torch.Tensor | None = None) -> torch.Tensor:
         """The scorer's scores, with the attention mass it asked for (given, or computed in query

@@ -43,6 +43,7 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         self.headroom = True  # grow buffers with spare slots (a cache that only holds needs none)
         self.decode = None  # "grow" for a compressed context: its method's decode policy is overridden
         self.pending = 0  # decoding steps since the last eviction (a method may evict every few steps)
+        self._valid_before_evict = False
 
     # --- the views: the first `length` slots of each buffer
     def _view(self, name):
@@ -102,9 +103,12 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         device = key_states.device
         new_positions = torch.arange(self.seen_tokens, self.seen_tokens + n, device=device, dtype=torch.int32)
         self.seen_tokens += n
+        refilled = False
         if self.freed is not None and self.freed.shape[-1] >= n:  # the slots the last eviction freed
             slots, rest = self.freed[..., :n], self.freed[..., n:]
             self.freed = rest if rest.shape[-1] else None
+            # every slot was valid before that eviction and all it freed are written again now
+            refilled = self.freed is None and self._valid_before_evict
         elif not self.all_valid() and bool(((~self.valid).sum(-1) >= n).all()):  # every row has free slots
             order = torch.arange(self.length, device=device) / (self.length + 1)
             slots = torch.topk((~self.valid).to(torch.float32) - order, n, dim=-1).indices.sort(dim=-1).values
@@ -127,6 +131,7 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         if self._storage["scores"] is not None:
             self.scores.scatter_(2, slots, 0.0)
         self.new_slots = slots
+        self._all_valid = refilled
         return self.keys, self.values
 
     def mark_new_padding(self, new_valid: torch.Tensor) -> None:
@@ -153,6 +158,7 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
     def evict(self, kept: torch.Tensor, freed: torch.Tensor | None = None) -> None:
         """Free every entry not in `kept` (B, Hkv, length) in place: its slot is reused by the next token.
         `freed` (B, Hkv, e): the freed slots when every row freed the same number (found faster then)."""
+        self._valid_before_evict = self._all_valid
         self.valid &= kept  # (through the setter: the all-valid flag is reset)
         self.freed = freed
 
