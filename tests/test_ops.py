@@ -119,9 +119,10 @@ def test_sliding_window_equals_masked_dense(causal, window, sinks, lq, lk):
     q, k, v = qkv(lq, lk)
     pad = torch.ones(B, 1, lq, lk, dtype=torch.bool)
     pad[0, ..., :3] = False  # left padding on sequence 0
-    out = sliding_window_attention(q, k, v, pad, window=window, sinks=sinks, causal=causal, block_size=6)
-    ref = naive_attention(q, k, v, pad, causal=causal, window=window, sinks=sinks)
-    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    for mask in (pad, None):  # the model's mask (padding rows), and none (one shared block mask)
+        out = sliding_window_attention(q, k, v, mask, window=window, sinks=sinks, causal=causal, block_size=6)
+        ref = naive_attention(q, k, v, mask, causal=causal, window=window, sinks=sinks)
+        assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
 
 
 def test_sliding_window_softcap_and_full_window_is_dense():
