@@ -103,7 +103,7 @@ def test_failed_patch_leaves_model_untouched():
 def test_patch_config_json_round_trip_and_validation():
     config = PatchConfig("sliding_window", {"window": 64}, layers=[0, -1], layer_params={0: {"sinks": 4}},
                          towers=["language_model"]).validated()
-    assert config.params == {"window": 64, "sinks": 0, "block_size": 128}
+    assert config.params == {"window": 64, "sinks": 0, "block_size": 64}
     again = PatchConfig.from_json(config.to_json())
     assert again == config
     assert json.loads(config.to_json())["layer_params"] == {"0": {"sinks": 4}}

@@ -39,7 +39,7 @@ def sliding_window_attention(
     softcap: float | None = None,
     dropout: float = 0.0,
     training: bool = False,
-    block_size: int = 128,
+    block_size: int = 64,
 ) -> torch.Tensor:
     lq, lk = query.shape[-2], key.shape[-2]
     device = query.device

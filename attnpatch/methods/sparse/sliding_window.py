@@ -21,7 +21,9 @@ class SlidingWindowAttention(Method):
     params = (
         ParamSpec("window", int, 256, "keys in the local window", low=1),
         ParamSpec("sinks", int, 0, "initial tokens every query also sees (attention sinks)", low=0),
-        ParamSpec("block_size", int, 128, "queries processed together", low=1, high=65536),
+        ParamSpec("block_size", int, 64, "queries processed together (each block gathers window + block_size keys: "
+                  "64 measured 1.10x the attention-free floor at 16k tokens with window 256, 128 gave 1.22x)",
+                  low=1, high=65536),
     )
 
     def new_cache_layer(self, sliding_window=None):  # every kv head streams: the duo_heads store with no retrieval head
