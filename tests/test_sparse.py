@@ -263,8 +263,8 @@ def test_generate_decodes_through_a_dense_cache(method):
     assert out.shape == dense.shape  # sparse prefill, exact dense decoding steps
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral"])
-def test_sliding_window_decodes_from_a_cache_of_sinks_and_window(name):
+@pytest.mark.parametrize("name,left_pad", [("llama", 3), ("mistral", 3), ("llama", 0)])
+def test_sliding_window_decodes_from_a_cache_of_sinks_and_window(name, left_pad):
     """Decoding keeps only each row's sinks and newest window - 1 tokens (the duo_heads store with
     every head streaming), exactly: every step's logits equal a cache-free forward of the whole
     sequence so far, on a left-padded batch (Mistral: under the model's own sliding window too)."""
@@ -275,7 +275,7 @@ def test_sliding_window_decodes_from_a_cache_of_sinks_and_window(name):
 
     model = tm.build(name)
     patch_model(model, "sliding_window", window=5, sinks=2)
-    ids, mask = tm.text_batch(length=20, left_pad=3)
+    ids, mask = tm.text_batch(length=20, left_pad=left_pad)
     follow = torch.randint(3, tm.V - 2, (2, 6), generator=torch.Generator().manual_seed(4))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():

@@ -131,9 +131,14 @@ def window_cache_attention(call, layer: DuoHeadLayer, sinks: int, window: int, a
         if all_valid or pads is None:
             return windowed(whole)
         return run_rows_without_padding(windowed, whole, pads)
-    rank = valid_rank(layer.valid)  # (B, L) rank of each position among real tokens
-    k_rank, q_rank = rank[:, positions][:, None, :], rank[:, -lq:][:, :, None]
-    allowed = (k_rank <= q_rank) & ((k_rank < sinks) | (q_rank - k_rank < window)) & valid[:, None, :]
+    if all_valid:  # no padding: a position is its own rank among real tokens (no pass over the sequence)
+        k_rank = positions[None, None, :]
+        q_rank = torch.arange(layer.seen_tokens - lq, layer.seen_tokens, device=positions.device)[None, :, None]
+        allowed = (k_rank <= q_rank) & ((k_rank < sinks) | (q_rank - k_rank < window))
+    else:
+        rank = valid_rank(layer.valid)  # (B, L) rank of each position among real tokens
+        k_rank, q_rank = rank[:, positions][:, None, :], rank[:, -lq:][:, :, None]
+        allowed = (k_rank <= q_rank) & ((k_rank < sinks) | (q_rank - k_rank < window)) & valid[:, None, :]
     if layer.sliding_window is not None:  # the model's own window, in absolute positions as its mask counts
         q_positions = torch.arange(layer.seen_tokens - lq, layer.seen_tokens, device=positions.device)
         allowed = allowed & ((q_positions[:, None] - positions[None, :]) < layer.sliding_window)[None]
