@@ -44,10 +44,6 @@ def attention_free(model: nn.Module):
         model.set_attn_implementation(previous)
 
 
-def is_floor(model: nn.Module) -> bool:
-    return getattr(model.config, "_attn_implementation", None) == FLOOR_IMPLEMENTATION
-
-
 @torch.no_grad()
 def floor_step(model: nn.Module, token: torch.Tensor, position: int) -> torch.Tensor:
     """One decoding step of the floor at `position` (no cache): the logits of the last token."""

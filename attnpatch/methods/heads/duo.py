@@ -92,7 +92,7 @@ class DuoHeads(Method):
     def _attend_cached(self, call, layer: DuoHeadLayer, out: torch.Tensor) -> None:
         lq = call.query.shape[-2]
         if call.mask is not None:  # padding among the new tokens
-            layer.valid[:, -lq:] &= call.mask[..., -lq:].any(dim=-2).any(dim=1).expand(layer.valid.shape[0], -1)
+            layer.mark_new_padding(call.mask[..., -lq:].any(dim=-2).any(dim=1))
         all_valid = bool(layer.valid.all())
         groups = call.kv_groups
         if self.retrieval:
@@ -118,7 +118,6 @@ def window_cache_attention(call, layer: DuoHeadLayer, sinks: int, window: int, a
     lq = call.query.shape[-2]
     positions = layer.stream_positions
     all_valid = bool(layer.valid.all()) if all_valid is None else all_valid
-    valid = layer.valid[:, positions]
 
     def windowed(c):
         return sliding_window_attention(c.query, c.key, c.value, c.mask, window=window, sinks=sinks, causal=True,
@@ -131,16 +130,16 @@ def window_cache_attention(call, layer: DuoHeadLayer, sinks: int, window: int, a
         if all_valid or pads is None:
             return windowed(whole)
         return run_rows_without_padding(windowed, whole, pads)
+    q_positions = torch.arange(layer.seen_tokens - lq, layer.seen_tokens, device=positions.device)
     if all_valid:  # no padding: a position is its own rank among real tokens (no pass over the sequence)
-        k_rank = positions[None, None, :]
-        q_rank = torch.arange(layer.seen_tokens - lq, layer.seen_tokens, device=positions.device)[None, :, None]
+        k_rank, q_rank = positions[None, None, :], q_positions[None, :, None]
         allowed = (k_rank <= q_rank) & ((k_rank < sinks) | (q_rank - k_rank < window))
     else:
         rank = valid_rank(layer.valid)  # (B, L) rank of each position among real tokens
         k_rank, q_rank = rank[:, positions][:, None, :], rank[:, -lq:][:, :, None]
-        allowed = (k_rank <= q_rank) & ((k_rank < sinks) | (q_rank - k_rank < window)) & valid[:, None, :]
+        allowed = (k_rank <= q_rank) & ((k_rank < sinks) | (q_rank - k_rank < window))
+        allowed = allowed & layer.valid[:, positions][:, None, :]
     if layer.sliding_window is not None:  # the model's own window, in absolute positions as its mask counts
-        q_positions = torch.arange(layer.seen_tokens - lq, layer.seen_tokens, device=positions.device)
         allowed = allowed & ((q_positions[:, None] - positions[None, :]) < layer.sliding_window)[None]
     sub = dataclasses.replace(call, key=layer.stream_keys, value=layer.stream_values, mask=None, causal=True)
     return sdpa_attention(sub, allowed[:, None], False)

@@ -38,7 +38,7 @@ class SlidingWindowAttention(Method):
         if isinstance(layer, DuoHeadLayer):
             if call.mask is not None:  # padding among the new tokens
                 lq = call.query.shape[-2]
-                layer.valid[:, -lq:] &= call.mask[..., -lq:].any(dim=-2).any(dim=1).expand(layer.valid.shape[0], -1)
+                layer.mark_new_padding(call.mask[..., -lq:].any(dim=-2).any(dim=1))
             out = window_cache_attention(call, layer, self.config["sinks"], self.config["window"])
             layer.trim()
             return out

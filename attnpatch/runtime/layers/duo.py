@@ -51,6 +51,10 @@ class DuoHeadLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         self.seen_tokens += n
         return key_states, value_states
 
+    def mark_new_padding(self, new_valid: torch.Tensor) -> None:
+        """new_valid (B or 1, n): which of the tokens of the last update are real (padding is not)."""
+        self.valid[:, -new_valid.shape[-1]:] &= new_valid.expand(self.valid.shape[0], -1)
+
     def trim(self) -> None:
         """Streaming heads keep the sinks and the newest window - 1 tokens (what the next query sees).
         A left-padded sequence's sinks are its first real tokens: every sequence's are kept."""
