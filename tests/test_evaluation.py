@@ -274,3 +274,15 @@ def test_decode_speed_side_by_side_measures_every_contender():
     assert set(rows) == {"dense", "floor", "streaming"}
     assert rows["floor"]["kv_bytes"] == 0 and 0 < rows["streaming"]["kv_bytes"] < rows["dense"]["kv_bytes"]
     assert all(r["decode_tokens_per_s"] > 0 and r["new_tokens"] == 4 for r in rows.values())
+
+
+def test_peak_memory_sees_a_short_lived_allocation():
+    from attnpatch.evaluation.memory import peak_memory
+
+    with peak_memory() as held:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed before the block ends
+        del block
+    assert 60 * 2**20 <= held["bytes"] <= 200 * 2**20
+    with peak_memory() as idle:
+        pass
+    assert idle["bytes"] < 16 * 2**20

@@ -48,6 +48,33 @@ def test_hybrid_equals_quadratic_definition(fmap, causal, window, block):
     assert torch.where(real, (out.double() - ref).abs(), 0.0).max() <= 1e-5
 
 
+@pytest.mark.parametrize("window,block", [(5, 4), (9, 4), (3, 8)])
+def test_prefill_segments_state_and_gradients_match_the_definition(monkeypatch, window, block):
+    import attnpatch.ops.hybrid as hybrid_ops
+
+    monkeypatch.setattr(hybrid_ops, "_SEGMENT_BYTES", 1)  # one chunk per segment: the segment loop runs
+    q, k, v, gate = inputs(30)
+    fq, fk = features("hedgehog", q, k)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, fq, fk, gate)]
+    valid = torch.ones(B, 30, dtype=torch.bool)
+    valid[1, :3] = False
+    out, state = hybrid_attention(*leaves, window=window, scaling=D**-0.5, key_valid=valid, block_size=block)
+    ref = naive_hybrid_attention(*leaves, window=window, scaling=D**-0.5, key_valid=valid)
+    real = torch.ones(B, 1, 30, 1, dtype=torch.bool)
+    real[1, :, :3] = False
+    assert torch.where(real, (out.double() - ref).abs(), 0.0).max() <= 1e-5
+    assert out.stride(2) == HQ * D and out.stride(1) == D  # written in the model's (B, L, H, D) layout
+    # the carried state is every valid key but the last window - 1
+    kept = 30 - (window - 1)
+    fk_valid = leaves[4].detach() * valid[:, None, :, None]
+    assert torch.allclose(state.kv, fk_valid[..., :kept, :].transpose(-1, -2) @ v[..., :kept, :], atol=1e-4)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)) * real
+    grads = torch.autograd.grad((out * weights).sum(), leaves, retain_graph=True)
+    expected = torch.autograd.grad((ref * weights.double()).sum(), leaves)
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
 def test_window_covering_everything_is_softmax():
     from attnpatch.ops.reference import naive_attention
 

@@ -75,6 +75,29 @@ def test_causal_linear_padding_prefix_and_state_continuation(name):
     assert st.kv.shape == (B, HKV, fk.shape[-1], D)  # fixed size, independent of length
 
 
+def test_causal_linear_segments_chunked_continuation_and_gradients(monkeypatch):
+    from attnpatch.ops import linear as linear_ops
+
+    monkeypatch.setattr(linear_ops, "_SEGMENT_BYTES", 1)  # one chunk per segment: the segment loop runs
+    q, k, v = (t.requires_grad_() for t in qkv(37))
+    fq, fk = EluFeatureMap()(q, True), EluFeatureMap()(k, False)
+    out, state = causal_linear_attention(fq, fk, v, chunk_size=4)
+    ref = naive_linear_attention(fq, fk, v, causal=True)
+    assert out.stride(1) == D  # a (B, L, H, D) tensor seen as (B, H, L, D): the model's layout, no copy
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    # a prefill of 16 tokens, then 21 more continuing from its state, equals the one prefill
+    first, mid = causal_linear_attention(fq[:, :, :16], fk[:, :, :16], v[:, :, :16], chunk_size=4)
+    second, end = causal_linear_attention(fq[:, :, 16:], fk[:, :, 16:], v[:, :, 16:], state=mid, chunk_size=4)
+    assert torch.allclose(torch.cat([first, second], dim=-2).double(), ref, atol=1e-5)
+    assert torch.allclose(end.kv, state.kv, atol=1e-4)
+    # gradients through the in-place chunk arithmetic equal the quadratic reference's
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v), retain_graph=True)
+    expected = torch.autograd.grad((ref * weights.double()).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
 @pytest.mark.parametrize("name", list(FEATURE_MAPS))
 def test_bidirectional_linear_equals_quadratic(name):
     q, k, v = qkv(11, 17)

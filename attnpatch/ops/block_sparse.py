@@ -171,14 +171,17 @@ def block_sparse_attention(
     groups, bs = hq // hkv, layout.block_size
     first, pad, nq, _ = layout_grid(layout, lq, lk, causal)
     device = query.device
-    # queries grouped per kv head: (B*Hkv*nQ, groups * bs, D), padded at the front to the grid
-    padded = torch.nn.functional.pad(query, (0, 0, pad, nq * bs - lq - pad))
-    grouped = padded.view(b, hkv, groups, nq, bs, d).permute(0, 1, 3, 2, 4, 5).reshape(-1, groups * bs, d)
+    # queries on the block grid (padded at the front and back when the call does not fill it), seen as
+    # (B, Hkv, G, nQ, bs, D): each item gathers its query group's block in one copy
+    if pad or nq * bs != lq:
+        query = torch.nn.functional.pad(query, (0, 0, pad, nq * bs - lq - pad))
+    query_blocks = query.view(b, hkv, groups, nq, bs, d)
     keys, values = key.reshape(b * hkv, lk, d), value.reshape(b * hkv, lk, d)
-    # whole blocks are gathered at once (contiguous copies), so pad the keys to the block grid
+    # whole blocks are gathered at once (rows of bs * D contiguous values): the keys fill the block grid
     nk = layout.num_key_blocks
-    key_blocks = torch.nn.functional.pad(keys, (0, 0, 0, nk * bs - lk)).view(b * hkv, nk, bs, d)
-    value_blocks = torch.nn.functional.pad(values, (0, 0, 0, nk * bs - lk)).view(b * hkv, nk, bs, d)
+    key_rows, value_rows = (torch.nn.functional.pad(t, (0, 0, 0, nk * bs - lk)) if nk * bs != lk else t.contiguous()
+                            for t in (keys, values))
+    key_rows, value_rows = key_rows.view(b * hkv * nk, bs * d), value_rows.view(b * hkv * nk, bs * d)
     q_pos = query_block_positions(layout, device)  # (nQ, bs)
     q_row = q_pos - (lk - lq if causal else 0)  # row of `query` each padded position is (may be < 0)
     if mask is not None and mask.shape[1] not in (1, hkv):
@@ -187,7 +190,8 @@ def block_sparse_attention(
     extra = None
     if layout.extra_keys is not None:
         extra = layout.extra_keys.expand(b, hkv, *layout.extra_keys.shape[2:]).reshape(-1, layout.extra_keys.shape[-1])
-    out = torch.zeros(b * hkv * nq, groups * bs, d, dtype=query.dtype, device=device)
+    # written in the (B, L, Hq, D) layout the model wants, so no transpose copy follows
+    out = torch.empty(b, nq, bs, hkv, groups, d, dtype=query.dtype, device=device)
     offsets = torch.arange(bs, device=device)
     counts_sorted, kinds_sorted = counts[order].tolist(), kinds[order].tolist()
     start = 0
@@ -201,12 +205,16 @@ def block_sparse_attention(
             stop += 1
         items = order[start:stop]
         start = stop
-        if width == 0 and n_extra == 0:
-            continue  # nothing kept: output stays 0
         seq_head = items // nq  # index into keys / values (B*Hkv)
+        targets = (seq_head // hkv, items % nq, slice(None), seq_head % hkv)  # out[...] is (n, bs, G, D)
+        if width == 0 and n_extra == 0:
+            out[targets] = 0  # nothing kept
+            continue
+        n = len(items)
         kept = blocks[items, :width]  # (n, width), all >= 0
-        k_g = key_blocks[seq_head[:, None], kept].flatten(1, 2)  # (n, width*bs, D)
-        v_g = value_blocks[seq_head[:, None], kept].flatten(1, 2)
+        rows = (seq_head[:, None] * nk + kept).flatten()
+        k_g = key_rows.index_select(0, rows).view(n, width * bs, d)
+        v_g = value_rows.index_select(0, rows).view(n, width * bs, d)
         index = (kept[:, :, None] * bs + offsets).flatten(1)  # (n, width*bs) key positions
         if extra is not None:
             singles = extra[items].clamp(0, lk - 1)
@@ -215,7 +223,7 @@ def block_sparse_attention(
             index = torch.cat([index, extra[items]], dim=-1)
         real = (index >= 0) & (index < lk)  # unused extra slots; keys past lk in a partial last block
         index = index.clamp(0, lk - 1)
-        q_c = grouped[items]
+        q_c = query_blocks[targets[0], targets[3], :, targets[1]].reshape(n, groups * bs, d)
         if kind:
             tail = nk * bs - lk if kind == 2 else 0
             additive = _template(width, groups, bs, causal, tail, q_c.dtype, device)
@@ -237,9 +245,9 @@ def block_sparse_attention(
             additive = torch.zeros(allowed.shape, dtype=q_c.dtype, device=device).masked_fill_(
                 ~allowed, float("-inf")).masked_fill_(~visible, 0.0)
             o = _attend(q_c, k_g, v_g, additive, scaling, softcap) * visible.to(q_c.dtype)
-        out[items] = o
-    out = out.view(b, hkv, nq, groups, bs, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hq, nq * bs, d)
-    return out[:, :, pad : pad + lq]
+        out[targets] = o.view(n, groups, bs, d).transpose(1, 2)
+    out = out.view(b, nq * bs, hq, d)[:, pad : pad + lq]
+    return out.transpose(1, 2)
 
 
 def _attend(q, k, v, additive, scaling, softcap):

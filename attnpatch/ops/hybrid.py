@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear import LinearState, accumulate_state, zero_state
+from .linear import _SEGMENT_BYTES, LinearState, accumulate_state, exclusive_prefix_sum, zero_state
 from .reference import repeat_kv
 
 
@@ -39,6 +39,8 @@ def hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: f
     lq, lk = query.shape[-2], key.shape[-2]
     if causal and lq == 1 and lk <= window:
         return _decoding_step(query, key, value, fq, fk, gate, scaling, key_valid, state, window, softcap)
+    if causal and lq == lk and lq > 1:
+        return _causal_prefill(query, key, value, fq, fk, gate, window, scaling, key_valid, state, block_size, softcap)
     out_dtype = value.dtype
     q, k, v = query.float(), repeat_kv(key, groups).float(), repeat_kv(value, groups).float()
     fq, fk_g = fq.float(), repeat_kv(fk, groups).float()
@@ -92,6 +94,102 @@ def hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: f
     if carried > folded:
         prefix = accumulate_state(prefix, fk_g[:, ::groups, folded:carried], v[:, ::groups, folded:carried])
     return out, prefix
+
+
+def _causal_prefill(query, key, value, fq, fk, gate, window, scaling, key_valid, state, chunk, softcap):
+    """hybrid_attention when the queries are the keys (a prefill), all chunks at once: a chunk's
+    queries see the keys of their own chunk and of the `reach` chunks before it (the window's
+    span) with the window / linear / future split fixed by position, and everything older through
+    the running linear state, an exclusive prefix sum of chunk states. Segments of chunks bound
+    the memory; the output is written in the (B, L, H, D) layout the model wants.
+
+    Passes over the (queries x span) weights are what cost here. Dividing numerator and normaliser
+    by (1 - g) leaves the window weights scaled by g / (1 - g), which the exponent absorbs
+    (exp(s - m + logit g)); the window mask rides on the score matmul; phi(q).phi(k) is computed
+    only on the span columns that can be older than the window."""
+    b, hq, length, d = query.shape
+    hkv, dv, f = key.shape[1], value.shape[-1], fq.shape[-1]
+    groups = hq // hkv
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, fq, fk, gate))
+    reach = -(-(window - 1) // chunk)  # earlier chunks a window can reach into
+    span = (reach + 1) * chunk
+    n_chunks = -(-length // chunk)
+    tail = n_chunks * chunk - length  # keys/queries padded at the end: every real query sees them as future
+    front = reach * chunk  # zero keys before position 0, so every chunk has `reach` chunks before it
+    q, k, fq, fk = query.float(), key.float(), fq.float(), fk.float()
+    if key_valid is not None:
+        fk = fk * key_valid[:, None, :, None]
+    values = value.float()
+    k, values, fk = (torch.nn.functional.pad(t, (0, 0, front, tail)) for t in (k, values, fk))
+    if tail:
+        q, fq = (torch.nn.functional.pad(t, (0, 0, 0, tail)) for t in (q, fq))
+    # position split of query t (chunk offset) against key u of the chunk's span: distance front + t - u
+    distance = front + torch.arange(chunk, device=q.device)[:, None] - torch.arange(span, device=q.device)[None, :]
+    window_bias = torch.zeros(chunk, span, device=q.device).masked_fill_((distance < 0) | (distance >= window),
+                                                                         float("-inf"))
+    lin_width = max(0, front + chunk - window)  # span columns that hold keys older than some query's window
+    older = (distance[:, :lin_width] >= window).float()
+    key_bias = None
+    if key_valid is not None or front:  # keys before position 0 (front padding) and padding keys are never seen
+        valid = torch.ones(b, length, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
+        valid = torch.nn.functional.pad(valid, (front, tail))
+        key_bias = torch.zeros(valid.shape, device=q.device).masked_fill_(~valid, float("-inf"))
+    gate = gate.float().reshape(1, hkv, 1, groups, 1, 1)
+    window_logit = torch.log(gate) - torch.log1p(-gate)  # log(g / (1 - g))
+    running = state if state is not None else zero_state(fk, values)
+    carried_end = front + max(0, length - (window - 1))  # padded position of the first key still in a window
+    carried_chunk, carried_state = carried_end // chunk, None
+    out = q.new_empty(b, n_chunks * chunk, hkv, groups, dv)
+    step = max(1, _SEGMENT_BYTES // (b * hq * chunk * max(span, f, dv) * 4))
+    for c0 in range(0, n_chunks, step):
+        c1 = min(n_chunks, c0 + step)
+        n, items = c1 - c0, b * hkv * (c1 - c0)
+        shape = (b, hkv, n, groups, chunk, span)
+        lo, hi = c0 * chunk, c1 * chunk + front  # the padded positions the segment's spans cover
+        k_s, v_s, fk_s = (t[:, :, lo:hi].unfold(2, span, chunk).transpose(-1, -2).reshape(items, span, t.shape[-1])
+                          for t in (k, values, fk))
+        q_s, fq_s = (t[:, :, lo:lo + n * chunk].reshape(b, hkv, groups, n, chunk, t.shape[-1]).transpose(2, 3)
+                     for t in (q, fq))
+        q_s, fq_s = q_s.reshape(items, groups * chunk, d), fq_s.reshape(items, groups * chunk, f)
+        if softcap is None:
+            scores = torch.baddbmm(window_bias.repeat(groups, 1), q_s, k_s.transpose(1, 2), alpha=scaling).view(shape)
+        else:
+            scores = torch.bmm(q_s, k_s.transpose(1, 2)) * scaling
+            scores = (torch.tanh(scores / softcap) * softcap).view(shape) + window_bias
+        if key_bias is not None:
+            bias = key_bias[:, lo:hi].unfold(1, span, chunk)[:, None, :, None, None, :]  # (B, 1, n, 1, 1, span)
+            scores = scores + bias if needs_grad else scores.add_(bias)
+        shift = scores.amax(dim=-1, keepdim=True).clamp_min(-1e30) - window_logit  # rows without keys stay finite
+        mixed = (scores - shift if needs_grad else scores.sub_(shift)).exp_()  # e g / (1 - g), 0 outside the window
+        if lin_width:
+            lin = torch.bmm(fq_s, fk_s[:, :lin_width].transpose(1, 2)).view(*shape[:-1], lin_width)  # 0 for padding
+            if needs_grad:
+                mixed = torch.cat([torch.addcmul(mixed[..., :lin_width], lin, older), mixed[..., lin_width:]], dim=-1)
+            else:
+                mixed[..., :lin_width].addcmul_(lin, older)
+        # the state before each chunk's span (the padded chunks before it): an exclusive prefix sum
+        chunk_fk = fk[:, :, lo:lo + n * chunk].reshape(items, chunk, f)
+        chunk_kv = torch.bmm(chunk_fk.transpose(1, 2), values[:, :, lo:lo + n * chunk].reshape(items, chunk, dv))
+        chunk_kv = chunk_kv.view(b, hkv, n, f, dv)
+        chunk_ksum = chunk_fk.sum(dim=1).view(b, hkv, n, f)
+        prefix_kv = exclusive_prefix_sum(chunk_kv, running.kv, needs_grad)
+        prefix_ksum = exclusive_prefix_sum(chunk_ksum, running.k_sum, needs_grad)
+        if c0 <= carried_chunk < c1:
+            carried_state = LinearState(kv=prefix_kv[:, :, carried_chunk - c0].clone(),
+                                        k_sum=prefix_ksum[:, :, carried_chunk - c0].clone())
+        mixed = mixed.view(items, groups * chunk, span)
+        num = torch.bmm(fq_s, prefix_kv.view(items, f, dv)).baddbmm_(mixed, v_s)
+        den = torch.bmm(fq_s, prefix_ksum.view(items, f, 1)).add_(mixed.sum(dim=-1, keepdim=True))
+        result = (num / den.clamp_min(1e-30)).view(b, hkv, n, groups, chunk, dv)
+        out[:, c0 * chunk : c1 * chunk].view(b, n, chunk, hkv, groups, dv).copy_(result.permute(0, 2, 4, 1, 3, 5))
+        running = LinearState(kv=running.kv + chunk_kv.sum(dim=2), k_sum=running.k_sum + chunk_ksum.sum(dim=2))
+    if carried_chunk >= n_chunks:  # beyond the last chunk only zero padding remains before carried_end
+        carried_state, carried_chunk = running, min(carried_chunk, n_chunks)
+    # the cache carries every key but the last window - 1: the chunks before `carried_chunk`, then the rest
+    rest = slice(carried_chunk * chunk, carried_end)
+    carried_state = accumulate_state(carried_state, fk[:, :, rest], values[:, :, rest])
+    result = out[:, :length].reshape(b, length, hq, dv).transpose(1, 2)
+    return result.to(value.dtype), carried_state
 
 
 def _decoding_step(query, key, value, fq, fk, gate, scaling, key_valid, state, window, softcap):

@@ -12,6 +12,9 @@ import torch
 
 from .block_sparse import BlockLayout, grid
 
+# per-query block scores materialised at once by block_scores (~64 MiB of float32)
+_SCORE_ELEMENTS = 1 << 24
+
 
 def _allowed_blocks(first: int, nq: int, nk: int, causal: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qb (nQ,1), kb (1,nK), allowed (nQ, nK)): absolute block indices and causal admissibility."""
@@ -30,7 +33,7 @@ def layout_from_block_mask(mask: torch.Tensor, block_size: int, first: int,
     nk = mask.shape[-1]
     # kept blocks first, in ascending order: sort by (not kept, index)
     key = (~mask).to(torch.int32) * nk + torch.arange(nk, device=mask.device, dtype=torch.int32)
-    order = key.argsort(dim=-1)[..., :width]
+    order = key.topk(width, dim=-1, largest=False).indices  # sorted, and O(nK) per row for a few kept
     kv_blocks = torch.where(mask.gather(-1, order), order, -1)
     return BlockLayout(kv_blocks, block_size, first, nk, extra_keys)
 
@@ -104,26 +107,47 @@ def block_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, *, cau
                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hkv, nQ, nK) importance of key block kb for query block qb: the largest estimate of
     q . k over the block's queries and the kv head's query group. pooling 'mean': q . mean(k)
-    (MoBA); 'maxmin': Quest's upper bound sum_d max(q_d max_d k, q_d min_d k) = q+ . max + q- . min."""
+    (MoBA); 'maxmin': Quest's upper bound sum_d max(q_d max_d k, q_d min_d k) = q+ . max + q- . min.
+    Query blocks are scored a chunk at a time, so memory stays bounded at any length. Selection is not
+    differentiable, so neither are the scores."""
+    query, key = query.detach(), key.detach()
     b, hq, _, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
+    groups = hq // hkv
     q = _padded_queries(query.float(), lk, block_size, causal)
-    q = q.view(b, hkv, hq // hkv, -1, d)
-    if pooling == "mean":
-        scores = q @ _block_stat(key, valid, block_size, "mean")[:, :, None].transpose(-1, -2)
-    else:
-        hi = _block_stat(key, valid, block_size, "max")[:, :, None]
-        lo = _block_stat(key, valid, block_size, "min")[:, :, None]
-        scores = q.clamp_min(0) @ hi.transpose(-1, -2) + q.clamp_max(0) @ lo.transpose(-1, -2)
-    nk = scores.shape[-1]
-    return scores.view(b, hkv, hq // hkv, -1, block_size, nk).amax(dim=(2, 4))
+    nq = q.shape[-2] // block_size
+    _, pad, _, _ = grid(query.shape[-2], lk, block_size, causal)
+    back = nq * block_size - query.shape[-2] - pad
+    rows_ok = torch.ones(nq, block_size, dtype=torch.bool, device=q.device)  # grid rows that are real queries
+    rows_ok.view(-1)[:pad] = False
+    rows_ok.view(-1)[rows_ok.numel() - back:] = False
+    partial = [j for j in {0, nq - 1} if not bool(rows_ok[j].all())]
+    # (B, Hkv, nQ, G, bs, D): a query block's rows of the whole group side by side, reduced by one max
+    q = q.view(b, hkv, groups, nq, block_size, d).transpose(2, 3)
+    hows = ("mean",) if pooling == "mean" else ("max", "min")
+    stats = [_block_stat(key, valid, block_size, how).transpose(-1, -2) for how in hows]  # (B, Hkv, D, nK)
+    nk = stats[0].shape[-1]
+    scores = q.new_empty(b, hkv, nq, nk)
+    step = max(1, _SCORE_ELEMENTS // (b * hq * block_size * nk))
+    for start in range(0, nq, step):
+        rows = q[:, :, start : start + step].reshape(b, hkv, -1, d)  # one matmul per kv head
+        if pooling == "mean":
+            per_query = rows @ stats[0]
+        else:
+            per_query = rows.clamp_min(0) @ stats[0] + rows.clamp_max(0) @ stats[1]
+        per_query = per_query.view(b, hkv, -1, groups, block_size, nk)
+        for j in partial:  # padding rows of the first / last block must not win the max with their 0
+            if start <= j < start + step:
+                per_query[:, :, j - start].masked_fill_(~rows_ok[j][:, None], float("-inf"))
+        torch.amax(per_query.flatten(3, 4), dim=-2, out=scores[:, :, start : start + step])
+    return scores
 
 
 def _topk_ranking(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, pooling: str,
-                  sink_blocks: int, local_blocks: int, valid: torch.Tensor | None):
+                  sink_blocks: int, local_blocks: int, valid: torch.Tensor | None, limit: int | None = None):
     """(first, fixed (nQ, nK) blocks always kept, ranked): `ranked` holds, per (B, Hkv, query block),
-    the other admissible blocks from best to worst score as (values, indices) of a full topk;
-    values are -inf past the last candidate."""
+    the other admissible blocks from best to worst score as (values, indices) of a full topk (the
+    best `limit` only, when given); values are -inf past the last candidate."""
     lq, lk = query.shape[-2], key.shape[-2]
     first, _, nq, nk = grid(lq, lk, block_size, causal)
     qb, kb, allowed = _allowed_blocks(first, nq, nk, causal, query.device)
@@ -132,7 +156,10 @@ def _topk_ranking(query: torch.Tensor, key: torch.Tensor, block_size: int, *, ca
     if valid is not None:  # blocks of padding only are never worth computing
         block_has_key = torch.nn.functional.pad(valid, (0, nk * block_size - lk)).view(valid.shape[0], nk, -1).any(-1)
         allowed = allowed & block_has_key[:, None, None, :]
-    ranked = scores.masked_fill(~(allowed & ~fixed), float("-inf")).sort(dim=-1, descending=True)
+    scores = scores.masked_fill(~(allowed & ~fixed), float("-inf"))
+    if limit is not None and limit < nk:  # a partial selection is O(nK) per row; a full sort is not
+        return first, fixed, scores.topk(limit, dim=-1)
+    ranked = scores.sort(dim=-1, descending=True)
     return first, fixed, ranked
 
 
@@ -142,10 +169,11 @@ def block_topk(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causa
     """Per query block and kv head: the `local_blocks` nearest blocks (the diagonal first), the
     first `sink_blocks`, and the `top_k` best-scoring other admissible blocks (`block_scores`).
     top_k: an int, or a (Hkv,) tensor of per-head budgets."""
-    first, fixed, ranked = _topk_ranking(query, key, block_size, causal=causal, pooling=pooling,
-                                         sink_blocks=sink_blocks, local_blocks=local_blocks, valid=valid)
     budgets = torch.as_tensor(top_k, device=query.device).reshape(-1)  # (1,) or (Hkv,)
-    mask = fixed.expand(*ranked.values.shape).clone()
+    first, fixed, ranked = _topk_ranking(query, key, block_size, causal=causal, pooling=pooling,
+                                         sink_blocks=sink_blocks, local_blocks=local_blocks, valid=valid,
+                                         limit=max(1, int(budgets.max())))
+    mask = fixed.expand(*ranked.values.shape[:-1], fixed.shape[-1]).clone()
     rank = torch.arange(ranked.indices.shape[-1], device=query.device)
     take = (rank < budgets.view(1, -1, 1, 1)) & torch.isfinite(ranked.values)
     mask.scatter_(-1, ranked.indices, take | mask.gather(-1, ranked.indices))
