@@ -83,7 +83,7 @@ def child(length: int, args) -> list[dict]:
     for row in rows:  # warm-up: first calls of every code path, outside the measurement
         run(row, warm)
     measured = {row: {"seconds": [], "peak_bytes": [], "density": None} for row in rows}
-    for repeat in range(args.repeats if length <= 32768 else args.repeats_long):
+    for repeat in range(args.repeats if length <= 16384 else args.repeats_long):
         shift = repeat % len(rows)
         for row in rows[shift:] + rows[:shift]:
             seconds, peak, density = run(row, ids)
@@ -150,8 +150,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="method specs, e.g. a_shape:local_blocks=8")
     parser.add_argument("--dense-max", type=int, default=32768, help="longest prompt dense SDPA runs on (O(n^2) time)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per row up to 32k tokens")
-    parser.add_argument("--repeats-long", type=int, default=1, help="timed repeats per row above 32k tokens")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per row up to 16k tokens")
+    parser.add_argument("--repeats-long", type=int, default=1, help="timed repeats per row above 16k tokens")
     parser.add_argument("--density", type=float, nargs="*", default=[0.1],
                         help="also a_shape and block_topk with budgets keeping this share of causal key blocks")
     parser.add_argument("--density-max-length", type=int, default=32768, help="longest prompt the --density rows run on")
