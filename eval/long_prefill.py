@@ -4,12 +4,11 @@ floor and the long-context methods, on SmolLM2-135M (the embedded checkpoint), o
     python eval/long_prefill.py --out eval/results/long-prefill            # ~1 h on 2 cores
     python eval/long_prefill.py --lengths 2048 4096 --methods linear --out /tmp/quick
 
-Each length runs in a child process (so one length's memory cannot inflate the next's) started
-with MALLOC_MMAP_THRESHOLD_ fixed, so freed tensors go back to the system and resident-set growth is
-what the forward holds. In the child every row (dense up to --dense-max, the floor, each method)
+Each length runs in a child process (so one length's memory cannot inflate the next's). In the
+child every row (dense up to --dense-max, the floor, each method)
 is timed in turn, the order rotating between repeats, so the machine's noise falls on all rows
 alike; a row's time is its fastest repeat and its memory the largest resident-set growth during
-one forward (the kernel's high-water mark, reset before each). One forward is the base model plus
+one forward (the kernel's high-water mark, reset before each, after freed memory is handed back). One forward is the base model plus
 the language-model head on the last position only (`logits_to_keep=1`): a 128k-token prompt never
 materialises 128k x 49k logits. Writes prefill.json, prefill.md and prefill.png (log-log time and
 memory against length) into --out after every length.
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,14 +169,12 @@ def main(argv=None) -> None:
     results = {"environment": environment(0), "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
                "rows": []}
-    # freed tensors are unmapped at once, so resident-set growth is what a forward holds
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     forwarded = ["--methods", *args.methods, "--density", *map(str, args.density),
                  "--density-max-length", str(args.density_max_length), "--dense-max", str(args.dense_max), "--repeats", str(args.repeats),
                  "--repeats-long", str(args.repeats_long), "--threads", str(args.threads)]
     for length in args.lengths:
         print(f"{length} tokens", flush=True)
-        done = subprocess.run([sys.executable, __file__, "--child", str(length), *forwarded], env=env,
+        done = subprocess.run([sys.executable, __file__, "--child", str(length), *forwarded],
                               stdout=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise SystemExit(f"the {length}-token child failed (exit {done.returncode}); results so far are in {args.out}")

@@ -19,6 +19,17 @@ def _rss_bytes() -> int:
         return psutil.Process().memory_info().rss
 
 
+def _release_freed_memory() -> None:
+    """Give memory the C allocator holds after frees back to the system (glibc malloc_trim), so the
+    resident set before a block is what is live, not what earlier work left cached."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's resident-set high-water mark (Linux clear_refs 5); False where not allowed."""
     try:
@@ -44,8 +55,7 @@ def _peak_rss_bytes() -> int | None:
 def peak_memory():
     """Peak extra memory while the block runs: CUDA allocator peak on GPU; else resident-set growth,
     exact from the kernel's high-water mark on Linux (reset first), sampled every 5 ms elsewhere.
-    Freed memory the allocator keeps counts as resident: run with MALLOC_MMAP_THRESHOLD_ set (as
-    eval/long_prefill.py does) so the start is not inflated by memory held from earlier work."""
+    Memory freed earlier is handed back first (malloc_trim), so the start counts live data only."""
     result = {"bytes": 0}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -53,6 +63,7 @@ def peak_memory():
         yield result
         result["bytes"] = torch.cuda.max_memory_allocated() - start
         return
+    _release_freed_memory()
     start = _rss_bytes()
     if _reset_peak_rss() and _peak_rss_bytes() is not None:
         try:
