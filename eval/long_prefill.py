@@ -41,13 +41,15 @@ def child(length: int, args) -> list[dict]:
     model.eval()
     ids = random_ids(model, length, seed=length)
     rows = (["dense"] if length <= args.dense_max else []) + ["floor"] + list(args.methods)
+    specs = {row: row for row in rows}  # row label -> method spec
     if length <= args.density_max_length:  # budgets that keep a fixed share of the causal blocks at this length
         from sparse_speed import budget_params
 
         for density in args.density:
             for method in ("a_shape", "block_topk"):
                 params = budget_params(method, length, 64, density)
-                rows.append(f"{method}:" + ",".join(f"{k}={v}" for k, v in params.items()))
+                specs[f"{method} @{density:.0%} of blocks"] = f"{method}:" + ",".join(f"{k}={v}" for k, v in params.items())
+        rows += [label for label in specs if label not in rows]
 
     @torch.no_grad()
     def forward(tokens):
@@ -64,7 +66,7 @@ def child(length: int, args) -> list[dict]:
                 seconds = time.perf_counter() - start
             return seconds, mem["bytes"], density
         if row != "dense":
-            patch_model(model, parse_method_spec(row))
+            patch_model(model, parse_method_spec(specs[row]))
         try:
             with peak_memory() as mem:
                 start = time.perf_counter()
@@ -90,7 +92,7 @@ def child(length: int, args) -> list[dict]:
             measured[row]["density"] = density
             print(json.dumps({"progress": row, "tokens": length, "seconds": round(seconds, 2),
                               "peak_mb": round(peak / 2**20)}), file=sys.stderr, flush=True)
-    return [{"tokens": length, "row": row, "seconds": min(m["seconds"]), "runs": m["seconds"],
+    return [{"tokens": length, "row": row, "spec": specs[row], "seconds": min(m["seconds"]), "runs": m["seconds"],
              "peak_mb": max(m["peak_bytes"]) / 2**20, "density": m["density"]} for row, m in measured.items()]
 
 
@@ -113,7 +115,8 @@ def markdown(results: dict) -> str:
     for r in rows:
         ratio = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
         density = "-" if r["density"] is None else f"{r['density']:.3f}"
-        lines.append(f"| {r['tokens']} | {r['row']} | {r['seconds']:.1f} | {ratio(r['vs_floor'])} "
+        name = r["row"] if r.get("spec", r["row"]) == r["row"] else f"{r['row']} (`{r['spec']}`)"
+        lines.append(f"| {r['tokens']} | {name} | {r['seconds']:.1f} | {ratio(r['vs_floor'])} "
                      f"| {ratio(r['dense_over_method'])} | {r['peak_mb']:.0f} | {density} |")
     return "\n".join(lines)
 
@@ -143,6 +146,15 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prefill.json").write_text(json.dumps(results, indent=1))
+    commands = results.get("commands") or [results["command"]]
+    (out / "prefill.md").write_text("# Prefill time and memory against length\n\n"
+                                    + "".join(f"`{c}`\n\n" for c in commands) + markdown(results) + "\n")
+    plot(results, out / "prefill.png")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
@@ -156,9 +168,17 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("eval/results/long-prefill"))
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="only merge these prefill.json files (e.g. a separate 128k run) into --out and redraw")
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(args.child, args)))
+        return
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        merged = {**parts[0], "commands": [part.get("command") for part in parts],
+                  "rows": with_ratios([row for part in parts for row in part["rows"]])}
+        write(merged, args.out)
         return
 
     from attnpatch.evaluation.report import environment
@@ -179,10 +199,7 @@ def main(argv=None) -> None:
         if done.returncode != 0:
             raise SystemExit(f"the {length}-token child failed (exit {done.returncode}); results so far are in {args.out}")
         results["rows"] = with_ratios(results["rows"] + json.loads(done.stdout.strip().splitlines()[-1]))
-        (args.out / "prefill.json").write_text(json.dumps(results, indent=1))
-        (args.out / "prefill.md").write_text("# Prefill time and memory against length\n\n`" + results["command"]
-                                             + "`\n\n" + markdown(results) + "\n")
-        plot(results, args.out / "prefill.png")
+        write(results, args.out)
         print(markdown({"rows": [r for r in results["rows"] if r["tokens"] == length]}), flush=True)
 
 
