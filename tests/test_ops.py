@@ -78,7 +78,7 @@ def test_causal_linear_padding_prefix_and_state_continuation(name):
 def test_causal_linear_segments_chunked_continuation_and_gradients(monkeypatch):
     from attnpatch.ops import linear as linear_ops
 
-    monkeypatch.setattr(linear_ops, "_SEGMENT_BYTES", 1)  # one chunk per segment: the segment loop runs
+    monkeypatch.setattr(linear_ops, "SEGMENT_BYTES", 1)  # one chunk per segment: the segment loop runs
     q, k, v = (t.requires_grad_() for t in qkv(37))
     fq, fk = EluFeatureMap()(q, True), EluFeatureMap()(k, False)
     out, state = causal_linear_attention(fq, fk, v, chunk_size=4)
@@ -146,6 +146,25 @@ def test_sliding_window_equals_masked_dense(causal, window, sinks, lq, lk):
         out = sliding_window_attention(q, k, v, mask, window=window, sinks=sinks, causal=causal, block_size=6)
         ref = naive_attention(q, k, v, mask, causal=causal, window=window, sinks=sinks)
         assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("window,sinks,block,length", [(16, 0, 4, 203), (16, 5, 4, 203), (3, 9, 4, 64), (1, 0, 8, 80),
+                                                        (13, 2, 8, 96)])
+def test_sliding_window_prefill_all_blocks_at_once(monkeypatch, window, sinks, block, length):
+    """The causal prefill without a mask runs its full blocks clear of the sinks in one pass (overlapping
+    key views, segments): equal to the definition, and that path really ran, segment loop included."""
+    import attnpatch.ops.sliding as sliding_ops
+
+    covered = []
+    prefill = sliding_ops._prefill_full_blocks
+    monkeypatch.setattr(sliding_ops, "_prefill_full_blocks", lambda *a: covered.append(prefill(*a)) or covered[-1])
+    monkeypatch.setattr(sliding_ops, "SEGMENT_BYTES", 1)  # one block per segment: the segment loop runs
+    q, k, v = qkv(length, seed=3)
+    out = sliding_window_attention(q, k, v, None, window=window, sinks=sinks, causal=True, block_size=block)
+    ref = naive_attention(q, k, v, None, causal=True, window=window, sinks=sinks)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    first = -(-(window - 1) // block) + -(-sinks // block)  # blocks whose span lies after the sinks
+    assert covered == [range(first * block, length // block * block, block)]
 
 
 def test_sliding_window_softcap_and_full_window_is_dense():

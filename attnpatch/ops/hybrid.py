@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .linear import _SEGMENT_BYTES, LinearState, accumulate_state, exclusive_prefix_sum, zero_state
-from .reference import repeat_kv
+from .linear import LinearState, accumulate_state, exclusive_prefix_sum, zero_state
+from .reference import SEGMENT_BYTES, repeat_kv
 
 
 def _window_scores(q_blk, k_blk, scaling, allowed, softcap=None):
@@ -140,7 +140,7 @@ def _causal_prefill(query, key, value, fq, fk, gate, window, scaling, key_valid,
     carried_end = front + max(0, length - (window - 1))  # padded position of the first key still in a window
     carried_chunk, carried_state = carried_end // chunk, None
     out = q.new_empty(b, n_chunks * chunk, hkv, groups, dv)
-    step = max(1, _SEGMENT_BYTES // (b * hq * chunk * max(span, f, dv) * 4))
+    step = max(1, SEGMENT_BYTES // (b * hq * chunk * max(span, f, dv) * 4))
     for c0 in range(0, n_chunks, step):
         c1 = min(n_chunks, c0 + step)
         n, items = c1 - c0, b * hkv * (c1 - c0)

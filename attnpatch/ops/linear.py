@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .reference import SEGMENT_BYTES
+
 _EPS = 1e-12
-# Bound on the float32 bytes of one segment's intermediates (chunk states, scores, stacked queries).
-_SEGMENT_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -234,7 +234,7 @@ def causal_linear_attention(
     chunk = max(1, min(chunk_size, lq))
     # the largest per-segment intermediates are (B, Hq, segment, max(chunk, F, Dv)) floats
     per_token_bytes = batch * kv_heads * groups * max(chunk, f, dv) * 4
-    segment = max(1, _SEGMENT_BYTES // (per_token_bytes * chunk)) * chunk
+    segment = max(1, SEGMENT_BYTES // (per_token_bytes * chunk)) * chunk
     out = fq.new_empty(batch, lq, kv_heads, groups, dv)  # written in the (B, L, H, D) layout the model wants
     full = lq - lq % chunk
     for start in range(0, full, segment):

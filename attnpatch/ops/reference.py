@@ -12,6 +12,11 @@ from __future__ import annotations
 import torch
 
 
+# What one segment of a chunked kernel may hold in intermediates: long inputs run in segments so memory
+# stays bounded at any length, and segments this large keep the per-segment overhead negligible.
+SEGMENT_BYTES = 64 * 2**20
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, Hkv, L, D) -> (B, Hkv * groups, L, D), each kv head repeated for its query group."""
     if groups == 1:

@@ -1,15 +1,16 @@
 """Sliding-window (+ sink tokens) softmax attention that only touches the keys it keeps.
 
 Queries are processed in blocks; each block gathers the key range its window can reach plus the
-sink keys, so the cost is O(Lq * (window + block + sinks)) instead of O(Lq * Lk). Same shape and
-mask conventions as `reference.py`.
+sink keys, so the cost is O(Lq * (window + block + sinks)) instead of O(Lq * Lk). A causal prefill
+without a mask (the long-input case) runs its full blocks all at once through overlapping views of
+the keys; the rest goes block by block. Same shape and mask conventions as `reference.py`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .reference import naive_attention, query_positions, window_mask
+from .reference import SEGMENT_BYTES, naive_attention, query_positions, window_mask
 
 
 def _key_range(q_lo: int, q_hi: int, lk: int, window: int, causal: bool) -> tuple[int, int]:
@@ -48,8 +49,14 @@ def sliding_window_attention(
     hkv = key.shape[1]
     groups = hq // hkv
     scaling = d ** -0.5 if scaling is None else scaling
-    out = query.new_empty(b, hq, lq, value.shape[-1])
+    # written in the (B, L, H, D) layout the model wants, returned as a (B, H, L, D) view
+    out = query.new_empty(b, lq, hq, value.shape[-1]).transpose(1, 2)
+    done = range(0)
+    if causal and lq == lk and mask is None and softcap is None and not (dropout and training):
+        done = _prefill_full_blocks(query, key, value, out, window, sinks, scaling, block_size)
     for start in range(0, lq, block_size):
+        if start in done:
+            continue
         stop = min(lq, start + block_size)
         q_pos = positions[start:stop]
         lo_key, hi_key = _key_range(int(q_pos[0]), int(q_pos[-1]), lk, window, causal)
@@ -81,3 +88,39 @@ def sliding_window_attention(
                                                                  scale=scaling).reshape(b, hq, n, -1)
         out[..., start:stop, :] = block if visible is None else block * visible.to(block.dtype)
     return out
+
+
+def _prefill_full_blocks(query, key, value, out, window: int, sinks: int, scaling: float, block: int) -> range:
+    """The causal prefill's blocks whose window span starts at or after the sinks, all at once, written
+    into `out`; returns the query starts it covered. Query block c sees the keys of blocks c - reach .. c
+    (the window's span, an overlapping view of the keys: no copy) plus the sinks, with one mask shared by
+    every block; segments of blocks bound the memory."""
+    b, hq, length, d = query.shape
+    hkv, dv = key.shape[1], value.shape[-1]
+    groups = hq // hkv
+    reach = -(-(window - 1) // block)  # earlier blocks a window reaches into
+    span = (reach + 1) * block
+    first, stop = reach + -(-sinks // block), length // block  # spans clear of the sinks; full blocks only
+    if stop - first < 2:
+        return range(0)
+    distance = reach * block + torch.arange(block, device=query.device)[:, None] - torch.arange(span, device=query.device)
+    allowed = (distance >= 0) & (distance < window)
+    if sinks:  # sinks lie before every span here, so outside every window: each counted once
+        allowed = torch.cat([allowed.new_ones(block, sinks), allowed], dim=-1)
+    allowed = allowed.repeat(groups, 1)  # each kv head's query group folded into the query dim
+    step = max(1, SEGMENT_BYTES // (b * hq * block * (sinks + span) * query.element_size()))
+    out_layout = out.transpose(1, 2)  # (B, L, Hq, Dv)
+    for c0 in range(first, stop, step):
+        c1 = min(stop, c0 + step)
+        n, lo = c1 - c0, (c0 - reach) * block
+        spans = [t[:, :, lo:c1 * block].unfold(2, span, block).transpose(-1, -2) for t in (key, value)]
+        if sinks:
+            spans = [torch.cat([t[:, :, None, :sinks].expand(b, hkv, n, sinks, t.shape[-1]), s], dim=3)
+                     for t, s in zip((key, value), spans)]
+        k_s, v_s = (s.reshape(b * hkv, n, sinks + span, s.shape[-1]) for s in spans)
+        q_s = query[:, :, c0 * block:c1 * block].reshape(b, hkv, groups, n, block, d).transpose(2, 3)
+        q_s = q_s.reshape(b * hkv, n, groups * block, d)
+        result = torch.nn.functional.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=allowed, scale=scaling)
+        result = result.view(b, hkv, n, groups, block, dv).permute(0, 2, 4, 1, 3, 5)
+        out_layout[:, c0 * block:c1 * block].view(b, n, block, hkv, groups, dv).copy_(result)
+    return range(first * block, stop * block, block)
