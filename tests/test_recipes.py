@@ -151,3 +151,47 @@ def test_shipped_recipes_parse():
         assert config.stage2.steps > 0
         if config.attention is not None and get_method(config.attention["method"]).family == "linearized":
             assert config.stage1.steps > 0  # a linearized model needs attention transfer first
+
+
+def test_dry_run_counts_what_training_would_build_without_weights(workdir, tmp_path):
+    """--dry-run builds the recipe's model on `meta`: its counts equal those of the real model patched
+    and given LoRA as training does, and the memory per process follows from them (fsdp divides)."""
+    from attnpatch.models import load_model
+    from attnpatch.recipes.dry_run import dry_run
+    from attnpatch.recipes.train import _is_attnpatch, _with_lora
+
+    config = RecipeConfig.load(workdir / "recipe.yaml")
+    report = dry_run(config, processes=1)
+    model, _ = load_model(str(workdir / "tiny"))
+    from attnpatch import patch_model
+    from attnpatch.config import PatchConfig
+
+    patch_model(model, PatchConfig.from_dict(config.attention))
+    model = _with_lora(model, config.stage2, config.seed)
+    named = dict(model.named_parameters())
+    assert report["total_params"] == sum(p.numel() for p in named.values())
+    assert report["patch_params"] == sum(p.numel() for n, p in named.items() if _is_attnpatch(n)) > 0
+    assert report["lora_params"] == sum(p.numel() for n, p in named.items() if "lora_" in n) > 0
+    assert report["stages"]["stage1"]["trainable_params"] == report["patch_params"]
+    assert report["stages"]["stage2"]["trainable_params"] == report["lora_params"]
+    weights = sum(t.numel() * t.element_size() for t in [*named.values(), *model.buffers()])  # accelerate counts buffers
+    assert report["stages"]["stage2"]["weights_gb"] == pytest.approx(weights / 1e9)
+    config.fsdp.enabled = True
+    sharded = dry_run(config, processes=4)
+    assert sharded["stages"]["stage2"]["weights_gb"] == pytest.approx((weights / 4) / 1e9 + sharded["block_gb"])
+    # the command line: the report, and dry_run.json beside where the run would write
+    out = launch(workdir / "recipe.yaml", "--dry-run", "--set", f"output_dir={tmp_path / 'dry'}")
+    assert "dry run:" in out and "stage2: trains" in out
+    assert json.loads((tmp_path / "dry" / "dry_run.json").read_text())["lora_params"] == report["lora_params"]
+
+
+def test_dry_run_of_the_large_recipes_from_their_architecture():
+    from attnpatch.recipes.dry_run import dry_run
+
+    for recipe, config_dir, total in (("llama3_8b_lolcats.yaml", "llama3-8b", 8.03e9),
+                                      ("llama3_70b_lolcats.yaml", "llama3-70b", 70.55e9)):
+        config = RecipeConfig.load(ROOT / "recipes" / recipe, [f"model={ROOT / 'recipes/configs' / config_dir}"])
+        report = dry_run(config, processes=8)
+        base = report["total_params"] - report["patch_params"] - report["lora_params"]
+        assert base == pytest.approx(total, rel=2e-3)  # the published sizes: 8.03 B and 70.55 B
+        assert report["stages"]["stage2"]["total_gb"] < 80  # fits an 80 GB GPU (70B: sharded over 8)

@@ -57,6 +57,16 @@ class PruneConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """Fully sharded training (torch FSDP2, see recipes/sharding.py); also switched on by an accelerate
+    config with `distributed_type: FSDP` (and `fsdp_offload_params`)."""
+
+    enabled: bool = False
+    cpu_offload: bool = False  # parameters, gradients and optimizer state live on the CPU between uses
+    reshard_after_forward: bool = True  # free each block's gathered parameters after its forward (less memory)
+
+
+@dataclass
 class RecipeConfig:
     model: str
     attention: dict | None  # a PatchConfig dict: {"method": "lolcats", "params": {...}, ...}, or None
@@ -64,6 +74,7 @@ class RecipeConfig:
     stage1: StageConfig = field(default_factory=StageConfig)  # attention transfer
     stage2: StageConfig = field(default_factory=StageConfig)  # LoRA recovery
     prune: PruneConfig = field(default_factory=PruneConfig)  # head pruning, before the attention patch
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)  # shard parameters across processes
     output_dir: str = "out/recipe"
     seed: int = 0
     dtype: str = "float32"
@@ -95,13 +106,14 @@ class RecipeConfig:
             raise PatchError(f"{where}: missing required field(s) {missing}")
         if raw.get("attention") is None and not (raw.get("prune") or {}).get("ratio"):
             raise PatchError(f"{where}: give an 'attention' patch, a 'prune' section with a ratio, or both")
-        sections = ("data", "stage1", "stage2", "prune")
+        sections = ("data", "stage1", "stage2", "prune", "fsdp")
         top = {k: v for k, v in raw.items() if k not in sections}
         config = build(cls, {"attention": None, **top, **dict.fromkeys(sections)}, "top level")
         config.data = build(DataConfig, raw["data"], "data")
         config.stage1 = build(StageConfig, raw.get("stage1"), "stage1")
         config.stage2 = build(StageConfig, raw.get("stage2"), "stage2")
         config.prune = build(PruneConfig, raw.get("prune"), "prune")
+        config.fsdp = build(FsdpConfig, raw.get("fsdp"), "fsdp")
         from ..config import PatchConfig
 
         if config.attention is not None:  # validate early, with attnpatch's errors

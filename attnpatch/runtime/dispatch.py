@@ -20,6 +20,18 @@ from .exact import exact_attention, exact_attention_weights
 
 _transfer: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_transfer", default=None)
 _observer: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_observer", default=None)
+_exact: contextvars.ContextVar = contextvars.ContextVar("attnpatch_exact_attention", default=False)
+
+
+@contextlib.contextmanager
+def exact_attention_everywhere():
+    """While the block runs, every patched module computes exact softmax attention instead of its
+    method (the base model's attention, whatever else the patch added, e.g. its parameters, stays)."""
+    token = _exact.set(True)
+    try:
+        yield
+    finally:
+        _exact.reset(token)
 
 
 @contextlib.contextmanager
@@ -74,6 +86,8 @@ def _attend(method, call) -> torch.Tensor:
 
 
 def _run_method(method, call) -> torch.Tensor:
+    if _exact.get():
+        return exact_attention(call)
     transfer = _transfer.get()
     if transfer is None or not method.is_trainable:
         return _attend(method, call)

@@ -1,0 +1,113 @@
+"""`recipes/convert.py <recipe> --dry-run`: the recipe's model built from its config on the `meta`
+device (no weights, no memory), patched and given its LoRA adapters exactly as training would, then
+counted: parameters, what each stage trains, and the memory each process needs.
+
+Memory per process, for each stage (B = bytes per element of the recipe's dtype, P = processes when
+the recipe shards with fsdp, else 1):
+- weights: every parameter, / P under fsdp, plus one block gathered whole while it runs;
+- gradients + AdamW state: 3 x the stage's trainable parameters (grad, exp_avg, exp_avg_sq, all in
+  the parameter dtype as torch's AdamW keeps them), / P for the sharded ones (LoRA), whole for the
+  patch's own parameters (fsdp keeps them replicated);
+- activations, an estimate: stage 2 (LoRA, next-token loss) keeps 34·b·s·h·B/2 bytes per layer
+  (the activation count of Korthikanti et al. 2022 for a transformer layer without recomputation,
+  attention weights not stored: SDPA/flash) plus the fp32 logits and their softmax (2·b·s·V·4);
+  stage 1 (attention transfer) keeps, per layer, the student's query/key features and its output
+  (b·s·(Hq + Hkv)·F·B·2 + b·s·Hq·d·B·2, F the feature size) and one layer's working set at a time.
+The weights' total and largest layer come from accelerate's `calculate_maximum_sizes`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..api import patch_model
+from ..config import PatchConfig
+from .config import RecipeConfig, StageConfig
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _is_attnpatch(name: str) -> bool:
+    return ".attnpatch_" in name or name.startswith("attnpatch_")
+
+
+def _feature_size(model, head_dim: int) -> int:
+    """Largest feature size among the patch's feature maps (0 when the method has none)."""
+    from ..ops.linear import FeatureMap
+
+    return max((m.feature_dim(head_dim) for m in model.modules() if isinstance(m, FeatureMap)), default=0)
+
+
+def dry_run(config: RecipeConfig, processes: int = 1) -> dict:
+    """The recipe's model on `meta`, patched as training would patch it; returns the counts and the
+    memory estimate per process (see the module docstring)."""
+    from accelerate.utils import calculate_maximum_sizes
+    from transformers import AutoModelForCausalLM
+
+    from ..models import load_model_config
+    from .sharding import transformer_blocks
+    from .train import DTYPES, _with_lora
+
+    dtype = DTYPES[config.dtype]
+    model_config = load_model_config(config.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    if config.attention is not None:
+        patch_model(model, PatchConfig.from_dict(config.attention))
+    use_lora = config.stage2.steps > 0 and config.stage2.lora_r > 0
+    if use_lora:
+        model = _with_lora(model, config.stage2, config.seed)
+    named = dict(model.named_parameters())
+    patch_params = [p for n, p in named.items() if _is_attnpatch(n)]
+    lora_params = [p for n, p in named.items() if "lora_" in n]
+    total_bytes, largest_layer = calculate_maximum_sizes(model)
+    blocks = transformer_blocks(model)
+    block_bytes = max(_bytes(b.parameters()) for b in blocks)
+    shards = processes if config.fsdp.enabled else 1
+    text = model_config.get_text_config()
+    hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    features = _feature_size(model, head_dim)
+    element = torch.finfo(dtype).bits // 8
+    weights = total_bytes / shards + (block_bytes if shards > 1 else 0)
+
+    def stage_memory(stage: StageConfig, trainable_sharded: list, trainable_whole: list, activations: float) -> dict:
+        optimizer_and_grads = 3 * (_bytes(trainable_sharded) / shards + _bytes(trainable_whole))
+        return {"trainable_params": sum(p.numel() for p in trainable_sharded + trainable_whole),
+                "weights_gb": weights / 1e9, "grads_and_adam_gb": optimizer_and_grads / 1e9,
+                "activations_gb": activations / 1e9,
+                "total_gb": (weights + optimizer_and_grads + activations) / 1e9}
+
+    report = {"model": config.model, "dtype": config.dtype, "processes": processes, "fsdp": config.fsdp.enabled,
+              "layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab,
+              "total_params": sum(p.numel() for p in named.values()), "weights_gb": total_bytes / 1e9,
+              "largest_layer_gb": largest_layer[0] / 1e9 if isinstance(largest_layer, tuple) else largest_layer / 1e9,
+              "block_gb": block_bytes / 1e9, "patch_params": sum(p.numel() for p in patch_params),
+              "lora_params": sum(p.numel() for p in lora_params), "stages": {}}
+    seq, s1, s2 = config.data.seq_len, config.stage1, config.stage2
+    if s1.steps:
+        acts = (layers * s1.batch_size * seq * ((heads + kv_heads) * features + heads * head_dim) * element * 2
+                + s1.batch_size * seq * hidden * element * 16)
+        report["stages"]["stage1"] = {"batch_size": s1.batch_size, **stage_memory(s1, [], patch_params, acts)}
+    if s2.steps:
+        acts = layers * 34 * s2.batch_size * seq * hidden * element / 2 + 2 * s2.batch_size * seq * vocab * 4
+        whole = patch_params if s2.train_attnpatch else []
+        report["stages"]["stage2"] = {"batch_size": s2.batch_size, **stage_memory(s2, lora_params, whole, acts)}
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"dry run: {report['model']} ({report['dtype']}), {report['layers']} layers, hidden {report['hidden']}, "
+             f"{report['heads']}/{report['kv_heads']} heads, vocab {report['vocab']}",
+             f"  parameters: {report['total_params'] / 1e9:.3f} B ({report['weights_gb']:.2f} GB), largest block "
+             f"{report['block_gb']:.2f} GB; the patch adds {report['patch_params']:,}, LoRA {report['lora_params']:,}",
+             f"  per process ({report['processes']} process(es), fsdp {'on' if report['fsdp'] else 'off'}):"]
+    for name, stage in report["stages"].items():
+        lines.append(f"    {name}: trains {stage['trainable_params']:,} parameters; weights {stage['weights_gb']:.2f} GB "
+                     f"+ grads/AdamW {stage['grads_and_adam_gb']:.2f} GB + activations ~{stage['activations_gb']:.2f} GB "
+                     f"(batch {stage['batch_size']}) = ~{stage['total_gb']:.1f} GB")
+    return "\n".join(lines)
