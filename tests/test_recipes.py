@@ -195,3 +195,15 @@ def test_dry_run_of_the_large_recipes_from_their_architecture():
         base = report["total_params"] - report["patch_params"] - report["lora_params"]
         assert base == pytest.approx(total, rel=2e-3)  # the published sizes: 8.03 B and 70.55 B
         assert report["stages"]["stage2"]["total_gb"] < 80  # fits an 80 GB GPU (70B: sharded over 8)
+
+
+def test_gradient_checkpointing_recomputes_the_same_training(workdir):
+    """stage2.gradient_checkpointing recomputes layers in backward: the same losses as keeping them."""
+    runs = {}
+    for flag in (False, True):
+        out = workdir / f"checkpointing_{flag}"
+        launch(workdir / "recipe.yaml", "--set", "stage1.steps=0", "--set", "stage2.steps=3",
+               "--set", f"stage2.gradient_checkpointing={str(flag).lower()}", "--set", f"output_dir={out}")
+        history = json.loads((out / "summary.json").read_text())["stages"]["stage2"]["history"]
+        runs[flag] = [h["train_loss"] for h in history if "train_loss" in h]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)

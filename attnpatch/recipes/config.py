@@ -32,6 +32,9 @@ class StageConfig:
     eval_every: int = 50
     checkpoint_every: int = 100
     weight_decay: float = 0.0
+    # recompute each layer in backward instead of keeping its activations (transformers' gradient
+    # checkpointing): activation memory from every layer's working set down to its input
+    gradient_checkpointing: bool = False
     # stage 1 only: weight of Hedgehog's cross-entropy between softmax and student attention
     # weights, added to the per-layer output MSE (0 = MSE only)
     attention_ce: float = 0.0

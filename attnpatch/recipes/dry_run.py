@@ -8,11 +8,17 @@ the recipe shards with fsdp, else 1):
 - gradients + AdamW state: 3 x the stage's trainable parameters (grad, exp_avg, exp_avg_sq, all in
   the parameter dtype as torch's AdamW keeps them), / P for the sharded ones (LoRA), whole for the
   patch's own parameters (fsdp keeps them replicated);
-- activations, an estimate: stage 2 (LoRA, next-token loss) keeps 34·b·s·h·B/2 bytes per layer
-  (the activation count of Korthikanti et al. 2022 for a transformer layer without recomputation,
-  attention weights not stored: SDPA/flash) plus the fp32 logits and their softmax (2·b·s·V·4);
-  stage 1 (attention transfer) keeps, per layer, the student's query/key features and its output
-  (b·s·(Hq + Hkv)·F·B·2 + b·s·Hq·d·B·2, F the feature size) and one layer's working set at a time.
+- activations, an estimate from what transformers' Llama layer keeps for backward, per token and layer
+  (h hidden, i MLP width, kv the key/value width, Hq/Hkv heads, F the patch's feature size, S the
+  window + chunk a windowed method scores per query): norms and residuals ~12h, the gated MLP ~5i,
+  attention inputs and output ~2h + 4kv, and for a feature-map method 4(Hq + Hkv)F + 3·Hq·S more;
+  stage 2 (LoRA, next-token loss) keeps all of it for every layer, plus the logits' share: fp32
+  logits, the loss's copies and log-softmax and their gradients (6·b·s·V·4 bytes, as measured); stage 1 (attention transfer: frozen model, per-layer
+  losses) keeps only the student's part per layer (the feature-map terms + 3·Hq·d) and one layer's
+  working set at a time. With gradient checkpointing a stage keeps only each layer's input (h) and
+  recomputes one layer at a time. Checked against the measured peak of a training step on SmolLM2-135M (fp32,
+  batch 2 x 512; eval/dry_run_check.py → eval/results/recipes-dry-run/): it errs high for stage 2
+  without checkpointing and low for stage 1 (numbers there and in the README).
 The weights' total and largest layer come from accelerate's `calculate_maximum_sizes`.
 """
 
@@ -89,12 +95,17 @@ def dry_run(config: RecipeConfig, processes: int = 1) -> dict:
               "block_gb": block_bytes / 1e9, "patch_params": sum(p.numel() for p in patch_params),
               "lora_params": sum(p.numel() for p in lora_params), "stages": {}}
     seq, s1, s2 = config.data.seq_len, config.stage1, config.stage2
+    kv_width = kv_heads * head_dim
+    params = (config.attention or {}).get("params", {})
+    scored = params.get("window", 0) + params.get("chunk_size", 0) if features else 0
+    student = 4 * (heads + kv_heads) * features + 3 * heads * scored + 3 * heads * head_dim
+    layer = 12 * hidden + 5 * text.intermediate_size + 2 * hidden + 4 * kv_width  # one layer's saved tensors
     if s1.steps:
-        acts = (layers * s1.batch_size * seq * ((heads + kv_heads) * features + heads * head_dim) * element * 2
-                + s1.batch_size * seq * hidden * element * 16)
+        acts = s1.batch_size * seq * element * (layers * student + layer)
         report["stages"]["stage1"] = {"batch_size": s1.batch_size, **stage_memory(s1, [], patch_params, acts)}
     if s2.steps:
-        acts = layers * 34 * s2.batch_size * seq * hidden * element / 2 + 2 * s2.batch_size * seq * vocab * 4
+        kept = hidden if s2.gradient_checkpointing else layer + student  # per layer until backward
+        acts = s2.batch_size * seq * (element * (layers * kept + layer + student) + 6 * vocab * 4)
         whole = patch_params if s2.train_attnpatch else []
         report["stages"]["stage2"] = {"batch_size": s2.batch_size, **stage_memory(s2, lora_params, whole, acts)}
     return report

@@ -285,6 +285,16 @@ def _train_only(model, stage: str, stage2: StageConfig) -> None:
                          "with parameters (list_methods() says which train)")
 
 
+def _checkpointing(model, enabled: bool) -> None:
+    """transformers' gradient checkpointing on or off for the next stage (non-reentrant: works with
+    frozen inputs, LoRA and FSDP)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if enabled:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(base, "supports_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+
+
 def convert(config: RecipeConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -350,6 +360,7 @@ def convert(config: RecipeConfig) -> Path:
 
     if config.stage1.steps:
         _train_only(model, "stage1", config.stage2)
+        _checkpointing(model, config.stage1.gradient_checkpointing)
         summary["stages"]["stage1"] = run_stage("stage1", model, config.stage1, train, evaluation, accelerator, out,
                                                 config.seed)
         model = model if sharded else accelerator.unwrap_model(model)
@@ -357,6 +368,7 @@ def convert(config: RecipeConfig) -> Path:
         if use_lora and not sharded:
             model = _with_lora(model, config.stage2, config.seed)
         _train_only(model, "stage2", config.stage2)
+        _checkpointing(model, config.stage2.gradient_checkpointing)
         summary["stages"]["stage2"] = run_stage("stage2", model, config.stage2, train, evaluation, accelerator, out,
                                                 config.seed + 1)
         model = model if sharded else accelerator.unwrap_model(model)
