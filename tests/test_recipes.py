@@ -207,3 +207,18 @@ def test_gradient_checkpointing_recomputes_the_same_training(workdir):
         history = json.loads((out / "summary.json").read_text())["stages"]["stage2"]["history"]
         runs[flag] = [h["train_loss"] for h in history if "train_loss" in h]
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
+def test_learning_rate_schedules():
+    from attnpatch.recipes.config import StageConfig
+    from attnpatch.recipes.train import learning_rate
+
+    constant = StageConfig(steps=10, lr=0.5, warmup_steps=2)
+    assert [learning_rate(constant, i) for i in range(4)] == [0.25, 0.5, 0.5, 0.5]
+    cosine = StageConfig(steps=10, lr=1.0, lr_schedule="cosine", warmup_steps=2)
+    rates = [learning_rate(cosine, i) for i in range(10)]
+    assert rates[:3] == [0.5, 1.0, 1.0] and all(a > b for a, b in zip(rates[2:], rates[3:]))
+    assert rates[6] == pytest.approx(0.5) and learning_rate(cosine, 10) == pytest.approx(0.0)
+    with pytest.raises(PatchError, match="lr_schedule"):
+        RecipeConfig.from_dict({"model": "x", "attention": {"method": "linear"}, "data": {},
+                                "stage2": {"lr_schedule": "linear"}})

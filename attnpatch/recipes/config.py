@@ -35,6 +35,8 @@ class StageConfig:
     # recompute each layer in backward instead of keeping its activations (transformers' gradient
     # checkpointing): activation memory from every layer's working set down to its input
     gradient_checkpointing: bool = False
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at `steps`, after a linear warm-up)
+    warmup_steps: int = 0
     # stage 1 only: weight of Hedgehog's cross-entropy between softmax and student attention
     # weights, added to the per-layer output MSE (0 = MSE only)
     attention_ce: float = 0.0
@@ -121,6 +123,12 @@ class RecipeConfig:
 
         if config.attention is not None:  # validate early, with attnpatch's errors
             PatchConfig.from_dict(config.attention)
+        for name in ("stage1", "stage2"):
+            stage = getattr(config, name)
+            if stage.lr_schedule not in ("constant", "cosine"):
+                raise PatchError(f"{where}: {name}.lr_schedule must be 'constant' or 'cosine', got {stage.lr_schedule!r}")
+            if stage.warmup_steps < 0:
+                raise PatchError(f"{where}: {name}.warmup_steps must be >= 0, got {stage.warmup_steps}")
         if config.prune.ratio and (config.prune.greedy_steps < 1 or config.prune.calibration_blocks < 1):
             raise PatchError(f"{where}: prune.greedy_steps and prune.calibration_blocks must be >= 1")
         return config

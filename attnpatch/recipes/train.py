@@ -137,6 +137,17 @@ def _load_checkpoint(directory: Path, model, optimizer) -> tuple[int, list]:
     return state["step"], state["history"]
 
 
+def learning_rate(stage: StageConfig, step: int) -> float:
+    """The rate for optimizer step `step` (0-based): linear warm-up over warmup_steps, then constant or a
+    cosine decay to 0 at stage.steps. A function of the step alone, so a resumed run continues it."""
+    if step < stage.warmup_steps:
+        return stage.lr * (step + 1) / stage.warmup_steps
+    if stage.lr_schedule == "constant":
+        return stage.lr
+    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+    return stage.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def run_stage(name: str, model, stage: StageConfig, train: torch.Tensor, evaluation: torch.Tensor, accelerator,
               out: Path, seed: int) -> dict:
     """Train what requires grad for `stage.steps` steps (one batch per process each, gradients
@@ -183,6 +194,8 @@ def run_stage(name: str, model, stage: StageConfig, train: torch.Tensor, evaluat
         epoch, offset = divmod(step, steps_per_epoch)  # a resumed run continues the epoch where it stopped
         for index in rank_batches(len(train), stage.batch_size, processes, rank, epoch, seed)[offset:]:
             batch = train[index].to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(stage, step // stage.grad_accum)
             if sharded:
                 loss = _loss(model, batch, name, stage.attention_ce) / stage.grad_accum
                 loss.backward()
@@ -201,7 +214,7 @@ def run_stage(name: str, model, stage: StageConfig, train: torch.Tensor, evaluat
             train_loss = float(accelerator.reduce(loss.detach() * stage.grad_accum, "mean"))  # over processes
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4g}")
-            record = {"step": step, "train_loss": train_loss}
+            record = {"step": step, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
             if step % stage.eval_every == 0 or step == stage.steps:
                 evaluate(record)
                 accelerator.print(f"{name} step {step}: eval loss {record['eval_loss']:.4g}, "
