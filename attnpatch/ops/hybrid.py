@@ -195,13 +195,15 @@ def _causal_prefill(query, key, value, fq, fk, gate, window, scaling, key_valid,
 def _decoding_step(query, key, value, fq, fk, gate, scaling, key_valid, state, window, softcap):
     """hybrid_attention for one new token whose keys all lie in its window (a decoding step): each
     kv head's query group folded into the query dim (no repeated K/V), the state read as it is,
-    then the key leaving the window folded in."""
+    then the key leaving the window folded in. `fk` may hold only the features of the keys that
+    leave (the first lk - (window - 1)): the others are attended exactly and need none."""
     b, hq, _, d = query.shape
     hkv, lk = key.shape[1], key.shape[-2]
     groups = hq // hkv
-    k, v, fk = key.float(), value.float(), fk.float()
+    leaving = max(0, lk - (window - 1))
+    k, v, fk = key.float(), value.float(), fk[:, :, :leaving].float()
     if key_valid is not None:
-        fk = fk * key_valid[:, None, :, None]
+        fk = fk * key_valid[:, None, :leaving, None]
     allowed = (torch.ones(b, lk, dtype=torch.bool, device=k.device) if key_valid is None
                else key_valid)[:, None, None, :]
     q = query.float().reshape(b, hkv, groups, d)
@@ -212,9 +214,8 @@ def _decoding_step(query, key, value, fq, fk, gate, scaling, key_valid, state, w
     num = g * (e @ v) + (1 - g) * (fq @ prefix.kv)
     den = g * e.sum(-1, keepdim=True) + (1 - g) * (fq @ prefix.k_sum[..., None])
     out = (num / den.clamp_min(1e-30)).reshape(b, hq, 1, -1).to(value.dtype)
-    carried = lk - (window - 1)  # keys that leave the window for good
-    if carried > 0:
-        prefix = accumulate_state(prefix, fk[:, :, :carried], v[:, :, :carried])
+    if leaving > 0:  # keys that leave the window for good
+        prefix = accumulate_state(prefix, fk, v[:, :, :leaving])
     return out, prefix
 
 

@@ -3,6 +3,7 @@ one shared normaliser, a learnable per-head mix (LoLCATs' attention; see ops/hyb
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -57,9 +58,15 @@ class LolcatsAttention(LinearAttention):
             scaling=call.scaling, causal=call.causal, key_valid=call.key_valid(), softcap=call.softcap)
 
     def attention(self, call):
-        fq, fk = self.features(call)
         gate = torch.sigmoid(call.module.attnpatch_window_gate)
         layer = call.cache_layer if isinstance(call.cache_layer, HybridWindowLayer) else None
+        window, lk = self.config["window"], call.key.shape[-2]
+        if layer is not None and call.causal and call.query.shape[-2] == 1 and lk <= window:
+            # a decoding step: the window's keys are attended exactly; only the key leaving it needs phi(k)
+            leaving = max(0, lk - (window - 1))
+            fq, fk = self.features(dataclasses.replace(call, key=call.key[:, :, :leaving]))
+        else:
+            fq, fk = self.features(call)
         out, state = hybrid_attention(
             call.query, call.key, call.value, fq, fk, gate, window=self.config["window"], scaling=call.scaling,
             causal=call.causal, key_valid=call.key_valid(), state=None if layer is None else layer.state,
