@@ -298,14 +298,22 @@ def _train_only(model, stage: str, stage2: StageConfig) -> None:
                          "with parameters (list_methods() says which train)")
 
 
-def _checkpointing(model, enabled: bool) -> None:
+def _checkpointing(model, enabled: bool) -> bool:
     """transformers' gradient checkpointing on or off for the next stage (non-reentrant: works with
-    frozen inputs, LoRA and FSDP)."""
+    frozen inputs, LoRA and FSDP); returns whether the model now recomputes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if enabled:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(base, "supports_gradient_checkpointing", False):
-        base.gradient_checkpointing_disable()
+    # transformers 5.24 renamed these "activation checkpointing"; earlier releases have only the old names
+    active = getattr(base, "is_activation_checkpointing", None)
+    active = base.is_gradient_checkpointing if active is None else active
+    if enabled and not active:
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif active and not enabled:
+        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
+    now = getattr(base, "is_activation_checkpointing", None)
+    return bool(base.is_gradient_checkpointing if now is None else now)
 
 
 def convert(config: RecipeConfig) -> Path:
@@ -373,17 +381,19 @@ def convert(config: RecipeConfig) -> Path:
 
     if config.stage1.steps:
         _train_only(model, "stage1", config.stage2)
-        _checkpointing(model, config.stage1.gradient_checkpointing)
+        recomputes = _checkpointing(model, config.stage1.gradient_checkpointing)
         summary["stages"]["stage1"] = run_stage("stage1", model, config.stage1, train, evaluation, accelerator, out,
                                                 config.seed)
+        summary["stages"]["stage1"]["gradient_checkpointing"] = recomputes
         model = model if sharded else accelerator.unwrap_model(model)
     if config.stage2.steps:
         if use_lora and not sharded:
             model = _with_lora(model, config.stage2, config.seed)
         _train_only(model, "stage2", config.stage2)
-        _checkpointing(model, config.stage2.gradient_checkpointing)
+        recomputes = _checkpointing(model, config.stage2.gradient_checkpointing)
         summary["stages"]["stage2"] = run_stage("stage2", model, config.stage2, train, evaluation, accelerator, out,
                                                 config.seed + 1)
+        summary["stages"]["stage2"]["gradient_checkpointing"] = recomputes
         model = model if sharded else accelerator.unwrap_model(model)
     if sharded:  # final/ from the full state dict, on the main process, in an unsharded copy of the model
         full = full_state_dict(model)
