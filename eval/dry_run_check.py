@@ -25,7 +25,8 @@ from attnpatch.evaluation.memory import peak_memory
 from attnpatch.models import load_model
 from attnpatch.recipes.config import RecipeConfig
 from attnpatch.recipes.dry_run import dry_run
-from attnpatch.recipes.train import _checkpointing, _loss, _train_only, _trainable, _with_lora
+from attnpatch.recipes.model_setup import checkpointing, train_only, trainable, with_lora
+from attnpatch.recipes.stages import stage_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,20 +34,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def measured_step_peaks(config: RecipeConfig) -> dict:
     model, _ = load_model(config.model)
     patch_model(model, PatchConfig.from_dict(config.attention))
-    model = _with_lora(model, config.stage2, config.seed)
+    model = with_lora(model, config.stage2, config.seed)
     peaks = {}
     for label, stage, settings, recompute in (("stage1", "stage1", config.stage1, False),
                                               ("stage2", "stage2", config.stage2, False),
                                               ("stage2, gradient checkpointing", "stage2", config.stage2, True)):
         batch = torch.randint(10, 40000, (settings.batch_size, config.data.seq_len),
                               generator=torch.Generator().manual_seed(0))
-        _train_only(model, stage, config.stage2)
-        _checkpointing(model, recompute)
+        train_only(model, stage, config.stage2)
+        checkpointing(model, recompute)
         model.train()
-        optimizer = torch.optim.AdamW(list(_trainable(model).values()), lr=1e-4)
+        optimizer = torch.optim.AdamW(list(trainable(model).values()), lr=1e-4)
         for _ in range(2):
             with peak_memory() as mem:
-                _loss(model, batch, stage).backward()
+                stage_loss(model, batch, stage).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         peaks[label] = mem["bytes"] / 1e9

@@ -158,7 +158,7 @@ def test_dry_run_counts_what_training_would_build_without_weights(workdir, tmp_p
     and given LoRA as training does, and the memory per process follows from them (fsdp divides)."""
     from attnpatch.models import load_model
     from attnpatch.recipes.dry_run import dry_run
-    from attnpatch.recipes.train import _is_attnpatch, _with_lora
+    from attnpatch.recipes.model_setup import is_attnpatch, with_lora
 
     config = RecipeConfig.load(workdir / "recipe.yaml")
     report = dry_run(config, processes=1)
@@ -167,10 +167,10 @@ def test_dry_run_counts_what_training_would_build_without_weights(workdir, tmp_p
     from attnpatch.config import PatchConfig
 
     patch_model(model, PatchConfig.from_dict(config.attention))
-    model = _with_lora(model, config.stage2, config.seed)
+    model = with_lora(model, config.stage2, config.seed)
     named = dict(model.named_parameters())
     assert report["total_params"] == sum(p.numel() for p in named.values())
-    assert report["patch_params"] == sum(p.numel() for n, p in named.items() if _is_attnpatch(n)) > 0
+    assert report["patch_params"] == sum(p.numel() for n, p in named.items() if is_attnpatch(n)) > 0
     assert report["lora_params"] == sum(p.numel() for n, p in named.items() if "lora_" in n) > 0
     assert report["stages"]["stage1"]["trainable_params"] == report["patch_params"]
     assert report["stages"]["stage2"]["trainable_params"] == report["lora_params"]
@@ -212,7 +212,7 @@ def test_gradient_checkpointing_recomputes_the_same_training(workdir):
 
 def test_learning_rate_schedules():
     from attnpatch.recipes.config import StageConfig
-    from attnpatch.recipes.train import learning_rate
+    from attnpatch.recipes.stages import learning_rate
 
     constant = StageConfig(steps=10, lr=0.5, warmup_steps=2)
     assert [learning_rate(constant, i) for i in range(4)] == [0.25, 0.5, 0.5, 0.5]

@@ -14,7 +14,7 @@ import tiny_models as tm
 import torch
 
 from attnpatch import load_patched
-from attnpatch.recipes.train import rank_batches, state_digest
+from attnpatch.recipes.stages import rank_batches, state_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 

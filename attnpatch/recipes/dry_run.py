@@ -35,10 +35,6 @@ def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def _is_attnpatch(name: str) -> bool:
-    return ".attnpatch_" in name or name.startswith("attnpatch_")
-
-
 def _feature_size(model, head_dim: int) -> int:
     """Largest feature size among the patch's feature maps (0 when the method has none)."""
     from ..ops.linear import FeatureMap
@@ -54,7 +50,7 @@ def dry_run(config: RecipeConfig, processes: int = 1) -> dict:
 
     from ..models import load_model_config
     from .sharding import transformer_blocks
-    from .train import DTYPES, _with_lora
+    from .model_setup import DTYPES, is_attnpatch, with_lora
 
     dtype = DTYPES[config.dtype]
     model_config = load_model_config(config.model)
@@ -64,9 +60,9 @@ def dry_run(config: RecipeConfig, processes: int = 1) -> dict:
         patch_model(model, PatchConfig.from_dict(config.attention))
     use_lora = config.stage2.steps > 0 and config.stage2.lora_r > 0
     if use_lora:
-        model = _with_lora(model, config.stage2, config.seed)
+        model = with_lora(model, config.stage2, config.seed)
     named = dict(model.named_parameters())
-    patch_params = [p for n, p in named.items() if _is_attnpatch(n)]
+    patch_params = [p for n, p in named.items() if is_attnpatch(n)]
     lora_params = [p for n, p in named.items() if "lora_" in n]
     total_bytes, largest_layer = calculate_maximum_sizes(model)
     blocks = transformer_blocks(model)
