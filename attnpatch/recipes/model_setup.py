@@ -48,9 +48,7 @@ def checkpointing(model, enabled: bool) -> bool:
     """transformers' gradient checkpointing on or off for the next stage (non-reentrant: works with
     frozen inputs, LoRA and FSDP); returns whether the model now recomputes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # transformers 5.24 renamed these "activation checkpointing"; earlier releases have only the old names
-    active = getattr(base, "is_activation_checkpointing", None)
-    active = base.is_gradient_checkpointing if active is None else active
+    active = _recomputes(base)
     if enabled and not active:
         if hasattr(base, "activation_checkpointing_enable"):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -58,5 +56,10 @@ def checkpointing(model, enabled: bool) -> bool:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif active and not enabled:
         (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
-    now = getattr(base, "is_activation_checkpointing", None)
-    return bool(base.is_gradient_checkpointing if now is None else now)
+    return _recomputes(base)
+
+
+def _recomputes(base) -> bool:
+    # transformers 5.24 renamed these "activation checkpointing"; earlier releases have only the old names
+    active = getattr(base, "is_activation_checkpointing", None)
+    return bool(base.is_gradient_checkpointing if active is None else active)

@@ -150,14 +150,18 @@ def save_sharded_checkpoint(directory: Path, step: int, model, optimizer, histor
     accelerator.wait_for_everyone()
 
 
+def state_names(model) -> list[str]:
+    """The model's parameter names as its (model and optimizer) state dicts spell them."""
+    return [name for name, _ in model.named_parameters()]
+
+
 def load_sharded_checkpoint(directory: Path, model, optimizer) -> tuple[int, list]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = _state(model, optimizer, to_canonical=True)
     dcp.load(state, checkpoint_id=str(directory / "shards"))  # fills the tensors in place
-    names = {_canonical(k): k for k in _state(model, optimizer, to_canonical=False)["model"]}
-    names.update({_canonical(k): k for k in _state(model, optimizer, to_canonical=False)["optimizer"]["state"]})
+    names = {_canonical(k): k for k in state_names(model)}
     original = {k: _renamed(v, lambda n: names.get(n, n)) for k, v in state.items()}
     set_state_dict(model, optimizer, model_state_dict=original["model"], optim_state_dict=original["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen rest stays

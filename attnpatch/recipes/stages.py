@@ -71,24 +71,25 @@ def rank_batches(blocks: int, batch_size: int, processes: int, rank: int, epoch:
             for i in range(0, blocks - per_step + 1, per_step)]
 
 
-def trainable_digest(model) -> str:
-    """sha256 of the trainable parameters' bytes (names sorted): equal digests mean equal parameters."""
+def _digest(named: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' float32 bytes, names sorted (sharded tensors gathered whole first)."""
     from .sharding import full_tensor
 
     digest = hashlib.sha256()
-    for name, p in sorted(trainable(model).items()):
+    for name, t in sorted(named.items()):
         digest.update(name.encode())
-        digest.update(full_tensor(p.detach()).float().cpu().contiguous().numpy().tobytes())
+        digest.update(full_tensor(t.detach()).float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def trainable_digest(model) -> str:
+    """Digest of the trainable parameters: equal digests mean equal parameters."""
+    return _digest(trainable(model))
 
 
 def state_digest(model) -> str:
-    """sha256 of every tensor of the state dict (names sorted), for "final/ holds what was trained"."""
-    digest = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    """Digest of every tensor of the state dict, for "final/ holds what was trained"."""
+    return _digest(model.state_dict())
 
 
 def _save_checkpoint(directory: Path, step: int, model, optimizer, history: list) -> None:
