@@ -133,6 +133,31 @@ output_dir: {workdir / 'gated'}
         assert torch.allclose(reloaded(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-6)
 
 
+def test_kv_merge_recipe_trains_the_fused_heads_then_lora_and_saves_a_plain_gqa_model(workdir):
+    recipe = workdir / "kv_merge.yaml"
+    recipe.write_text(f"""
+model: {workdir / 'tiny'}
+attention: {{method: kv_merge, params: {{kv_heads: 1}}}}
+data: {{train: [{workdir / 'train.txt'}], eval: [{workdir / 'eval.txt'}], seq_len: 32, train_tokens: 4000, eval_tokens: 256}}
+stage1: {{steps: 8, lr: 0.001, batch_size: 4, eval_every: 4, checkpoint_every: 4}}
+stage2: {{steps: 6, lr: 0.01, batch_size: 4, eval_every: 3, checkpoint_every: 3}}
+output_dir: {workdir / 'kv_merge'}
+""")
+    launch(recipe)
+    summary = json.loads((workdir / "kv_merge" / "summary.json").read_text())
+    stage1 = summary["stages"]["stage1"]
+    assert stage1["eval_loss_last"] < 0.95 * stage1["eval_loss_first"], stage1["history"]  # distillation loss fell
+    history = summary["stages"]["stage2"]["history"]
+    assert history[-1]["eval_lm_loss"] < history[0]["eval_lm_loss"]
+    probe = torch.load(workdir / "kv_merge" / "probe.pt")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(workdir / "kv_merge" / "final").eval()
+    assert plain.config.num_key_value_heads == 1 and plain.model.layers[0].self_attn.k_proj.out_features == 16
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-5)
+
+
 def test_bad_recipes_fail_clearly(tmp_path):
     base = {"model": "x", "attention": {"method": "lolcats"}, "data": {}}
     with pytest.raises(PatchError, match=r"unknown field\(s\) \['step'\] in 'stage1'"):

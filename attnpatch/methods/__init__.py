@@ -2,6 +2,7 @@
 The registry (attnpatch/registry.py) registers BUILTIN_METHODS by name."""
 
 from .heads.duo import DuoHeads
+from .heads.kv_merge import KVMerge
 from .heads.prune import PruneHeads
 from .kv import H2O, TOVA, KeyDiff, KNorm, KVQuant, KVzip, PyramidKV, SnapKV, StreamingLLM
 from .linear.linear import LinearAttention
@@ -30,7 +31,7 @@ BUILTIN_METHODS = (
     # head-pruned
     PruneHeads, DuoHeads,
     # kv-compressed
-    StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, KeyDiff, KVzip, KVQuant,
+    StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, KeyDiff, KVzip, KVQuant, KVMerge,
     # sink-recalibrated
     AttentionCalibration, GatedAttention, VisualAttentionRedistribution,
     # tokens

@@ -163,6 +163,11 @@ class Method:
         patching again (e.g. stripping the zero heads a pruned checkpoint carries)."""
         return []
 
+    def transfer_modules(self) -> list:
+        """Modules whose own parameters attention transfer trains besides the attnpatch_ ones
+        `attach` added (a structural method's new projections, which keep the model's names)."""
+        return []
+
     def uses_state(self) -> bool:
         """True when decoding keeps this method's own cache layer."""
         return self.cache_layer_class is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..api import patched_methods
 from ..errors import PatchError
 from .config import StageConfig
 
@@ -17,6 +18,13 @@ def is_attnpatch(name: str) -> bool:
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def transfer_modules(model) -> list[torch.nn.Module]:
+    """The modules the patched methods train in attention transfer besides attnpatch_ parameters
+    (found through the patch record of the model peft may wrap)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [module for method in patched_methods(base) for module in method.transfer_modules()]
 
 
 def with_lora(model, stage2: StageConfig, seed: int):
@@ -39,6 +47,10 @@ def train_only(model, stage: str, stage2: StageConfig) -> None:
             p.requires_grad_(is_attnpatch(name))
         else:
             p.requires_grad_("lora_" in name or (stage2.train_attnpatch and is_attnpatch(name)))
+    if stage == "stage1":  # structural methods' students keep the model's names (kv_merge's projections)
+        for module in transfer_modules(model):
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(True)
     if stage == "stage2" and not trainable(model):
         raise PatchError("stage2 has nothing to train: set lora_r > 0, or train_attnpatch: true for a method "
                          "with parameters (list_methods() says which train)")

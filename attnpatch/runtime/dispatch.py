@@ -59,6 +59,12 @@ def attention_transfer(attention_ce: float = 0.0):
         _transfer.reset(token)
 
 
+def active_transfer() -> tuple[list, float] | None:
+    """(losses, attention_ce) while `attention_transfer` runs, else None: for methods whose student
+    is not an attention function (structural ones compare whole attention modules instead)."""
+    return _transfer.get()
+
+
 def attention_cross_entropy(teacher: torch.Tensor, student: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """-sum_j teacher_ij log student_ij, averaged over every query row (rows of teacher that are all
     zero, e.g. padding queries, contribute 0)."""

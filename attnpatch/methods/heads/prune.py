@@ -18,7 +18,7 @@ from collections import defaultdict
 
 from ...errors import PatchError
 from ..base import INTERVENTIONS_ATTR, Method, ParamSpec
-from .surgery import HeadArrangement, gather_blocks, padded_blocks, sliced_linear, unpadded_blocks, zero_heads
+from .surgery import HeadArrangement, config_update, gather_blocks, padded_blocks, sliced_linear, unpadded_blocks, zero_heads
 
 
 def _full_geometry(config) -> tuple[int, int]:
@@ -122,10 +122,10 @@ class PruneHeads(Method):
         if not any(method.config["heads"] for _, method in placements):
             raise PatchError("prune_heads got no heads to remove: pass heads=[...] per layer (layer_params={layer: "
                              "{'heads': [...]}}); head_importance(model, batches).plan(ratio=...) builds that config")
-        changed = []
         towers = defaultdict(list)
         for site in adapter.sites(model):
             towers[site.tower].append(site)
+        updates = []
         for tower in sorted({site.tower for site, _ in placements}):
             sites = towers[tower]
             config = sites[0].module.config
@@ -138,28 +138,14 @@ class PruneHeads(Method):
                 values["num_key_value_heads"] = kv
             elif group != 1:
                 raise PatchError(f"{tower} has grouped kv heads but its config has no num_key_value_heads")
-            old = {name: config.__dict__.get(name, _MISSING) for name in values}
-            changed.append((config, old))
-            for name, value in values.items():
-                setattr(config, name, value)
-
-        def undo():
-            for config, old in reversed(changed):
-                for name, value in old.items():
-                    if value is _MISSING:
-                        config.__dict__.pop(name, None)
-                    else:
-                        setattr(config, name, value)
-
-        return undo
+            updates.append((config, values))
+        return config_update(updates)
 
     @classmethod
     def after_reload(cls, sites) -> list[dict]:
         """A checkpoint saved from a pruned model holds zero heads where layers were narrower; strip them."""
         return zero_head_patches(sites)
 
-
-_MISSING = object()
 
 
 def zero_head_patches(sites, towers: list[str] | None = None) -> list[dict]:

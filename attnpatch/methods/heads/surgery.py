@@ -119,3 +119,26 @@ def zero_heads(out_proj: nn.Linear, head_dim: int) -> list[int]:
     padding a saved pruned checkpoint carries)."""
     blocks = out_proj.weight.detach().reshape(out_proj.out_features, -1, head_dim)
     return [h for h in range(blocks.shape[1]) if not bool(blocks[:, h].any())]
+
+
+_MISSING = object()
+
+
+def config_update(updates: list[tuple[object, dict]]):
+    """Set config fields (a structural patch's new head counts) and return the function that puts
+    the previous values back (fields the config did not have are removed again)."""
+    changed = []
+    for config, values in updates:
+        changed.append((config, {name: config.__dict__.get(name, _MISSING) for name in values}))
+        for name, value in values.items():
+            setattr(config, name, value)
+
+    def undo():
+        for config, old in reversed(changed):
+            for name, value in old.items():
+                if value is _MISSING:
+                    config.__dict__.pop(name, None)
+                else:
+                    setattr(config, name, value)
+
+    return undo
