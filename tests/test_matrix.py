@@ -1,6 +1,6 @@
 """Every method in every dtype, and every decoder method on a left-padded batch.
 
-1. dtype: each of the 24 methods runs in float32, bfloat16 and float16 on each tiny model kind it
+1. dtype: each of the 26 methods runs in float32, bfloat16 and float16 on each tiny model kind it
    supports (decoder: Llama; encoder: ViT; VLM methods: Llava). Decoders are measured on a prefill
    of a left-padded batch plus 4 cached decoding steps, so cache-keeping methods run their cache.
    Tolerance (stated): no NaN or inf, and the half-precision output's largest difference from the same
@@ -52,6 +52,8 @@ CASES = {
     **{name: (["llama"], params) for name, params in KV.items()},
     "kv_quant": (["llama"], {"group": 8, "residual": 2, "sinks": 1, "bits": 4}),
     "prune_heads": (["llama", "vit"], {}),
+    "kv_merge": (["llama"], {"kv_heads": 1}),
+    "mla": (["llama"], {"rank": 16}),
     "visual_token_prune": (["llava"], {"ratio": 0.5}),
     "var": (["llava"], {"p": 1.0, "rho": 0.0, "tau": 1.5, "dims": [0, 1, 2, 3]}),
 }
@@ -161,15 +163,21 @@ def assert_active(name: str, model, model_name: str, cache, before_params: int):
     if name == "prune_heads":
         assert sum(p.numel() for p in model.parameters()) < before_params
         return
+    if name == "kv_merge":  # structural: fewer kv heads in the projections and in the cache itself
+        assert sum(p.numel() for p in model.parameters()) < before_params
+        assert all(layer.keys.shape[1] == 1 for layer in cache.layers)
+        float32_bytes = cache_nbytes(cache) * 4 // cache.layers[0].keys.element_size()
+        assert float32_bytes * 2 == dense_cache_bytes(model_name)  # 2 kv heads -> 1
+        return
     assert all(m.calls > 0 for m in methods), f"{name}: some patched modules were never called"
     if name == "visual_token_prune":  # the language model saw fewer tokens than the prompt has
         ids = llava_inputs(model, left_pad=PAD)[0]
         assert cache.get_seq_length() < ids.shape[1] + STEPS
     if name == "var":  # visual sinks were found and redistributed in some layer
         assert any(m.sinks is not None and bool(m.sinks.any()) for m in methods)
-    if name in KV or name in ("kv_quant", "duo_heads"):
+    if name in KV or name in ("kv_quant", "duo_heads", "mla"):
         layers = [cache.layers[m.site.layer] for m in methods]
-        expected = {"kv_quant": "QuantizedKVLayer", "duo_heads": "DuoHeadLayer"}.get(name, "CompressedKVLayer")
+        expected = {"kv_quant": "QuantizedKVLayer", "duo_heads": "DuoHeadLayer", "mla": "LatentKVLayer"}.get(name, "CompressedKVLayer")
         assert all(type(layer).__name__ == expected for layer in layers), (name, [type(x) for x in layers])
         assert cache_nbytes(cache) < dense_cache_bytes(model_name)
 

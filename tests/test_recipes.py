@@ -158,6 +158,27 @@ output_dir: {workdir / 'kv_merge'}
         assert torch.allclose(plain(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-5)
 
 
+def test_mla_recipe_distils_the_latent_and_reloads(workdir):
+    recipe = workdir / "mla.yaml"
+    recipe.write_text(f"""
+model: {workdir / 'tiny'}
+attention: {{method: mla, params: {{rank: 8}}}}
+data: {{train: [{workdir / 'train.txt'}], eval: [{workdir / 'eval.txt'}], seq_len: 32, train_tokens: 4000, eval_tokens: 256}}
+stage1: {{steps: 8, lr: 0.01, batch_size: 4, eval_every: 4, checkpoint_every: 4}}
+stage2: {{steps: 0}}
+output_dir: {workdir / 'mla'}
+""")
+    launch(recipe)
+    summary = json.loads((workdir / "mla" / "summary.json").read_text())
+    stage1 = summary["stages"]["stage1"]
+    assert stage1["eval_loss_last"] < 0.9 * stage1["eval_loss_first"], stage1["history"]
+    model = load_patched(workdir / "mla" / "final").eval()
+    assert patched_configs(model)[0].method == "mla"
+    probe = torch.load(workdir / "mla" / "probe.pt")
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-6)
+
+
 def test_bad_recipes_fail_clearly(tmp_path):
     base = {"model": "x", "attention": {"method": "lolcats"}, "data": {}}
     with pytest.raises(PatchError, match=r"unknown field\(s\) \['step'\] in 'stage1'"):

@@ -5,6 +5,7 @@ from .heads.duo import DuoHeads
 from .heads.kv_merge import KVMerge
 from .heads.prune import PruneHeads
 from .kv import H2O, TOVA, KeyDiff, KNorm, KVQuant, KVzip, PyramidKV, SnapKV, StreamingLLM
+from .kv.mla import MultiHeadLatentAttention
 from .linear.linear import LinearAttention
 from .linear.lolcats import LolcatsAttention
 from .reference import SoftmaxAttention
@@ -32,6 +33,7 @@ BUILTIN_METHODS = (
     PruneHeads, DuoHeads,
     # kv-compressed
     StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, KeyDiff, KVzip, KVQuant, KVMerge,
+    MultiHeadLatentAttention,
     # sink-recalibrated
     AttentionCalibration, GatedAttention, VisualAttentionRedistribution,
     # tokens

@@ -4,8 +4,9 @@ reporting the sequence length and mask geometry of the layer it replaces."""
 from .base import FullLengthGeometry, MappedBatchOps
 from .compressed import CompressedKVLayer
 from .duo import DuoHeadLayer
+from .latent import LatentKVLayer
 from .quantized import QuantizedKVLayer
 from .recurrent import HybridWindowLayer, RecurrentStateLayer
 
-__all__ = ["CompressedKVLayer", "DuoHeadLayer", "FullLengthGeometry", "HybridWindowLayer", "MappedBatchOps",
+__all__ = ["CompressedKVLayer", "DuoHeadLayer", "FullLengthGeometry", "HybridWindowLayer", "LatentKVLayer", "MappedBatchOps",
            "QuantizedKVLayer", "RecurrentStateLayer"]

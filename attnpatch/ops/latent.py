@@ -1,0 +1,88 @@
+"""Low-rank latents of keys and values (the math of `mla`), with no model knowledge.
+
+Keys are rotated by RoPE before they are cached. RoPE (rotate_half layout) turns dims f and
+f + D/2 of every head by the same angle: read as one complex number z_f = k_f + i k_{f+D/2} per head,
+a position multiplies z_f of all heads by e^{i p theta_f}. A latent that mixes heads *within* one
+frequency with complex weights, c_f = Down_f z_f, is therefore rotated the same way, and the rotated
+keys are rebuilt from the rotated latent, Up_f c_f, without knowing positions. So the cache holds
+the latent of keys after RoPE, and at full rank rebuilding is exact. The start is the complex SVD
+of each frequency's (heads x inputs) projection; the rank goes to the largest singular values over
+all frequencies. Values are not rotated: their latent is the top of the SVD of the value projection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """weight with the bias as one more input column (a constant input of 1), in float32."""
+    w = weight.detach().float()
+    return w if bias is None else torch.cat([w, bias.detach().float()[:, None]], dim=1)
+
+
+def key_factors(weight: torch.Tensor, bias: torch.Tensor | None, heads: int, pairs: int, full_rank_pairs: int):
+    """The start of the key latent from a key projection (heads*D x inputs).
+
+    Returns down, up (2, F, heads, heads): real and imaginary parts of Down_f (slot x head) and
+    Up_f (head x slot), and slots (F, heads) bool: the `pairs` complex slots kept, the first
+    `full_rank_pairs` frequencies (RoPE's fastest) whole, the rest by singular value."""
+    w = _augmented(weight, bias)
+    half = w.shape[0] // heads // 2
+    per_head = w.reshape(heads, 2, half, -1)
+    matrices = torch.complex(per_head[:, 0], per_head[:, 1]).transpose(0, 1)  # (F, heads, inputs)
+    u, s, _ = torch.linalg.svd(matrices, full_matrices=False)  # u (F, heads, heads), s (F, heads)
+    priority = s.clone()
+    priority[:full_rank_pairs] = float("inf")
+    order = priority.flatten().argsort(descending=True, stable=True)[:pairs]
+    slots = torch.zeros(half * heads, dtype=torch.bool)
+    slots[order] = True
+    down = u.conj().transpose(1, 2)
+    return (torch.stack([down.real, down.imag]), torch.stack([u.real, u.imag]), slots.reshape(half, heads))
+
+
+def value_factors(weight: torch.Tensor, bias: torch.Tensor | None, rank: int):
+    """down (rank x heads*D), up (heads*D x rank): the top-`rank` left singular vectors of the value projection."""
+    u, _, _ = torch.linalg.svd(_augmented(weight, bias), full_matrices=False)
+    top = u[:, :rank]
+    return top.T.contiguous(), top.contiguous()
+
+
+def _complex_mix(weights: torch.Tensor, real: torch.Tensor, imag: torch.Tensor, pattern: str):
+    a, b = weights[0].to(real.dtype), weights[1].to(real.dtype)
+    return (torch.einsum(pattern, a, real) - torch.einsum(pattern, b, imag),
+            torch.einsum(pattern, a, imag) + torch.einsum(pattern, b, real))
+
+
+def compress_keys(keys: torch.Tensor, down: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, D) rotated keys -> (B, 1, L, 2 * kept slots) rotated latent."""
+    half = keys.shape[-1] // 2
+    real, imag = _complex_mix(down, keys[..., :half], keys[..., half:], "fsh,bhlf->blfs")
+    keep = slots.flatten().nonzero().squeeze(-1)
+    flat = lambda t: t.flatten(2).index_select(-1, keep)  # noqa: E731
+    return torch.cat([flat(real), flat(imag)], dim=-1).unsqueeze(1)
+
+
+def expand_keys(latent: torch.Tensor, up: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The inverse of `compress_keys`: (B, 1, L, 2n) -> (B, heads, L, D)."""
+    half, heads = slots.shape
+    keep = slots.flatten().nonzero().squeeze(-1)
+    b, _, length, _ = latent.shape
+    parts = []
+    for part in latent[:, 0].chunk(2, dim=-1):
+        full = latent.new_zeros(b, length, half * heads)
+        full[..., keep] = part
+        parts.append(full.reshape(b, length, half, heads))
+    real, imag = _complex_mix(up, *parts, "fhs,blfs->bhlf")
+    return torch.cat([real, imag], dim=-1)
+
+
+def compress_values(values: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, D) -> (B, 1, L, rank)."""
+    return (values.transpose(1, 2).flatten(2) @ down.to(values.dtype).T).unsqueeze(1)
+
+
+def expand_values(latent: torch.Tensor, up: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, 1, L, rank) -> (B, heads, L, D)."""
+    flat = latent[:, 0] @ up.to(latent.dtype).T
+    return flat.unflatten(-1, (heads, -1)).transpose(1, 2)

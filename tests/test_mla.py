@@ -1,0 +1,129 @@
+"""mla: exact at full rank, the latent against a direct complex-SVD projection, rotation commuting
+with the latent (why the cache can hold it after RoPE), cache bytes, padded generate, save/reload,
+attention transfer, errors."""
+
+import math
+
+import pytest
+import tiny_models as tm
+import torch
+from transformers import DynamicCache
+
+from attnpatch import PatchError, load_patched, patch_model, patched_methods, save_patched, unpatch_model
+from attnpatch.ops.latent import compress_keys, expand_keys, key_factors
+from attnpatch.runtime.cache import cache_kwargs, cache_nbytes
+from attnpatch.runtime.dispatch import attention_transfer
+
+FULL = 2 * 16  # kv heads x head_dim of the tiny decoders
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])  # qwen2: k/v biases, qwen3: key norm before RoPE
+def test_full_rank_is_the_dense_model_and_lower_ranks_change_it(name):
+    model = tm.build(name)
+    dense = tm.run(name, model, left_pad=3)
+    patch_model(model, "mla", rank=FULL)
+    assert torch.allclose(tm.run(name, model, left_pad=3), dense, atol=1e-5)
+    unpatch_model(model)
+    patch_model(model, "mla", rank=FULL // 4)
+    assert (tm.run(name, model, left_pad=3) - dense).abs().max() > 1e-2
+    assert all(method.calls > 0 for method in patched_methods(model))
+    unpatch_model(model)
+    assert torch.equal(tm.run(name, model, left_pad=3), dense)
+
+
+def rotate(keys, angles):
+    """RoPE's rotate_half rotation of (B, H, L, D) keys by per-(L, frequency) angles."""
+    half = keys.shape[-1] // 2
+    cos, sin = angles.cos(), angles.sin()
+    real, imag = keys[..., :half], keys[..., half:]
+    return torch.cat([real * cos - imag * sin, imag * cos + real * sin], dim=-1)
+
+
+def test_latent_is_the_complex_svd_projection_and_commutes_with_rope():
+    torch.manual_seed(0)
+    heads, dim, inputs, pairs = 3, 8, 20, 5
+    weight = torch.randn(heads * dim, inputs)
+    down, up, slots = key_factors(weight, None, heads, pairs, full_rank_pairs=1)
+    assert slots[0].all() and int(slots.sum()) == pairs  # the fastest frequency whole, then by singular value
+    keys = torch.randn(2, heads, 7, dim)
+    rebuilt = expand_keys(compress_keys(keys, down, slots), up, slots)
+    # the reference, one frequency at a time: project the heads' complex pair onto the kept singular vectors
+    half = dim // 2
+    singular = []
+    for f in range(half):
+        m = torch.complex(weight.reshape(heads, 2, half, inputs)[:, 0, f], weight.reshape(heads, 2, half, inputs)[:, 1, f])
+        u, s, _ = torch.linalg.svd(m, full_matrices=False)
+        singular.append(s)
+        z = torch.complex(keys[..., f], keys[..., f + half])  # (B, H, L)
+        kept = u[:, slots[f]]
+        projected = torch.einsum("hs,gs,bgl->bhl", kept, kept.conj(), z)
+        assert torch.allclose(rebuilt[..., f], projected.real, atol=1e-5)
+        assert torch.allclose(rebuilt[..., f + half], projected.imag, atol=1e-5)
+    chosen = torch.stack(singular)[1:][slots[1:]]
+    dropped = torch.stack(singular)[1:][~slots[1:]]
+    assert chosen.min() >= dropped.max()
+    angles = torch.rand(7, half) * 2 * math.pi
+    assert torch.allclose(expand_keys(compress_keys(rotate(keys, angles), down, slots), up, slots),
+                          rotate(rebuilt, angles), atol=1e-5)
+
+
+def test_cache_holds_the_latent_and_padded_generate_matches_rows_alone():
+    model = tm.build("llama")
+    ids, mask = tm.text_batch(length=20, left_pad=4)
+
+    def generate(rows, attention, **kwargs):
+        cache = DynamicCache(config=model.config)
+        out = model.generate(rows, attention_mask=attention, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             **cache_kwargs(model, cache), **kwargs)
+        return out, cache
+
+    _, dense_cache = generate(ids, mask)
+    patch_model(model, "mla", rank=8)
+    out, cache = generate(ids, mask)
+    assert type(cache.layers[0]).__name__ == "LatentKVLayer" and cache.layers[0].keys.shape[-1] == 8
+    assert cache_nbytes(cache) * 4 == cache_nbytes(dense_cache)  # 8 of 32 dims for keys and for values
+    uncached = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              use_cache=False)
+    assert torch.equal(out, uncached)  # the latent cache changes memory, not the function
+    alone, _ = generate(ids[:1, 4:], mask[:1, 4:])
+    assert torch.equal(out[0, 4:], alone[0])
+
+
+def test_saved_factors_reload_and_transfer_trains_them(tmp_path):
+    model = tm.build("qwen2")
+    patch_model(model, "mla", rank=12, rope_dims=2)
+    method = patched_methods(model)[0]
+    assert method.site.module.attnpatch_key_slots[0].all()  # rope_dims=2: the fastest pair whole in each head
+    ids, _ = tm.text_batch()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trained = [p for n, p in model.named_parameters() if "attnpatch_" in n]
+    assert len(trained) == 4 * 3
+    for p in trained:
+        p.requires_grad_(True)
+    with attention_transfer(attention_ce=0.1) as losses:
+        model(input_ids=ids, use_cache=False)
+    assert len(losses) == 3 and all(float(loss.detach()) > 0 for loss in losses)
+    sum(losses).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    with torch.no_grad():
+        for p in trained:
+            p.add_(0.01 * p.grad.sign())
+    changed = tm.run("qwen2", model)
+    save_patched(model, tmp_path / "mla")
+    reloaded = load_patched(tmp_path / "mla").eval()
+    assert torch.allclose(tm.run("qwen2", reloaded), changed, atol=1e-6)
+
+
+def test_errors_name_the_problem():
+    model = tm.build("llama")
+    before = tm.run("llama", model)
+    for params, match in (({"rank": 33}, "even and at most"), ({"rank": 64}, "at most kv heads x head_dim = 32"),
+                          ({"rank": 8, "rope_dims": 6}, "rope_dims x kv heads"), ({"rope_dims": 3}, "must be even")):
+        with pytest.raises(PatchError, match=match):
+            patch_model(model, "mla", **params)
+    assert torch.equal(tm.run("llama", model), before)
+    with pytest.raises(PatchError, match="fused qkv"):
+        patch_model(tm.build("phi3"), "mla")
+    with pytest.raises(PatchError, match="supports \\['decoder'\\]"):
+        patch_model(tm.build("vit"), "mla")
