@@ -127,3 +127,37 @@ def test_errors_name_the_problem():
         patch_model(tm.build("phi3"), "mla")
     with pytest.raises(PatchError, match="supports \\['decoder'\\]"):
         patch_model(tm.build("vit"), "mla")
+
+
+def test_calibration_starts_the_latent_from_the_measured_activations():
+    """Principal components of the measured keys and values keep more of them than the projections'
+    SVD: the rebuilt K/V of the calibration batches are closer, and so are the outputs."""
+    from attnpatch.analysis.latent_calibration import calibrate_latent
+    from attnpatch.runtime.dispatch import observe_attention
+
+    model = tm.build("llama")
+    with torch.no_grad():  # trained models' hidden states are far from isotropic: give the tiny one outlier channels
+        model.model.embed_tokens.weight[:, :4] *= 30
+    batches = [torch.randint(3, tm.V - 2, (2, 24), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    with torch.no_grad():
+        dense = [model(input_ids=b).logits for b in batches]
+
+    def kv_error():
+        errors = []
+
+        def observe(call, out):
+            rebuilt = patched_methods(model)[call.module.layer_idx].rebuilt(call)
+            errors.append(float((rebuilt.key - call.key).pow(2).sum() + (rebuilt.value - call.value).pow(2).sum()))
+            return out
+
+        with torch.no_grad(), observe_attention(observe):
+            logits = [model(input_ids=b, use_cache=False).logits for b in batches]
+        return sum(errors), sum(float((a - b).abs().max()) for a, b in zip(logits, dense))
+
+    patch_model(model, "mla", rank=8)
+    svd_error, svd_output = kv_error()
+    assert calibrate_latent(model, batches, progress=False) == {"tokens": 4 * 2 * 24, "layers": 3}
+    calibrated_error, calibrated_output = kv_error()
+    assert calibrated_error < 0.8 * svd_error and calibrated_output < svd_output
+    with pytest.raises(PatchError, match="patched with mla"):
+        calibrate_latent(tm.build("llama"), batches)

@@ -16,35 +16,49 @@ import torch
 
 
 def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """weight with the bias as one more input column (a constant input of 1), in float32."""
-    w = weight.detach().float()
-    return w if bias is None else torch.cat([w, bias.detach().float()[:, None]], dim=1)
+    """weight with the bias as one more input column (a constant input of 1), in float64."""
+    w = weight.detach().double()
+    return torch.cat([w, w.new_zeros(w.shape[0], 1) if bias is None else bias.detach().double()[:, None]], dim=1)
 
 
-def key_factors(weight: torch.Tensor, bias: torch.Tensor | None, heads: int, pairs: int, full_rank_pairs: int):
+def _inputs(covariance: torch.Tensor | None, size: int) -> torch.Tensor:
+    """E[x x^T] of the augmented inputs [x, 1]; the identity when nothing was measured (then the
+    factors are the plain SVD of the weights)."""
+    return torch.eye(size, dtype=torch.float64) if covariance is None else covariance.double()
+
+
+def key_factors(weight, bias, heads: int, pairs: int, full_rank_pairs: int, covariance: torch.Tensor | None = None):
     """The start of the key latent from a key projection (heads*D x inputs).
 
-    Returns down, up (2, F, heads, heads): real and imaginary parts of Down_f (slot x head) and
-    Up_f (head x slot), and slots (F, heads) bool: the `pairs` complex slots kept, the first
-    `full_rank_pairs` frequencies (RoPE's fastest) whole, the rest by singular value."""
+    The slots of frequency f are the eigenvectors of its keys' (heads x heads) complex covariance
+    M_f E[x x^T] M_f^H, where M_f holds row f + i row f+D/2 of every head (with measured inputs:
+    the keys' principal components; without: the projection's SVD). Returns down, up
+    (2, F, heads, heads): real and imaginary parts of Down_f (slot x head) and Up_f (head x slot),
+    and slots (F, heads) bool: the `pairs` kept, the first `full_rank_pairs` frequencies (RoPE's
+    fastest) whole, the rest by eigenvalue over all frequencies."""
     w = _augmented(weight, bias)
     half = w.shape[0] // heads // 2
     per_head = w.reshape(heads, 2, half, -1)
-    matrices = torch.complex(per_head[:, 0], per_head[:, 1]).transpose(0, 1)  # (F, heads, inputs)
-    u, s, _ = torch.linalg.svd(matrices, full_matrices=False)  # u (F, heads, heads), s (F, heads)
-    priority = s.clone()
+    m = torch.complex(per_head[:, 0], per_head[:, 1]).transpose(0, 1)  # (F, heads, inputs)
+    sigma = _inputs(covariance, w.shape[1]).to(m.dtype)
+    energy, u = torch.linalg.eigh(m @ sigma @ m.conj().transpose(1, 2))  # ascending
+    energy, u = energy.flip(-1), u.flip(-1)
+    priority = energy.clone()
     priority[:full_rank_pairs] = float("inf")
     order = priority.flatten().argsort(descending=True, stable=True)[:pairs]
     slots = torch.zeros(half * heads, dtype=torch.bool)
     slots[order] = True
     down = u.conj().transpose(1, 2)
-    return (torch.stack([down.real, down.imag]), torch.stack([u.real, u.imag]), slots.reshape(half, heads))
+    return (torch.stack([down.real, down.imag]).float(), torch.stack([u.real, u.imag]).float(),
+            slots.reshape(half, heads))
 
 
-def value_factors(weight: torch.Tensor, bias: torch.Tensor | None, rank: int):
-    """down (rank x heads*D), up (heads*D x rank): the top-`rank` left singular vectors of the value projection."""
-    u, _, _ = torch.linalg.svd(_augmented(weight, bias), full_matrices=False)
-    top = u[:, :rank]
+def value_factors(weight, bias, rank: int, covariance: torch.Tensor | None = None):
+    """down (rank x heads*D), up (heads*D x rank): the top-`rank` eigenvectors of the values'
+    covariance W E[x x^T] W^T (without measured inputs: the left singular vectors of W)."""
+    w = _augmented(weight, bias)
+    _, u = torch.linalg.eigh(w @ _inputs(covariance, w.shape[1]) @ w.T)
+    top = u.flip(-1)[:, :rank].float()
     return top.T.contiguous(), top.contiguous()
 
 

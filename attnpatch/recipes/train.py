@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.latent_calibration import calibrate_latent
 from ..api import patch_model, save_patched
 from ..config import PatchConfig
 from ..errors import PatchError
@@ -25,6 +26,15 @@ from .config import RecipeConfig
 from .data import packed_blocks
 from .model_setup import DTYPES, checkpointing, is_attnpatch, train_only, with_lora
 from .stages import evaluate_loss, run_stage, state_digest
+
+
+def _patch(model, config: RecipeConfig, train: torch.Tensor, summary: dict) -> None:
+    """The recipe's attention patch; a latent (mla) starts from the activations of the first
+    `calibration_blocks` training blocks."""
+    patch_model(model, PatchConfig.from_dict(config.attention))
+    if config.attention["method"] == "mla" and config.calibration_blocks:
+        blocks = train[: config.calibration_blocks]
+        summary["latent_calibration"] = calibrate_latent(model, blocks.split(max(config.stage1.batch_size, 1)))
 
 
 def _prune(model, prune, train: torch.Tensor) -> dict:
@@ -85,7 +95,7 @@ def convert(config: RecipeConfig) -> Path:
     if sharded:
         # everything that trains exists before sharding: the patch, then LoRA (B = 0: no change yet)
         if config.attention is not None:
-            patch_model(model, PatchConfig.from_dict(config.attention))
+            _patch(model, config, train, summary)
         if use_lora:
             model = with_lora(model, config.stage2, config.seed)
         for p in model.parameters():
@@ -108,7 +118,7 @@ def convert(config: RecipeConfig) -> Path:
                           f"{summary['pruning']['params_before'] / 1e6:.2f}M -> "
                           f"{summary['pruning']['params_after'] / 1e6:.2f}M parameters")
     if config.attention is not None and not sharded:
-        patch_model(model, PatchConfig.from_dict(config.attention))
+        _patch(model, config, train, summary)
     summary["untrained_eval_perplexity"] = math.exp(min(evaluate_loss(model, evaluation, "stage2", batch,
                                                                   accelerator), 50.0))
     accelerator.print(f"eval perplexity: dense {summary['dense_eval_perplexity']:.2f}, "

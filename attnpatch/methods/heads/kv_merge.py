@@ -24,9 +24,10 @@ from torch import nn
 from ...errors import PatchError
 from ...runtime.dispatch import active_transfer
 from ..base import INTERVENTIONS_ATTR, Method, ParamSpec
+from ...ops.head_alignment import key_phases, rotate_pairs, value_rotations
 from .surgery import config_update, gather_blocks, sliced_linear
 
-FUSIONS = ("mean", "first")
+FUSIONS = ("mean", "first", "aligned")
 GROUPINGS = ("adjacent", "similarity")
 
 
@@ -65,6 +66,46 @@ def fused_linear(linear: nn.Linear, groups: list[tuple[int, ...]], size: int, fu
     return new
 
 
+def _rows(linear: nn.Linear) -> torch.Tensor:
+    """weight with the bias as one more input column: rows turn together with their bias."""
+    w = linear.weight.detach()
+    return w if linear.bias is None else torch.cat([w, linear.bias.detach()[:, None]], dim=1)
+
+
+def _with_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    new = sliced_linear(linear, list(range(linear.out_features)), 1, rows=True)
+    with torch.no_grad():
+        new.weight.copy_(rows[:, : linear.in_features])
+        if linear.bias is not None:
+            new.bias.copy_(rows[:, -1])
+    return new
+
+
+def aligned_heads(q: nn.Linear, k: nn.Linear, v: nn.Linear, out: nn.Linear, groups, group_size: int, size: int):
+    """Copies of the projections computing exactly the same attention, with each fused group's key
+    and value heads turned onto the group's consensus (ops/head_alignment.py): key pairs by RoPE-
+    commuting phases (the queries reading them turn alike), values by rotations the output
+    projection undoes. Averaging them afterwards loses less than averaging raw heads."""
+    q_rows, k_rows, v_rows = (_rows(p).clone() for p in (q, k, v))
+    out_weight = out.weight.detach().clone()
+    for members in groups:
+        index = list(members)
+        keys = torch.stack([k_rows[i * size:(i + 1) * size] for i in index])
+        values = torch.stack([v_rows[i * size:(i + 1) * size] for i in index])
+        phases, rotations = key_phases(keys), value_rotations(values)
+        for j, i in enumerate(index):
+            k_rows[i * size:(i + 1) * size] = rotate_pairs(keys[j], phases[j])
+            v_rows[i * size:(i + 1) * size] = (rotations[j] @ values[j].float()).to(v_rows.dtype)
+            for h in range(i * group_size, (i + 1) * group_size):
+                block = slice(h * size, (h + 1) * size)
+                q_rows[block] = rotate_pairs(q_rows[block], phases[j])
+                out_weight[:, block] = (out_weight[:, block].float() @ rotations[j].T).to(out_weight.dtype)
+    aligned_out = sliced_linear(out, list(range(out.in_features)), 1, rows=False)
+    with torch.no_grad():
+        aligned_out.weight.copy_(out_weight)
+    return _with_rows(q, q_rows), _with_rows(k, k_rows), _with_rows(v, v_rows), aligned_out
+
+
 def repeated_kv(kv_heads: int, full_kv_heads: int) -> list[int]:
     """kv head of a layer with `kv_heads` that each of `full_kv_heads` slots repeats (query head h
     uses slot h // (H / full) in the wider layout, which holds the same kv head as h // (H / kv_heads))."""
@@ -95,7 +136,8 @@ class KVMerge(Method):
     params = (
         ParamSpec("kv_heads", int, 1, "kv heads this layer keeps; must divide its current kv heads (1 = multi-query)",
                   low=1),
-        ParamSpec("fusion", str, "mean", "how a group's projections become one: mean (GQA uptraining) or first",
+        ParamSpec("fusion", str, "mean", "how a group's projections become one: mean (GQA uptraining), first, or "
+                  "aligned (each head turned onto the group's consensus first, queries and output turned alike)",
                   choices=FUSIONS),
         ParamSpec("grouping", str, "adjacent", "which kv heads fuse: adjacent ones, or the most similar projections",
                   choices=GROUPINGS),
@@ -108,6 +150,11 @@ class KVMerge(Method):
         if site.module.__dict__.get(INTERVENTIONS_ATTR):
             raise PatchError(f"{site.label} is already patched ({sorted(site.module.__dict__[INTERVENTIONS_ATTR])}); "
                              "merge kv heads first: unpatch_model, patch kv_merge, then patch the other methods")
+        norms = [name for name in ("q_norm", "k_norm") if isinstance(getattr(site.module, name, None), nn.Module)]
+        if self.config["fusion"] == "aligned" and norms:
+            raise PatchError(f"kv_merge fusion='aligned' turns key heads inside their projections, which {site.label} "
+                             f"normalises afterwards ({', '.join(norms)}), so the turn would change the model; use "
+                             "fusion='mean' for this model")
         target = self.config["kv_heads"]
         if site.num_kv_heads % target:
             divisors = [d for d in range(1, site.num_kv_heads + 1) if site.num_kv_heads % d == 0]
@@ -122,11 +169,16 @@ class KVMerge(Method):
         self.groups = merge_groups(stacked, self.config["kv_heads"], self.config["grouping"])
         group = site.num_heads // site.num_kv_heads
         query_order = [kv * group + i for members in self.groups for kv in members for i in range(group)]
-        replacements = {k: fused_linear(self._original[k], self.groups, size, self.config["fusion"]),
-                        v: fused_linear(self._original[v], self.groups, size, self.config["fusion"])}
-        if query_order != list(range(site.num_heads)):
-            replacements[q] = sliced_linear(self._original[q], query_order, size, rows=True)
-            replacements[out] = sliced_linear(self._original[out], query_order, size, rows=False)
+        fusion, source = self.config["fusion"], dict(self._original)
+        if fusion == "aligned":  # the same attention in aligned coordinates, then averaged
+            source = dict(zip((q, k, v, out), aligned_heads(*(self._original[p] for p in (q, k, v, out)),
+                                                            self.groups, group, size)))
+            fusion = "mean"
+        replacements = {k: fused_linear(source[k], self.groups, size, fusion),
+                        v: fused_linear(source[v], self.groups, size, fusion)}
+        if query_order != list(range(site.num_heads)) or source[q] is not self._original[q]:
+            replacements[q] = sliced_linear(source[q], query_order, size, rows=True)
+            replacements[out] = sliced_linear(source[out], query_order, size, rows=False)
         self._merged = replacements
         counts = {"heads": site.num_heads, "kv_heads": len(self.groups), "groups": site.num_heads // len(self.groups)}
         self._original_attrs = {attr: getattr(module, attr) for attr, _ in site.heads.count_attrs}

@@ -63,18 +63,33 @@ class MultiHeadLatentAttention(Method):
         return rank if rank is not None else site.num_kv_heads * site.head_dim // 2
 
     def attach(self, module) -> None:
+        for name, tensor in self._factors(None).items():
+            if name == "attnpatch_key_slots":
+                module.register_buffer(name, tensor)
+            else:
+                setattr(module, name, nn.Parameter(tensor))
+
+    def initialise(self, input_covariance: torch.Tensor | None) -> None:
+        """Start the factors again from the principal components of this layer's keys and values
+        given E[x x^T] of its inputs x augmented with a constant 1 ((hidden+1) square; see
+        analysis/latent_calibration.py), or from the projections' SVD when None."""
+        module = self.site.module
+        with torch.no_grad():
+            for name, tensor in self._factors(input_covariance).items():
+                getattr(module, name).copy_(tensor)
+
+    def _factors(self, covariance) -> dict[str, torch.Tensor]:
         site = self.site
         _, k, v, _ = site.heads.projections
-        k_proj, v_proj = getattr(module, k), getattr(module, v)
+        k_proj, v_proj = getattr(site.module, k), getattr(site.module, v)
         rank = self.rank()
         down, up, slots = key_factors(k_proj.weight, k_proj.bias, site.num_kv_heads, rank // 2,
-                                      self.config["rope_dims"] // 2)
-        value_down, value_up = value_factors(v_proj.weight, v_proj.bias, rank)
-        dtype, device = k_proj.weight.dtype, k_proj.weight.device
-        param = lambda t: nn.Parameter(t.to(device=device, dtype=dtype))  # noqa: E731
-        module.attnpatch_key_down, module.attnpatch_key_up = param(down), param(up)
-        module.attnpatch_value_down, module.attnpatch_value_up = param(value_down), param(value_up)
-        module.register_buffer("attnpatch_key_slots", slots.to(device))
+                                      self.config["rope_dims"] // 2, covariance)
+        value_down, value_up = value_factors(v_proj.weight, v_proj.bias, rank, covariance)
+        place = dict(device=k_proj.weight.device, dtype=k_proj.weight.dtype)
+        return {"attnpatch_key_down": down.to(**place), "attnpatch_key_up": up.to(**place),
+                "attnpatch_value_down": value_down.to(**place), "attnpatch_value_up": value_up.to(**place),
+                "attnpatch_key_slots": slots.to(place["device"])}
 
     # --- the latent and back
     def compress(self, keys: torch.Tensor, values: torch.Tensor):
