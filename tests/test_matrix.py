@@ -1,6 +1,6 @@
 """Every method in every dtype, and every decoder method on a left-padded batch.
 
-1. dtype: each of the 26 methods runs in float32, bfloat16 and float16 on each tiny model kind it
+1. dtype: each of the 27 methods runs in float32, bfloat16 and float16 on each tiny model kind it
    supports (decoder: Llama; encoder: ViT; VLM methods: Llava). Decoders are measured on a prefill
    of a left-padded batch plus 4 cached decoding steps, so cache-keeping methods run their cache.
    Tolerance (stated): no NaN or inf, and the half-precision output's largest difference from the same
@@ -40,6 +40,7 @@ CASES = {
     "a_shape": (["llama", "vit"], {"block_size": 4, "local_blocks": 1}),
     "bigbird": (["llama", "vit"], {"block_size": 4, "window_blocks": 0, "random_blocks": 1}),
     "block_topk": (["llama", "vit"], {"block_size": 4, "top_k": 1}),
+    "seer_gate": (["llama", "vit"], {"block_size": 4, "top_k": 1}),
     "star": (["llama", "vit"], {"block_size": 4, "context_blocks": 1, "anchor_blocks": 0, "query_tokens": 1}),
     "vertical_slash": (["llama"], {"block_size": 4, "vertical": 2, "slash": 2, "last_q": 4}),
     "window_2d": (["vit"], {"tile": 2, "window_tiles": 1}),

@@ -179,6 +179,26 @@ output_dir: {workdir / 'mla'}
         assert torch.allclose(model(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-6)
 
 
+def test_seer_gate_recipe_distils_the_gate_with_the_model_frozen(workdir):
+    recipe = workdir / "seer.yaml"
+    recipe.write_text(f"""
+model: {workdir / 'tiny'}
+attention: {{method: seer_gate, params: {{block_size: 8, top_k: 1}}}}
+data: {{train: [{workdir / 'train.txt'}], eval: [{workdir / 'eval.txt'}], seq_len: 32, train_tokens: 4000, eval_tokens: 256}}
+stage1: {{steps: 8, lr: 0.05, batch_size: 4, eval_every: 4, checkpoint_every: 4}}
+stage2: {{steps: 0}}
+output_dir: {workdir / 'seer'}
+""")
+    launch(recipe)
+    summary = json.loads((workdir / "seer" / "summary.json").read_text())
+    stage1 = summary["stages"]["stage1"]
+    assert stage1["eval_loss_last"] < 0.9 * stage1["eval_loss_first"], stage1["history"]  # the KL fell
+    model = load_patched(workdir / "seer" / "final").eval()
+    probe = torch.load(workdir / "seer" / "probe.pt")
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-6)
+
+
 def test_bad_recipes_fail_clearly(tmp_path):
     base = {"model": "x", "attention": {"method": "lolcats"}, "data": {}}
     with pytest.raises(PatchError, match=r"unknown field\(s\) \['step'\] in 'stage1'"):

@@ -16,6 +16,7 @@ from .sparse.a_shape import AShapeAttention
 from .sparse.agent import AgentAttention
 from .sparse.bigbird import BigBirdAttention
 from .sparse.block_topk import BlockTopKAttention
+from .sparse.seer_gate import SeerGateAttention
 from .sparse.sliding_window import SlidingWindowAttention
 from .sparse.star import StarAttention
 from .sparse.vertical_slash import VerticalSlashAttention
@@ -26,7 +27,7 @@ BUILTIN_METHODS = (
     SoftmaxAttention,
     # sparse
     SlidingWindowAttention, AShapeAttention, BlockTopKAttention, BigBirdAttention, StarAttention,
-    VerticalSlashAttention, Window2DAttention, AgentAttention,
+    VerticalSlashAttention, Window2DAttention, AgentAttention, SeerGateAttention,
     # linearized
     LinearAttention, LolcatsAttention,
     # head-pruned

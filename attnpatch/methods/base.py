@@ -203,6 +203,11 @@ class Method:
     def attention(self, call) -> Any:
         raise NotImplementedError
 
+    def transfer_loss(self, call) -> torch.Tensor | None:
+        """This layer's attention-transfer loss when the method learns something other than its
+        output (a gate learns where attention goes); None = MSE of the outputs (+ attention_ce)."""
+        return None
+
     def attention_weights(self, call) -> torch.Tensor:
         """The (B, Hq, Lq, Lk) attention weights this method's output is made of, rows summing to 1
         (materialised: for training losses and inspection, not for inference)."""

@@ -144,15 +144,18 @@ def block_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, *, cau
 
 
 def _topk_ranking(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, pooling: str,
-                  sink_blocks: int, local_blocks: int, valid: torch.Tensor | None, limit: int | None = None):
+                  sink_blocks: int, local_blocks: int, valid: torch.Tensor | None, limit: int | None = None,
+                  scores: torch.Tensor | None = None):
     """(first, fixed (nQ, nK) blocks always kept, ranked): `ranked` holds, per (B, Hkv, query block),
     the other admissible blocks from best to worst score as (values, indices) of a full topk (the
-    best `limit` only, when given); values are -inf past the last candidate."""
+    best `limit` only, when given); values are -inf past the last candidate. `scores` (B, Hkv, nQ,
+    nK) replaces the pooled-key estimate (a learned gate's)."""
     lq, lk = query.shape[-2], key.shape[-2]
     first, _, nq, nk = grid(lq, lk, block_size, causal)
     qb, kb, allowed = _allowed_blocks(first, nq, nk, causal, query.device)
     fixed = allowed & (((qb - kb) < local_blocks) & ((qb - kb) > -local_blocks) | (kb < sink_blocks))
-    scores = block_scores(query, key, block_size, causal=causal, pooling=pooling, valid=valid)
+    if scores is None:
+        scores = block_scores(query, key, block_size, causal=causal, pooling=pooling, valid=valid)
     if valid is not None:  # blocks of padding only are never worth computing
         block_has_key = torch.nn.functional.pad(valid, (0, nk * block_size - lk)).view(valid.shape[0], nk, -1).any(-1)
         allowed = allowed & block_has_key[:, None, None, :]
@@ -165,14 +168,14 @@ def _topk_ranking(query: torch.Tensor, key: torch.Tensor, block_size: int, *, ca
 
 def block_topk(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, top_k,
                pooling: str = "mean", sink_blocks: int = 0, local_blocks: int = 1,
-               valid: torch.Tensor | None = None) -> BlockLayout:
+               valid: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> BlockLayout:
     """Per query block and kv head: the `local_blocks` nearest blocks (the diagonal first), the
-    first `sink_blocks`, and the `top_k` best-scoring other admissible blocks (`block_scores`).
-    top_k: an int, or a (Hkv,) tensor of per-head budgets."""
+    first `sink_blocks`, and the `top_k` best-scoring other admissible blocks (`block_scores`, or
+    the given (B, Hkv, nQ, nK) `scores`). top_k: an int, or a (Hkv,) tensor of per-head budgets."""
     budgets = torch.as_tensor(top_k, device=query.device).reshape(-1)  # (1,) or (Hkv,)
     first, fixed, ranked = _topk_ranking(query, key, block_size, causal=causal, pooling=pooling,
                                          sink_blocks=sink_blocks, local_blocks=local_blocks, valid=valid,
-                                         limit=max(1, int(budgets.max())))
+                                         limit=max(1, int(budgets.max())), scores=scores)
     mask = fixed.expand(*ranked.values.shape[:-1], fixed.shape[-1]).clone()
     rank = torch.arange(ranked.indices.shape[-1], device=query.device)
     take = (rank < budgets.view(1, -1, 1, 1)) & torch.isfinite(ranked.values)
