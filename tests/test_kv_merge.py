@@ -68,6 +68,46 @@ def test_exact_where_nothing_is_lost():
         unpatch_model(model)
 
 
+def test_pca_fusion_is_exact_where_nothing_is_lost_and_beats_the_mean_from_activations(tmp_path):
+    from attnpatch.analysis.activation_calibration import calibrate_from_activations
+
+    model = tm.build("qwen2")  # biases on q, k, v: they turn with their rows
+    dense = tm.run("qwen2", model, left_pad=3)
+    patch_model(model, "kv_merge", kv_heads=2, fusion="pca")  # groups of one head: a change of coordinates
+    assert torch.allclose(tm.run("qwen2", model, left_pad=3), dense, atol=1e-5)
+    original_out = patched_methods(model)[0]._original["o_proj"].weight  # the values turned onto their components
+    assert (model.model.layers[0].self_attn.o_proj.weight - original_out).abs().max() > 1e-3
+    unpatch_model(model)
+    duplicate_kv_heads(model, [(0, 1)])
+    dense = tm.run("qwen2", model, left_pad=3)
+    patch_model(model, "kv_merge", kv_heads=1, fusion="pca")  # equal heads: one principal direction holds them
+    assert torch.allclose(tm.run("qwen2", model, left_pad=3), dense, atol=1e-5)
+    unpatch_model(model)
+
+    model = tm.build("llama")
+    with torch.no_grad():  # outlier channels, as trained models have: where activation statistics matter
+        model.model.embed_tokens.weight[:, :4] *= 30
+    batches = [torch.randint(3, tm.V - 2, (2, 24), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    dense = tm.run("llama", model)
+    errors = {}
+    for fusion in ("mean", "pca"):
+        patch_model(model, "kv_merge", kv_heads=1, fusion=fusion)
+        if fusion == "pca":
+            assert calibrate_from_activations(model, batches, progress=False) == {"tokens": 192, "layers": 3}
+        errors[fusion] = float((tm.run("llama", model) - dense).abs().max())
+        if fusion == "pca":
+            merged = tm.run("llama", model)
+            save_patched(model, tmp_path / "pca")
+            plain = AutoModelForCausalLM.from_pretrained(tmp_path / "pca").eval()
+            assert plain.config.num_key_value_heads == 1
+            assert torch.allclose(tm.run("llama", plain), merged, atol=1e-5)
+        unpatch_model(model)
+    assert errors["pca"] < 0.5 * errors["mean"], errors
+    assert torch.equal(tm.run("llama", model), dense)
+    with pytest.raises(PatchError, match="normalises"):
+        patch_model(tm.build("qwen3"), "kv_merge", fusion="pca")
+
+
 def test_similarity_grouping_fuses_the_alike_heads():
     """4 kv heads where 0 = 2 and 1 = 3: similarity groups (0, 2) and (1, 3) and loses nothing,
     neighbours (0, 1) and (2, 3) do; the query heads move with their kv heads."""

@@ -132,7 +132,7 @@ def test_errors_name_the_problem():
 def test_calibration_starts_the_latent_from_the_measured_activations():
     """Principal components of the measured keys and values keep more of them than the projections'
     SVD: the rebuilt K/V of the calibration batches are closer, and so are the outputs."""
-    from attnpatch.analysis.latent_calibration import calibrate_latent
+    from attnpatch.analysis.activation_calibration import calibrate_from_activations
     from attnpatch.runtime.dispatch import observe_attention
 
     model = tm.build("llama")
@@ -156,8 +156,8 @@ def test_calibration_starts_the_latent_from_the_measured_activations():
 
     patch_model(model, "mla", rank=8)
     svd_error, svd_output = kv_error()
-    assert calibrate_latent(model, batches, progress=False) == {"tokens": 4 * 2 * 24, "layers": 3}
+    assert calibrate_from_activations(model, batches, progress=False) == {"tokens": 4 * 2 * 24, "layers": 3}
     calibrated_error, calibrated_output = kv_error()
     assert calibrated_error < 0.8 * svd_error and calibrated_output < svd_output
     with pytest.raises(PatchError, match="patched with mla"):
-        calibrate_latent(tm.build("llama"), batches)
+        calibrate_from_activations(tm.build("llama"), batches)

@@ -84,7 +84,7 @@ class RecipeConfig:
     seed: int = 0
     dtype: str = "float32"
     merge_lora: bool = True
-    calibration_blocks: int = 16  # training blocks whose activations start an mla latent (0: the projections' SVD)
+    calibration_blocks: int = 16  # training blocks whose activations start mla / kv_merge pca (0: the projections' SVD)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> "RecipeConfig":

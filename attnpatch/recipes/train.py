@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.latent_calibration import calibrate_latent
+from ..analysis.activation_calibration import calibrate_from_activations, calibrated_methods
 from ..api import patch_model, save_patched
 from ..config import PatchConfig
 from ..errors import PatchError
@@ -29,12 +29,13 @@ from .stages import evaluate_loss, run_stage, state_digest
 
 
 def _patch(model, config: RecipeConfig, train: torch.Tensor, summary: dict) -> None:
-    """The recipe's attention patch; a latent (mla) starts from the activations of the first
-    `calibration_blocks` training blocks."""
+    """The recipe's attention patch; methods that start from activations (mla, kv_merge's pca) are
+    calibrated on the first `calibration_blocks` training blocks."""
     patch_model(model, PatchConfig.from_dict(config.attention))
-    if config.attention["method"] == "mla" and config.calibration_blocks:
+    if calibrated_methods(model) and config.calibration_blocks:
         blocks = train[: config.calibration_blocks]
-        summary["latent_calibration"] = calibrate_latent(model, blocks.split(max(config.stage1.batch_size, 1)))
+        summary["activation_calibration"] = calibrate_from_activations(
+            model, blocks.split(max(config.stage1.batch_size, 1)))
 
 
 def _prune(model, prune, train: torch.Tensor) -> dict:

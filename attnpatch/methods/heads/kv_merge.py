@@ -2,11 +2,15 @@
 conversion), so the KV cache shrinks by the merge factor with no eviction.
 
 Each new kv head fuses `kv_heads_before / kv_heads` original heads: their key and value projections
-are averaged ("mean", the GQA uptraining paper's best start) or the first one is kept ("first", its
-ablation). Which heads fuse: neighbours ("adjacent"), or the most similar projections ("similarity":
-cosine of the stacked key+value weights, greedy). Queries follow their kv head, so with
-"similarity" the query rows and output columns are reordered (outputs are unchanged by the order).
-RoPE rotates every head alike, so averaging projections equals averaging rotated keys.
+are averaged ("mean", the GQA uptraining paper's best start), the first one is kept ("first", its
+ablation), or the group's principal key and value components are kept and the query and output
+projections of the group's query heads rewritten to read them ("pca", ops/head_merge.py: our
+addition; with activation statistics from `calibrate_from_activations` it starts SmolLM2's 3 -> 1
+merge far closer to the dense model). Which heads fuse: neighbours ("adjacent"), or the most
+similar projections ("similarity": cosine of the stacked key+value weights, greedy). Queries
+follow their kv head, so with "similarity" the query rows and output columns are reordered
+(outputs are unchanged by the order). RoPE rotates every head alike, so averaging projections
+equals averaging rotated keys.
 
 Stage 1 of a recipe trains the fused projections with the rest of the model frozen: under
 `attention_transfer` each merged module also runs with its original projections (the teacher),
@@ -18,92 +22,20 @@ saved with their kv heads repeated, which is exact, and `load_patched` fuses the
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from ...errors import PatchError
 from ...runtime.dispatch import active_transfer
+from ...ops.head_merge import principal_merge
 from ..base import INTERVENTIONS_ATTR, Method, ParamSpec
-from ...ops.head_alignment import key_phases, rotate_pairs, value_rotations
-from .surgery import config_update, gather_blocks, sliced_linear
+from .surgery import (augmented_rows, config_update, fused_linear, gather_blocks, linear_from_rows, merge_groups,
+                      sliced_linear)
 
-FUSIONS = ("mean", "first", "aligned")
+FUSIONS = ("mean", "first", "pca")
 GROUPINGS = ("adjacent", "similarity")
-
-
-def merge_groups(kv_weights: torch.Tensor, target: int, grouping: str) -> list[tuple[int, ...]]:
-    """Which original kv heads fuse into each new one. kv_weights: (K, features) per-head
-    projection weights (keys and values stacked), K divisible by `target`."""
-    heads = kv_weights.shape[0]
-    size = heads // target
-    if grouping == "adjacent":
-        return [tuple(range(j * size, (j + 1) * size)) for j in range(target)]
-    unit = nn.functional.normalize(kv_weights.float(), dim=-1)
-    similarity = unit @ unit.T
-    left = list(range(heads))
-    groups = []
-    while left:
-        seed = left.pop(0)
-        closest = sorted(left, key=lambda h: (-float(similarity[seed, h]), h))[: size - 1]
-        groups.append(tuple(sorted((seed, *closest))))
-        left = [h for h in left if h not in closest]
-    return groups
-
-
-def fused_linear(linear: nn.Linear, groups: list[tuple[int, ...]], size: int, fusion: str) -> nn.Linear:
-    """A Linear with one output block per group: the mean of the group's blocks, or its first."""
-    def fuse(tensor: torch.Tensor) -> torch.Tensor:
-        blocks = tensor.reshape(-1, size, *tensor.shape[1:])
-        if fusion == "first":
-            return torch.cat([blocks[g[0]] for g in groups])
-        return torch.cat([blocks[list(g)].mean(0) for g in groups])
-
-    new = sliced_linear(linear, [g[0] for g in groups], size, rows=True)  # shape, dtype, device, grad flags
-    with torch.no_grad():
-        new.weight.copy_(fuse(linear.weight.detach()))
-        if linear.bias is not None:
-            new.bias.copy_(fuse(linear.bias.detach()))
-    return new
-
-
-def _rows(linear: nn.Linear) -> torch.Tensor:
-    """weight with the bias as one more input column: rows turn together with their bias."""
-    w = linear.weight.detach()
-    return w if linear.bias is None else torch.cat([w, linear.bias.detach()[:, None]], dim=1)
-
-
-def _with_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
-    new = sliced_linear(linear, list(range(linear.out_features)), 1, rows=True)
-    with torch.no_grad():
-        new.weight.copy_(rows[:, : linear.in_features])
-        if linear.bias is not None:
-            new.bias.copy_(rows[:, -1])
-    return new
-
-
-def aligned_heads(q: nn.Linear, k: nn.Linear, v: nn.Linear, out: nn.Linear, groups, group_size: int, size: int):
-    """Copies of the projections computing exactly the same attention, with each fused group's key
-    and value heads turned onto the group's consensus (ops/head_alignment.py): key pairs by RoPE-
-    commuting phases (the queries reading them turn alike), values by rotations the output
-    projection undoes. Averaging them afterwards loses less than averaging raw heads."""
-    q_rows, k_rows, v_rows = (_rows(p).clone() for p in (q, k, v))
-    out_weight = out.weight.detach().clone()
-    for members in groups:
-        index = list(members)
-        keys = torch.stack([k_rows[i * size:(i + 1) * size] for i in index])
-        values = torch.stack([v_rows[i * size:(i + 1) * size] for i in index])
-        phases, rotations = key_phases(keys), value_rotations(values)
-        for j, i in enumerate(index):
-            k_rows[i * size:(i + 1) * size] = rotate_pairs(keys[j], phases[j])
-            v_rows[i * size:(i + 1) * size] = (rotations[j] @ values[j].float()).to(v_rows.dtype)
-            for h in range(i * group_size, (i + 1) * group_size):
-                block = slice(h * size, (h + 1) * size)
-                q_rows[block] = rotate_pairs(q_rows[block], phases[j])
-                out_weight[:, block] = (out_weight[:, block].float() @ rotations[j].T).to(out_weight.dtype)
-    aligned_out = sliced_linear(out, list(range(out.in_features)), 1, rows=False)
-    with torch.no_grad():
-        aligned_out.weight.copy_(out_weight)
-    return _with_rows(q, q_rows), _with_rows(k, k_rows), _with_rows(v, v_rows), aligned_out
 
 
 def repeated_kv(kv_heads: int, full_kv_heads: int) -> list[int]:
@@ -137,8 +69,8 @@ class KVMerge(Method):
         ParamSpec("kv_heads", int, 1, "kv heads this layer keeps; must divide its current kv heads (1 = multi-query)",
                   low=1),
         ParamSpec("fusion", str, "mean", "how a group's projections become one: mean (GQA uptraining), first, or "
-                  "aligned (each head turned onto the group's consensus first, queries and output turned alike)",
-                  choices=FUSIONS),
+                  "pca (the group's principal key and value components, queries and output projection adjusted to "
+                  "read them; from measured activations after calibrate_from_activations)", choices=FUSIONS),
         ParamSpec("grouping", str, "adjacent", "which kv heads fuse: adjacent ones, or the most similar projections",
                   choices=GROUPINGS),
     )
@@ -151,10 +83,9 @@ class KVMerge(Method):
             raise PatchError(f"{site.label} is already patched ({sorted(site.module.__dict__[INTERVENTIONS_ATTR])}); "
                              "merge kv heads first: unpatch_model, patch kv_merge, then patch the other methods")
         norms = [name for name in ("q_norm", "k_norm") if isinstance(getattr(site.module, name, None), nn.Module)]
-        if self.config["fusion"] == "aligned" and norms:
-            raise PatchError(f"kv_merge fusion='aligned' turns key heads inside their projections, which {site.label} "
-                             f"normalises afterwards ({', '.join(norms)}), so the turn would change the model; use "
-                             "fusion='mean' for this model")
+        if self.config["fusion"] == "pca" and norms:
+            raise PatchError(f"kv_merge fusion='pca' rewrites key heads inside their projections, which {site.label} "
+                             f"normalises afterwards ({', '.join(norms)}); use fusion='mean' for this model")
         target = self.config["kv_heads"]
         if site.num_kv_heads % target:
             divisors = [d for d in range(1, site.num_kv_heads + 1) if site.num_kv_heads % d == 0]
@@ -162,31 +93,59 @@ class KVMerge(Method):
                              f"kv_heads must divide {site.num_kv_heads} (valid: {divisors})")
 
     def attach(self, module) -> None:
-        site, size = self.site, self.site.head_dim
+        site = self.site
         q, k, v, out = site.heads.projections
         self._original = {name: getattr(module, name) for name in (q, k, v, out)}
         stacked = torch.cat([self._original[p].weight.detach().reshape(site.num_kv_heads, -1) for p in (k, v)], dim=1)
         self.groups = merge_groups(stacked, self.config["kv_heads"], self.config["grouping"])
-        group = site.num_heads // site.num_kv_heads
-        query_order = [kv * group + i for members in self.groups for kv in members for i in range(group)]
-        fusion, source = self.config["fusion"], dict(self._original)
-        if fusion == "aligned":  # the same attention in aligned coordinates, then averaged
-            source = dict(zip((q, k, v, out), aligned_heads(*(self._original[p] for p in (q, k, v, out)),
-                                                            self.groups, group, size)))
-            fusion = "mean"
-        replacements = {k: fused_linear(source[k], self.groups, size, fusion),
-                        v: fused_linear(source[v], self.groups, size, fusion)}
-        if query_order != list(range(site.num_heads)) or source[q] is not self._original[q]:
-            replacements[q] = sliced_linear(source[q], query_order, size, rows=True)
-            replacements[out] = sliced_linear(source[out], query_order, size, rows=False)
-        self._merged = replacements
         counts = {"heads": site.num_heads, "kv_heads": len(self.groups), "groups": site.num_heads // len(self.groups)}
         self._original_attrs = {attr: getattr(module, attr) for attr, _ in site.heads.count_attrs}
         self._merged_attrs = {attr: counts[what] for attr, what in site.heads.count_attrs}
-        self._use(module, replacements, self._merged_attrs)
+        self.initialise(None)
         self._hooks = [module.register_forward_hook(self._transfer, with_kwargs=True),
                        module.register_state_dict_post_hook(lambda *args: self._repeat_state(*args)),
                        module.register_load_state_dict_pre_hook(lambda *args: self._fuse_repeats(*args))]
+
+    @property
+    def wants_activations(self) -> bool:
+        """Whether `initialise` uses measured input statistics (the pca fusion does)."""
+        return self.config["fusion"] == "pca"
+
+    def initialise(self, input_covariance: torch.Tensor | None) -> None:
+        """(Re)build the merged projections from the original ones; with fusion='pca', from the
+        principal components under E[x x^T] of the layer's inputs (augmented with a constant 1),
+        or the projections' SVD when None."""
+        site, size = self.site, self.site.head_dim
+        q, k, v, out = site.heads.projections
+        group = site.num_heads // site.num_kv_heads
+        query_order = [kv * group + i for members in self.groups for kv in members for i in range(group)]
+        source = dict(self._original)
+        if self.config["fusion"] == "pca":
+            rows = principal_merge(augmented_rows(source[q]), augmented_rows(source[k]), augmented_rows(source[v]),
+                                   source[out].weight.detach().double(), self.groups, group, size, input_covariance)
+            merged = {k: linear_from_rows(source[k], rows[1]), v: linear_from_rows(source[v], rows[2])}
+            source[q] = linear_from_rows(source[q], rows[0])
+            source[out] = sliced_linear(source[out], list(range(source[out].in_features)), 1, rows=False)
+            with torch.no_grad():
+                source[out].weight.copy_(rows[3])
+        else:
+            merged = {name: fused_linear(source[name], self.groups, size, self.config["fusion"]) for name in (k, v)}
+        if query_order != list(range(site.num_heads)) or source[q] is not self._original[q]:
+            merged[q] = sliced_linear(source[q], query_order, size, rows=True)
+            merged[out] = sliced_linear(source[out], query_order, size, rows=False)
+        self._merged = merged
+        self._use(site.module, merged, self._merged_attrs)
+
+    @contextlib.contextmanager
+    def original_heads(self):
+        """While the block runs the module computes with its original heads (the dense model)."""
+        module = self.site.module
+        current = {name: getattr(module, name) for name in self._original}
+        self._use(module, self._original, self._original_attrs)
+        try:
+            yield
+        finally:
+            self._use(module, current, self._merged_attrs)
 
     def detach(self, module) -> None:
         for hook in getattr(self, "_hooks", []):
@@ -203,9 +162,9 @@ class KVMerge(Method):
             setattr(module, attr, value)
 
     def transfer_modules(self) -> list[nn.Module]:
-        """What attention transfer trains: the fused key and value projections."""
-        _, k, v, _ = self.site.heads.projections
-        return [self._merged[k], self._merged[v]]
+        """What attention transfer trains: the fused key and value projections (and the query and
+        output projections where the merge rewrote them)."""
+        return list(self._merged.values())
 
     # --- attention transfer: the merged module against the same module with its original heads
     def _transfer(self, module, args, kwargs, output):
@@ -216,14 +175,8 @@ class KVMerge(Method):
         if attention_ce > 0:
             raise PatchError("kv_merge's attention transfer compares whole attention outputs; attention_ce (the "
                              "attention-weight cross-entropy) applies to linearized methods: set it to 0")
-        # the projections in place now (peft may have wrapped the merged ones) come back afterwards
-        current = {name: getattr(module, name) for name in self._original}
-        self._use(module, self._original, self._original_attrs)
-        try:
-            with torch.no_grad():
-                teacher = module.forward(*args, **kwargs)
-        finally:
-            self._use(module, current, self._merged_attrs)
+        with torch.no_grad(), self.original_heads():  # then the projections in place now (peft may wrap them)
+            teacher = module.forward(*args, **kwargs)
         student = output[0] if isinstance(output, tuple) else output
         target = teacher[0] if isinstance(teacher, tuple) else teacher
         losses.append(nn.functional.mse_loss(student.float(), target.float()))

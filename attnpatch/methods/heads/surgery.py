@@ -142,3 +142,60 @@ def config_update(updates: list[tuple[object, dict]]):
                     setattr(config, name, value)
 
     return undo
+
+
+# --- fusing kv heads (kv_merge)
+def merge_groups(kv_weights: torch.Tensor, target: int, grouping: str) -> list[tuple[int, ...]]:
+    """Which original kv heads fuse into each new one. kv_weights: (K, features) per-head
+    projection weights (keys and values stacked), K divisible by `target`."""
+    heads = kv_weights.shape[0]
+    size = heads // target
+    if grouping == "adjacent":
+        return [tuple(range(j * size, (j + 1) * size)) for j in range(target)]
+    unit = nn.functional.normalize(kv_weights.float(), dim=-1)
+    similarity = unit @ unit.T
+    left = list(range(heads))
+    groups = []
+    while left:
+        seed = left.pop(0)
+        closest = sorted(left, key=lambda h: (-float(similarity[seed, h]), h))[: size - 1]
+        groups.append(tuple(sorted((seed, *closest))))
+        left = [h for h in left if h not in closest]
+    return groups
+
+
+def fused_linear(linear: nn.Linear, groups: list[tuple[int, ...]], size: int, fusion: str) -> nn.Linear:
+    """A Linear with one output block per group: the mean of the group's blocks, or its first."""
+    def fuse(tensor: torch.Tensor) -> torch.Tensor:
+        blocks = tensor.reshape(-1, size, *tensor.shape[1:])
+        if fusion == "first":
+            return torch.cat([blocks[g[0]] for g in groups])
+        return torch.cat([blocks[list(g)].mean(0) for g in groups])
+
+    new = sliced_linear(linear, [g[0] for g in groups], size, rows=True)  # shape, dtype, device, grad flags
+    with torch.no_grad():
+        new.weight.copy_(fuse(linear.weight.detach()))
+        if linear.bias is not None:
+            new.bias.copy_(fuse(linear.bias.detach()))
+    return new
+
+
+def augmented_rows(linear: nn.Linear) -> torch.Tensor:
+    """weight with the bias (or zeros) as one more input column, in float64."""
+    w = linear.weight.detach().double()
+    bias = linear.bias.detach().double() if linear.bias is not None else w.new_zeros(w.shape[0])
+    return torch.cat([w, bias[:, None]], dim=1)
+
+
+def linear_from_rows(like: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    """A Linear shaped by `rows` (the bias in the last column), on `like`'s device, dtype and grad flags."""
+    new = nn.Linear(like.in_features, rows.shape[0], bias=like.bias is not None, device=like.weight.device,
+                    dtype=like.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(rows[:, :-1])
+        if like.bias is not None:
+            new.bias.copy_(rows[:, -1])
+    new.weight.requires_grad_(like.weight.requires_grad)
+    if new.bias is not None:
+        new.bias.requires_grad_(like.bias.requires_grad)
+    return new

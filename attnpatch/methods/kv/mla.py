@@ -69,10 +69,12 @@ class MultiHeadLatentAttention(Method):
             else:
                 setattr(module, name, nn.Parameter(tensor))
 
+    wants_activations = True  # calibrate_from_activations starts the latent from measured keys and values
+
     def initialise(self, input_covariance: torch.Tensor | None) -> None:
         """Start the factors again from the principal components of this layer's keys and values
         given E[x x^T] of its inputs x augmented with a constant 1 ((hidden+1) square; see
-        analysis/latent_calibration.py), or from the projections' SVD when None."""
+        analysis/activation_calibration.py), or from the projections' SVD when None."""
         module = self.site.module
         with torch.no_grad():
             for name, tensor in self._factors(input_covariance).items():
