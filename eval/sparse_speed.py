@@ -27,7 +27,7 @@ from attnpatch.evaluation.speed import best_seconds, style_speedup_axes
 from attnpatch.ops.block_sparse import block_sparse_attention
 from attnpatch.ops.sparse_patterns import a_shape, block_topk
 
-METHODS = ("a_shape", "block_topk", "bigbird", "star", "vertical_slash")
+METHODS = ("a_shape", "block_topk", "bigbird", "star", "vertical_slash", "seer_gate")
 
 
 def tiny_wide_llama(max_length: int):
@@ -46,7 +46,7 @@ def budget_params(method: str, length: int, block: int, density: float) -> dict:
     kept = max(1, round(density * (nk + 1) / 2))  # mean causal row has (nk + 1) / 2 blocks
     if method == "a_shape":
         return {"block_size": block, "sink_blocks": 1, "local_blocks": max(1, kept - 1)}
-    if method == "block_topk":  # the sink block, the diagonal, and the chosen ones
+    if method in ("block_topk", "seer_gate"):  # the sink block, the diagonal, and the chosen ones
         return {"block_size": block, "top_k": max(0, kept - 2)}
     if method == "bigbird":
         window = max(0, kept // 2 - 1)
@@ -77,7 +77,7 @@ def model_rows(length: int, args) -> list[dict]:
     dense, floor = [best_seconds(forward, args.repeats)], [floor_seconds()]
     rows = []
     for density in args.density:
-        for method in METHODS:
+        for method in args.methods:
             params = budget_params(method, length, args.block, density)
             patch_model(model, method, **params)
             forward()
@@ -158,7 +158,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for density in sorted({r["target_density"] for r in results["model"] if "target_density" in r}):
-        for method in METHODS:
+        for method in results["settings"]["methods"]:
             rows = [r for r in results["model"] if r.get("method") == method and r.get("target_density") == density]
             ax.plot([r["tokens"] for r in rows], [r["speedup"] for r in rows], "o-",
                     label=f"{method} @ {density:.0%} of blocks")
@@ -174,6 +174,7 @@ def main(argv=None) -> None:
     parser.add_argument("--density", type=float, nargs="+", default=[0.1, 0.25])
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,138 @@
+"""Trained KV compression (kv_merge, mla) against KV eviction at the same bytes, on SmolLM2-135M.
+
+    python eval/kv_trained_smollm2.py --out eval/results/kv-trained-smollm2
+
+Decoding perplexity as in eval/results/kv-smollm2 (WikiText-2 test, 512 tokens prefilled, then
+token by token to 1024 through the cache, tokens after the prefill scored; here over `--segments`
+consecutive 1024-token segments, averaged), with the cache's bytes at the end. Rows:
+- dense SmolLM2, and every eviction method holding 512 entries per kv head (half the dense cache
+  at the end; decode='hold' so the budget holds while decoding), on the base model;
+- kv_merge (3 -> 1 kv heads) and mla (rank 96: half the bytes) after their recipe's stage 1
+  (compression trained, model frozen: comparable with eviction on the base model) and after
+  stage 2 (+ LoRA: comparable with the dense + LoRA control, whose recipe eval is quoted from
+  eval/results/lolcats-smollm2 together with the recipes' own eval perplexities).
+Writes results.json, report.md and ppl_vs_bytes.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from attnpatch import load_patched, patch_model, unpatch_model
+from attnpatch.analysis.activation_calibration import calibrated_methods
+from attnpatch.config import PatchConfig
+from attnpatch.evaluation.data import load_text
+from attnpatch.evaluation.perplexity import decoding_perplexity
+from attnpatch.evaluation.report import environment
+from attnpatch.models import load_model
+from attnpatch.recipes.config import RecipeConfig
+
+EVICTION = ("streaming", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "keydiff")
+TRAINED = {"kv_merge 3->1": ("recipes/smollm2_kv_merge.yaml", "out/smollm2-kv-merge"),
+           "mla rank 96": ("recipes/smollm2_mla.yaml", "out/smollm2-mla-96")}
+
+
+def stage1_model(recipe: Path, run: Path):
+    """The base model with the recipe's patch and the parameters stage 1 trained (no LoRA)."""
+    from safetensors.torch import load_file
+
+    config = RecipeConfig.load(recipe)
+    model, _ = load_model(config.model)
+    patch_model(model, PatchConfig.from_dict(config.attention))
+    trained = torch.load(run / "stage1" / "checkpoint" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = dict(trained["trainable"])
+    if calibrated_methods(model):  # buffers set by calibration (mla's kept slots) are in the final checkpoint
+        params = run / "final" / "attnpatch_params.safetensors"
+        if params.exists():
+            state.update({k: v for k, v in load_file(str(params)).items() if "slots" in k})
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"unexpected keys: {result.unexpected_keys[:4]}")
+    return model.eval()
+
+
+def measure(model, tokenizer, ids: torch.Tensor, segments: int, label: str) -> dict:
+    runs = [decoding_perplexity(model, ids[i * 1024:(i + 1) * 1024], 1024, prefill=512, desc=f"{label} {i}",
+                                tokenizer=tokenizer) for i in range(segments)]
+    nll = sum(r.nll for r in runs) / len(runs)
+    return {"label": label, "perplexity": math.exp(nll), "segments": [r.perplexity for r in runs],
+            "cache_bytes": runs[0].extra["cache_bytes"], "decode_tokens_per_s": runs[0].extra["decode_tokens_per_s"]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="eval/results/kv-trained-smollm2")
+    parser.add_argument("--segments", type=int, default=2)
+    parser.add_argument("--budget", type=int, default=512)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model("smollm2-135m")
+    model.eval()
+    ids = tokenizer(load_text(None, "test")[0], return_tensors="pt").input_ids[0]
+    results = {"environment": environment(0), "settings": vars(args), "rows": []}
+
+    def add(row):
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    with torch.no_grad():
+        add({**measure(model, tokenizer, ids, args.segments, "dense"), "kind": "dense"})
+        for method in EVICTION:
+            patch_model(model, method, budget=args.budget, decode="hold")
+            add({**measure(model, tokenizer, ids, args.segments, f"{method}:budget={args.budget},decode=hold"),
+                 "kind": "eviction (base model)"})
+            unpatch_model(model)
+        for label, (recipe, run) in TRAINED.items():
+            run = Path(run)
+            add({**measure(stage1_model(Path(recipe), run), tokenizer, ids, args.segments, f"{label} (stage 1)"),
+                 "kind": "trained, model frozen"})
+            final = load_patched(run / "final").eval()
+            add({**measure(final, tokenizer, ids, args.segments, f"{label} (+ LoRA)"), "kind": "trained + LoRA",
+                 "recipe_eval_perplexity": json.loads((run / "summary.json").read_text())["stages"]["stage2"]
+                 ["history"][-1].get("eval_lm_loss")})
+    (out / "report.md").write_text(markdown(results))
+    plot(results, out / "ppl_vs_bytes.png")
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    dense = results["rows"][0]
+    lines = ["# Trained KV compression vs eviction on SmolLM2-135M", "",
+             f"{results['environment']['date']} · decoding perplexity: WikiText-2 test, 512 tokens prefilled then "
+             f"decoded to 1024, {results['settings']['segments']} segments averaged", "",
+             "| method | kind | decode ppl | vs dense | KV bytes at end | vs dense |", "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['label']} | {r['kind']} | {r['perplexity']:.2f} | {r['perplexity'] / dense['perplexity']:.3f}x "
+                     f"| {r['cache_bytes']:,} | {r['cache_bytes'] / dense['cache_bytes']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = results["rows"][0]
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    markers = {"dense": "k*", "eviction (base model)": "o", "trained, model frozen": "s", "trained + LoRA": "D"}
+    for r in results["rows"]:
+        ax.plot(r["cache_bytes"] / dense["cache_bytes"], r["perplexity"], markers[r["kind"]], label=r["label"])
+    ax.set_xlabel("KV bytes at the end / dense")
+    ax.set_ylabel("decoding perplexity (WikiText-2)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M: trained KV compression vs eviction")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
