@@ -158,7 +158,7 @@ def test_errors_name_the_problem():
     with pytest.raises(PatchError, match="supports \\['decoder', 'encoder'\\]"):
         patch_model(tm.build("dit"), "prune_heads", heads=[0])
     patch_model(model, "sliding_window", window=4)
-    with pytest.raises(PatchError, match="prune heads first"):
+    with pytest.raises(PatchError, match="apply prune_heads first"):
         prune(model, {0: [1]})
     unpatch_model(model)
     reference = tm.run("llama", model)

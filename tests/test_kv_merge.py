@@ -5,12 +5,12 @@ reload, padded generate, attention transfer, errors."""
 import pytest
 import tiny_models as tm
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from attnpatch import PatchError, load_patched, patch_model, patched_methods, save_patched, unpatch_model
 from attnpatch.recipes.config import StageConfig
 from attnpatch.recipes.model_setup import train_only
-from attnpatch.runtime.cache import cache_kwargs, cache_nbytes
+from attnpatch.runtime.cache import cache_nbytes
 from attnpatch.runtime.dispatch import attention_transfer
 
 D = 16  # head_dim of the tiny decoders
@@ -133,20 +133,14 @@ def test_cache_holds_fewer_kv_heads_and_padded_generate_matches_rows_alone():
     model = tm.build("llama")
     ids, mask = tm.text_batch(length=20, left_pad=4)
 
-    def generate(rows, attention):
-        cache = DynamicCache(config=model.config)
-        out = model.generate(rows, attention_mask=attention, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                             **cache_kwargs(model, cache))
-        return out, cache
-
-    _, dense_cache = generate(ids, mask)
+    _, dense_cache = tm.generate_with_cache(model, ids, mask)
     patch_model(model, "kv_merge", kv_heads=1)
-    out, cache = generate(ids, mask)
+    out, cache = tm.generate_with_cache(model, ids, mask)
     assert cache.layers[0].keys.shape[1] == 1
     assert cache_nbytes(cache) * 2 == cache_nbytes(dense_cache)  # 2 kv heads -> 1: half the bytes, same tokens
-    alone, _ = generate(ids[:1, 4:], mask[:1, 4:])
+    alone, _ = tm.generate_with_cache(model, ids[:1, 4:], mask[:1, 4:])
     assert torch.equal(out[0, 4:], alone[0])
-    alone, _ = generate(ids[1:], mask[1:])
+    alone, _ = tm.generate_with_cache(model, ids[1:], mask[1:])
     assert torch.equal(out[1], alone[0])
 
 

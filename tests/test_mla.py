@@ -7,11 +7,10 @@ import math
 import pytest
 import tiny_models as tm
 import torch
-from transformers import DynamicCache
 
 from attnpatch import PatchError, load_patched, patch_model, patched_methods, save_patched, unpatch_model
 from attnpatch.ops.latent import compress_keys, expand_keys, key_factors
-from attnpatch.runtime.cache import cache_kwargs, cache_nbytes
+from attnpatch.runtime.cache import cache_nbytes
 from attnpatch.runtime.dispatch import attention_transfer
 
 FULL = 2 * 16  # kv heads x head_dim of the tiny decoders
@@ -71,21 +70,15 @@ def test_cache_holds_the_latent_and_padded_generate_matches_rows_alone():
     model = tm.build("llama")
     ids, mask = tm.text_batch(length=20, left_pad=4)
 
-    def generate(rows, attention, **kwargs):
-        cache = DynamicCache(config=model.config)
-        out = model.generate(rows, attention_mask=attention, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                             **cache_kwargs(model, cache), **kwargs)
-        return out, cache
-
-    _, dense_cache = generate(ids, mask)
+    _, dense_cache = tm.generate_with_cache(model, ids, mask)
     patch_model(model, "mla", rank=8)
-    out, cache = generate(ids, mask)
+    out, cache = tm.generate_with_cache(model, ids, mask)
     assert type(cache.layers[0]).__name__ == "LatentKVLayer" and cache.layers[0].keys.shape[-1] == 8
     assert cache_nbytes(cache) * 4 == cache_nbytes(dense_cache)  # 8 of 32 dims for keys and for values
     uncached = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                               use_cache=False)
     assert torch.equal(out, uncached)  # the latent cache changes memory, not the function
-    alone, _ = generate(ids[:1, 4:], mask[:1, 4:])
+    alone, _ = tm.generate_with_cache(model, ids[:1, 4:], mask[:1, 4:])
     assert torch.equal(out[0, 4:], alone[0])
 
 

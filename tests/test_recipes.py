@@ -133,70 +133,61 @@ output_dir: {workdir / 'gated'}
         assert torch.allclose(reloaded(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-6)
 
 
-def test_kv_merge_recipe_trains_the_fused_heads_then_lora_and_saves_a_plain_gqa_model(workdir):
-    recipe = workdir / "kv_merge.yaml"
+def run_small_recipe(workdir, name: str, attention: str, stage1: str, stage2: str = "{steps: 0}") -> dict:
+    """Write and launch a recipe on the tiny model and data; returns its summary."""
+    recipe = workdir / f"{name}.yaml"
     recipe.write_text(f"""
 model: {workdir / 'tiny'}
-attention: {{method: kv_merge, params: {{kv_heads: 1}}}}
+attention: {attention}
 data: {{train: [{workdir / 'train.txt'}], eval: [{workdir / 'eval.txt'}], seq_len: 32, train_tokens: 4000, eval_tokens: 256}}
-stage1: {{steps: 8, lr: 0.001, batch_size: 4, eval_every: 4, checkpoint_every: 4}}
-stage2: {{steps: 6, lr: 0.01, batch_size: 4, eval_every: 3, checkpoint_every: 3}}
-output_dir: {workdir / 'kv_merge'}
+stage1: {stage1}
+stage2: {stage2}
+output_dir: {workdir / name}
 """)
     launch(recipe)
-    summary = json.loads((workdir / "kv_merge" / "summary.json").read_text())
+    return json.loads((workdir / name / "summary.json").read_text())
+
+
+def assert_probe_matches(model, run, atol: float) -> None:
+    """The reloaded final/ model gives the logits the run recorded at its end."""
+    probe = torch.load(run / "probe.pt")
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"],
+                              atol=atol)
+
+
+def test_kv_merge_recipe_trains_the_fused_heads_then_lora_and_saves_a_plain_gqa_model(workdir):
+    summary = run_small_recipe(workdir, "kv_merge", "{method: kv_merge, params: {kv_heads: 1}}",
+                               "{steps: 8, lr: 0.001, batch_size: 4, eval_every: 4, checkpoint_every: 4}",
+                               "{steps: 6, lr: 0.01, batch_size: 4, eval_every: 3, checkpoint_every: 3}")
     stage1 = summary["stages"]["stage1"]
     assert stage1["eval_loss_last"] < 0.95 * stage1["eval_loss_first"], stage1["history"]  # distillation loss fell
     history = summary["stages"]["stage2"]["history"]
     assert history[-1]["eval_lm_loss"] < history[0]["eval_lm_loss"]
-    probe = torch.load(workdir / "kv_merge" / "probe.pt")
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(workdir / "kv_merge" / "final").eval()
+    plain = AutoModelForCausalLM.from_pretrained(workdir / "kv_merge" / "final")
     assert plain.config.num_key_value_heads == 1 and plain.model.layers[0].self_attn.k_proj.out_features == 16
-    with torch.no_grad():
-        assert torch.allclose(plain(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-5)
+    assert_probe_matches(plain, workdir / "kv_merge", atol=1e-5)
 
 
 def test_mla_recipe_distils_the_latent_and_reloads(workdir):
-    recipe = workdir / "mla.yaml"
-    recipe.write_text(f"""
-model: {workdir / 'tiny'}
-attention: {{method: mla, params: {{rank: 8}}}}
-data: {{train: [{workdir / 'train.txt'}], eval: [{workdir / 'eval.txt'}], seq_len: 32, train_tokens: 4000, eval_tokens: 256}}
-stage1: {{steps: 8, lr: 0.01, batch_size: 4, eval_every: 4, checkpoint_every: 4}}
-stage2: {{steps: 0}}
-output_dir: {workdir / 'mla'}
-""")
-    launch(recipe)
-    summary = json.loads((workdir / "mla" / "summary.json").read_text())
+    summary = run_small_recipe(workdir, "mla", "{method: mla, params: {rank: 8}}",
+                               "{steps: 8, lr: 0.01, batch_size: 4, eval_every: 4, checkpoint_every: 4}")
     stage1 = summary["stages"]["stage1"]
     assert stage1["eval_loss_last"] < 0.9 * stage1["eval_loss_first"], stage1["history"]
-    model = load_patched(workdir / "mla" / "final").eval()
+    assert summary["activation_calibration"]["layers"] == 3  # the latent started from 16 blocks' activations
+    model = load_patched(workdir / "mla" / "final")
     assert patched_configs(model)[0].method == "mla"
-    probe = torch.load(workdir / "mla" / "probe.pt")
-    with torch.no_grad():
-        assert torch.allclose(model(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-6)
+    assert_probe_matches(model, workdir / "mla", atol=1e-6)
 
 
 def test_seer_gate_recipe_distils_the_gate_with_the_model_frozen(workdir):
-    recipe = workdir / "seer.yaml"
-    recipe.write_text(f"""
-model: {workdir / 'tiny'}
-attention: {{method: seer_gate, params: {{block_size: 8, top_k: 1}}}}
-data: {{train: [{workdir / 'train.txt'}], eval: [{workdir / 'eval.txt'}], seq_len: 32, train_tokens: 4000, eval_tokens: 256}}
-stage1: {{steps: 8, lr: 0.05, batch_size: 4, eval_every: 4, checkpoint_every: 4}}
-stage2: {{steps: 0}}
-output_dir: {workdir / 'seer'}
-""")
-    launch(recipe)
-    summary = json.loads((workdir / "seer" / "summary.json").read_text())
+    summary = run_small_recipe(workdir, "seer", "{method: seer_gate, params: {block_size: 8, top_k: 1}}",
+                               "{steps: 8, lr: 0.05, batch_size: 4, eval_every: 4, checkpoint_every: 4}")
     stage1 = summary["stages"]["stage1"]
     assert stage1["eval_loss_last"] < 0.9 * stage1["eval_loss_first"], stage1["history"]  # the KL fell
-    model = load_patched(workdir / "seer" / "final").eval()
-    probe = torch.load(workdir / "seer" / "probe.pt")
-    with torch.no_grad():
-        assert torch.allclose(model(input_ids=probe["input_ids"], use_cache=False).logits, probe["logits"], atol=1e-6)
+    assert_probe_matches(load_patched(workdir / "seer" / "final"), workdir / "seer", atol=1e-6)
 
 
 def test_bad_recipes_fail_clearly(tmp_path):

@@ -126,6 +126,18 @@ def text_batch(batch: int = 2, length: int = 12, left_pad: int = 0, seed: int = 
     return ids, mask
 
 
+def generate_with_cache(model, ids, mask, new_tokens: int = 6, **kwargs):
+    """Greedy generate() through a fresh DynamicCache; returns (tokens, the cache)."""
+    from transformers import DynamicCache
+
+    from attnpatch.runtime.cache import cache_kwargs
+
+    cache = DynamicCache(config=model.config)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                         **cache_kwargs(model, cache), **kwargs)
+    return out, cache
+
+
 def pixels(batch: int = 2, seed: int = 2):
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 

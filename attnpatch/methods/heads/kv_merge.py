@@ -31,8 +31,8 @@ from ...errors import PatchError
 from ...runtime.dispatch import active_transfer
 from ...ops.head_merge import principal_merge
 from ..base import INTERVENTIONS_ATTR, Method, ParamSpec
-from .surgery import (augmented_rows, config_update, fused_linear, gather_blocks, linear_from_rows, merge_groups,
-                      sliced_linear)
+from .surgery import (augmented_rows, check_surgery_site, config_update, fused_linear, gather_blocks,
+                      linear_from_rows, merge_groups, sliced_linear)
 
 FUSIONS = ("mean", "first", "pca")
 GROUPINGS = ("adjacent", "similarity")
@@ -76,12 +76,7 @@ class KVMerge(Method):
     )
 
     def check_site(self, site) -> None:
-        if site.heads is None:
-            raise PatchError(f"kv_merge needs separate q/k/v/output projections; {site.path} has none it can fuse "
-                             "(fused qkv projections such as Phi3's are not supported)")
-        if site.module.__dict__.get(INTERVENTIONS_ATTR):
-            raise PatchError(f"{site.label} is already patched ({sorted(site.module.__dict__[INTERVENTIONS_ATTR])}); "
-                             "merge kv heads first: unpatch_model, patch kv_merge, then patch the other methods")
+        check_surgery_site(site, self.name, INTERVENTIONS_ATTR)
         norms = [name for name in ("q_norm", "k_norm") if isinstance(getattr(site.module, name, None), nn.Module)]
         if self.config["fusion"] == "pca" and norms:
             raise PatchError(f"kv_merge fusion='pca' rewrites key heads inside their projections, which {site.label} "

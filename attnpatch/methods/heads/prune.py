@@ -18,7 +18,8 @@ from collections import defaultdict
 
 from ...errors import PatchError
 from ..base import INTERVENTIONS_ATTR, Method, ParamSpec
-from .surgery import HeadArrangement, config_update, gather_blocks, padded_blocks, sliced_linear, unpadded_blocks, zero_heads
+from .surgery import (HeadArrangement, check_surgery_site, config_update, gather_blocks, padded_blocks, sliced_linear,
+                      unpadded_blocks, zero_heads)
 
 
 def _full_geometry(config) -> tuple[int, int]:
@@ -42,12 +43,7 @@ class PruneHeads(Method):
     )
 
     def check_site(self, site) -> None:
-        if site.heads is None:
-            raise PatchError(f"prune_heads needs separate q/k/v/output projections; {site.path} has none it can "
-                             "slice (fused qkv projections such as Phi3's are not supported)")
-        if site.module.__dict__.get(INTERVENTIONS_ATTR):
-            raise PatchError(f"{site.label} is already patched ({sorted(site.module.__dict__[INTERVENTIONS_ATTR])}); "
-                             "prune heads first: unpatch_model, patch prune_heads, then patch the other methods")
+        check_surgery_site(site, self.name, INTERVENTIONS_ATTR)
         self.arrangement = HeadArrangement.removing(site.num_heads, site.num_kv_heads, self.config["heads"] or [],
                                                    site.label)
 

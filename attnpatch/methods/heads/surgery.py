@@ -67,6 +67,18 @@ class HeadArrangement:
         return sum(h is None for h in self.query_blocks)
 
 
+def check_surgery_site(site, method: str, interventions_attr: str) -> None:
+    """What weight surgery needs of an attention module: separate q/k/v/output projections, and
+    nothing patched on it yet (surgery comes first; other methods stack on the result)."""
+    if site.heads is None:
+        raise PatchError(f"{method} needs separate q/k/v/output projections; {site.path} has none it can rewrite "
+                         "(fused qkv projections such as Phi3's are not supported)")
+    taken = site.module.__dict__.get(interventions_attr)
+    if taken:
+        raise PatchError(f"{site.label} is already patched ({sorted(taken)}); apply {method} first: unpatch_model, "
+                         f"patch {method}, then patch the other methods")
+
+
 def gather_blocks(tensor: torch.Tensor, blocks: list[int | None], size: int, dim: int) -> torch.Tensor:
     """Blocks of `size` along `dim`: block i of the result is block blocks[i] of `tensor`, or zeros."""
     zeros = None
