@@ -38,7 +38,7 @@ def test_gate_and_target_match_loop_references():
                 logits.append(float(qg @ kg) / math.sqrt(g))
             expected = torch.tensor(logits).log_softmax(0)
             assert torch.allclose(got[0, h, r, :first + r + 1], expected, atol=1e-5)
-            assert torch.isinf(got[0, h, r, first + r + 1:]).all()
+            assert (got[0, h, r, first + r + 1:] < -1e8).all()
     positions = torch.arange(lk - lq, lk)[:, None]
     weights = torch.rand(b, hq, lq, lk) * (torch.arange(lk)[None] <= positions)
     weights = weights / weights.sum(-1, keepdim=True)

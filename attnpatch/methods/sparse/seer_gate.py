@@ -6,7 +6,8 @@ head's query group averages its probabilities. Each query block then computes it
 blocks plus the `top_k` most probable others (as `block_topk`, so the two compare at the same
 density), or every block whose probability reaches `threshold`. Training is self-distillation
 with the model frozen: under attention transfer each layer's loss is KL(max-pooled attention map
-|| gate). With gate_dim = head_dim (the default) the gate starts as mean-pooled keys scored by the
+|| gate) over the blocks the gate ranks (one deviation from the paper: the local and sink blocks,
+computed anyway, are left out of both, so the gate spends itself on the choice it makes). With gate_dim = head_dim (the default) the gate starts as mean-pooled keys scored by the
 mean query, i.e. a block_topk-like heuristic, and learns from there.
 """
 
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from ...errors import PatchError
-from ...ops.seer_gate import block_attention_target, gate_distillation_loss, gate_log_probs, threshold_layout
+from ...ops.seer_gate import (block_attention_target, fixed_blocks, gate_distillation_loss, gate_log_probs,
+                              threshold_layout)
 from ...ops.sparse_patterns import block_topk
 from ...runtime.exact import exact_attention_weights
 from ..base import ParamSpec
@@ -60,10 +62,17 @@ class SeerGateAttention(BlockSparseMethod):
         module.attnpatch_gate_query = nn.Parameter(query_map.to(**place))
         module.attnpatch_gate_key = nn.Parameter(key_map.to(**place))
 
+    def _fixed(self, call) -> torch.Tensor:
+        c = self.config
+        return fixed_blocks(call.query.shape[-2], call.key.shape[-2], c["block_size"], call.causal, c["sink_blocks"],
+                            c["local_blocks"], call.query.device)
+
     def _log_probs(self, call) -> torch.Tensor:
+        """The gate's distribution over the key blocks it ranks (the admissible ones besides the
+        local and sink blocks, which are computed anyway)."""
         m = call.module if call.module is not None else self.site.module
         return gate_log_probs(call.query, call.key, m.attnpatch_gate_query, m.attnpatch_gate_key,
-                              self.config["block_size"], call.causal, call.key_valid())
+                              self.config["block_size"], call.causal, call.key_valid(), exclude=self._fixed(call))
 
     def layout(self, call):
         c = self.config
@@ -83,6 +92,7 @@ class SeerGateAttention(BlockSparseMethod):
         if call.query.shape[-2] <= 1:
             raise PatchError("seer_gate learns from prefill blocks; attention transfer got a single query")
         with torch.no_grad():
-            target = block_attention_target(exact_attention_weights(call), self.config["block_size"], call.causal)
+            target = block_attention_target(exact_attention_weights(call), self.config["block_size"], call.causal,
+                                            exclude=self._fixed(call))
         self.calls += 1
         return gate_distillation_loss(self._log_probs(call), target)
