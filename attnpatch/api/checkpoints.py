@@ -24,10 +24,10 @@ FORMAT_VERSION = 1
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters attnpatch added to the model (feature maps, gates, ...), by state_dict name."""
-    return {name: p for name, p in model.named_parameters() if _is_attnpatch_key(name)}
+    return {name: p for name, p in model.named_parameters() if is_attnpatch_key(name)}
 
 
-def _is_attnpatch_key(name: str) -> bool:
+def is_attnpatch_key(name: str) -> bool:
     return name.startswith("attnpatch_") or ".attnpatch_" in name
 
 
@@ -63,7 +63,7 @@ def save_patched(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> Pa
         raise PatchError("the model is not patched; use model.save_pretrained for a plain checkpoint")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    extra = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if _is_attnpatch_key(k)}
+    extra = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if is_attnpatch_key(k)}
     with _attnpatch_modules_detached(model):
         model.save_pretrained(path, **save_kwargs)
     if extra:
@@ -124,7 +124,7 @@ def load_patched(path_or_id: str | os.PathLike, **from_pretrained_kwargs) -> nn.
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise PatchError(f"{params_file} holds parameters the re-applied patches do not have: {result.unexpected_keys[:5]}")
-        missing = [k for k in result.missing_keys if _is_attnpatch_key(k)]
+        missing = [k for k in result.missing_keys if is_attnpatch_key(k)]
         if missing:
             raise PatchError(f"{params_file} lacks attnpatch parameters: {missing[:5]}")
     return model

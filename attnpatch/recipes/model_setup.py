@@ -6,14 +6,11 @@ from __future__ import annotations
 import torch
 
 from ..api import patched_methods
+from ..api.checkpoints import is_attnpatch_key as is_attnpatch
 from ..errors import PatchError
 from .config import StageConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def is_attnpatch(name: str) -> bool:
-    return ".attnpatch_" in name or name.startswith("attnpatch_")
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
