@@ -24,33 +24,31 @@ from pathlib import Path
 import torch
 
 from attnpatch import load_patched, patch_model, unpatch_model
-from attnpatch.analysis.activation_calibration import calibrated_methods
+from attnpatch.analysis.activation_calibration import calibrate_from_activations, calibrated_methods
 from attnpatch.config import PatchConfig
 from attnpatch.evaluation.data import load_text
 from attnpatch.evaluation.perplexity import decoding_perplexity
 from attnpatch.evaluation.report import environment
 from attnpatch.models import load_model
 from attnpatch.recipes.config import RecipeConfig
+from attnpatch.recipes.data import packed_blocks
 
-EVICTION = ("streaming", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "keydiff")
+EVICTION = ("streaming", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "keydiff")  # --eviction picks some
 TRAINED = {"kv_merge 3->1": ("recipes/smollm2_kv_merge.yaml", "out/smollm2-kv-merge"),
            "mla rank 96": ("recipes/smollm2_mla.yaml", "out/smollm2-mla-96")}
 
 
 def stage1_model(recipe: Path, run: Path):
     """The base model with the recipe's patch and the parameters stage 1 trained (no LoRA)."""
-    from safetensors.torch import load_file
-
     config = RecipeConfig.load(recipe)
-    model, _ = load_model(config.model)
+    model, tokenizer = load_model(config.model)
     patch_model(model, PatchConfig.from_dict(config.attention))
+    if calibrated_methods(model):  # what calibration fixed besides trained parameters (mla's kept slots): again
+        blocks = packed_blocks(tokenizer, config.data.train, config.data, config.data.train_tokens,
+                               config.data.hub_train_split)[: config.calibration_blocks]
+        calibrate_from_activations(model, blocks.split(max(config.stage1.batch_size, 1)))
     trained = torch.load(run / "stage1" / "checkpoint" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    state = dict(trained["trainable"])
-    if calibrated_methods(model):  # buffers set by calibration (mla's kept slots) are in the final checkpoint
-        params = run / "final" / "attnpatch_params.safetensors"
-        if params.exists():
-            state.update({k: v for k, v in load_file(str(params)).items() if "slots" in k})
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(trained["trainable"], strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"unexpected keys: {result.unexpected_keys[:4]}")
     return model.eval()
@@ -69,6 +67,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="eval/results/kv-trained-smollm2")
     parser.add_argument("--segments", type=int, default=2)
     parser.add_argument("--budget", type=int, default=512)
+    parser.add_argument("--eviction", nargs="+", default=list(EVICTION), choices=EVICTION)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +75,14 @@ def main(argv=None) -> None:
     model.eval()
     ids = tokenizer(load_text(None, "test")[0], return_tensors="pt").input_ids[0]
     results = {"environment": environment(0), "settings": vars(args), "rows": []}
+    earlier = out / "results.json"
+    done = {r["label"]: r for r in json.loads(earlier.read_text())["rows"]} if earlier.exists() else {}
+
+    def measured(label: str) -> bool:
+        """Rows an earlier run of the same settings measured are kept (a run can be completed later)."""
+        if label in done:
+            results["rows"].append(done[label])
+        return label in done
 
     def add(row):
         results["rows"].append(row)
@@ -83,16 +90,21 @@ def main(argv=None) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
     with torch.no_grad():
-        add({**measure(model, tokenizer, ids, args.segments, "dense"), "kind": "dense"})
-        for method in EVICTION:
-            patch_model(model, method, budget=args.budget, decode="hold")
-            add({**measure(model, tokenizer, ids, args.segments, f"{method}:budget={args.budget},decode=hold"),
-                 "kind": "eviction (base model)"})
-            unpatch_model(model)
+        if not measured("dense"):
+            add({**measure(model, tokenizer, ids, args.segments, "dense"), "kind": "dense"})
+        for method in args.eviction:
+            label = f"{method}:budget={args.budget},decode=hold"
+            if not measured(label):
+                patch_model(model, method, budget=args.budget, decode="hold")
+                add({**measure(model, tokenizer, ids, args.segments, label), "kind": "eviction (base model)"})
+                unpatch_model(model)
         for label, (recipe, run) in TRAINED.items():
             run = Path(run)
-            add({**measure(stage1_model(Path(recipe), run), tokenizer, ids, args.segments, f"{label} (stage 1)"),
-                 "kind": "trained, model frozen"})
+            if not measured(f"{label} (stage 1)"):
+                add({**measure(stage1_model(Path(recipe), run), tokenizer, ids, args.segments, f"{label} (stage 1)"),
+                     "kind": "trained, model frozen"})
+            if not (run / "final").exists() or measured(f"{label} (+ LoRA)"):  # a run stopped after stage 1
+                continue
             final = load_patched(run / "final").eval()
             add({**measure(final, tokenizer, ids, args.segments, f"{label} (+ LoRA)"), "kind": "trained + LoRA",
                  "recipe_eval_perplexity": json.loads((run / "summary.json").read_text())["stages"]["stage2"]

@@ -50,6 +50,7 @@ def main(argv=None) -> None:
     parser.add_argument("--windows", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--ppl-tokens", type=int, default=8192)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--budgets", nargs="+", default=["2,2", "6,2"], help="top_k,local_blocks pairs")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
     model.eval()
     text, source = load_text(None, "test")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    cases = retrieval.make_cases(tokenizer, "passkey", args.lengths, [0.0, 0.25, 0.5, 0.75, 1.0], 1, 0)
+    cases = retrieval.make_cases(tokenizer, "passkey", args.lengths, args.depths, 1, 0)
     budgets = [tuple(int(x) for x in b.split(",")) for b in args.budgets]
     results = {"environment": environment(0), "settings": vars(args), "text": source, "rows": []}
     for label, method, params, gate in rows(budgets, gate_parameters(Path(args.gate))):
@@ -90,7 +91,8 @@ def markdown(results: dict) -> str:
     dense = results["rows"][0]
     lines = ["# seer_gate vs block_topk on SmolLM2-135M (64-token blocks, same budgets)", "",
              f"{results['environment']['date']} · perplexity: WikiText-2 test, "
-             f"{results['settings']['ppl_tokens']} tokens scored per window size; passkey: 5 depths per length", "",
+             f"{results['settings']['ppl_tokens']} tokens scored per window size; passkey: "
+             f"{len(results['settings']['depths'])} depths per length", "",
              "| method | " + " | ".join(f"ppl {w} (density)" for w in windows) + " | passkey " +
              " / ".join(str(n) for n in results["settings"]["lengths"]) + " |",
              "|---|" + "---|" * (len(windows) + 1)]
