@@ -9,7 +9,8 @@ import tiny_models as tm
 import torch
 
 from attnpatch import PatchError, load_patched, patch_model, patched_methods, save_patched, unpatch_model
-from attnpatch.ops.latent import compress_keys, expand_keys, key_factors
+from attnpatch.ops.latent import (compress_keys, compress_values, expand_keys, expand_values, key_factors,
+                                  output_metric, query_energy, value_factors)
 from attnpatch.runtime.cache import cache_nbytes
 from attnpatch.runtime.dispatch import attention_transfer
 
@@ -64,6 +65,41 @@ def test_latent_is_the_complex_svd_projection_and_commutes_with_rope():
     angles = torch.rand(7, half) * 2 * math.pi
     assert torch.allclose(expand_keys(compress_keys(rotate(keys, angles), down, slots), up, slots),
                           rotate(rebuilt, angles), atol=1e-5)
+
+
+def test_attention_weighted_start_keeps_logits_and_outputs_better_than_plain_pca():
+    """init='attention' minimises the error that attention sees (each key coordinate weighted by the
+    energy of the queries reading it, each value by W_o^T W_o of its readers); on the same keys, values
+    and rank it must beat the plain principal components on that measure, and stay exact at full rank."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, inputs = 4, 2, 8, 24
+    half = dim // 2
+    x = torch.randn(4000, inputs) * torch.linspace(0.2, 3, inputs)  # anisotropic inputs
+    augmented = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    covariance = augmented.T @ augmented / len(x)
+    k_weight, v_weight = torch.randn(kv_heads * dim, inputs), torch.randn(kv_heads * dim, inputs)
+    q_weight = torch.randn(heads * dim, inputs) * torch.rand(heads * dim, 1) ** 3  # some frequencies barely queried
+    o_weight = torch.randn(inputs, heads * dim) * torch.rand(1, heads * dim) ** 3
+    keys, values = ((x @ w.T).reshape(1, -1, kv_heads, dim).transpose(1, 2) for w in (k_weight, v_weight))
+    energy = query_energy(q_weight, None, heads, kv_heads, covariance)  # (F, kv_heads)
+    metric = output_metric(o_weight, heads, kv_heads).float()
+    assert torch.allclose(energy[1, 0].float(), ((x @ q_weight.T).reshape(-1, heads, 2, half)[:, :2, :, 1] ** 2).sum((1, 2)).mean(), rtol=1e-3)
+
+    def key_error(weights, pairs):
+        down, up, slots = key_factors(k_weight, None, kv_heads, pairs, 0, covariance, weights)
+        error = expand_keys(compress_keys(keys, down, slots), up, slots) - keys  # (1, kv, L, D)
+        per_frequency = (error[..., :half] ** 2 + error[..., half:] ** 2).mean(2)[0].T  # (F, kv)
+        return float((per_frequency * energy.float()).sum())
+
+    def value_error(use_metric, rank):
+        down, up = value_factors(v_weight, None, rank, covariance, metric if use_metric else None)
+        error = (expand_values(compress_values(values, down), up, kv_heads) - values).transpose(1, 2).flatten(2)[0]
+        return float(torch.einsum("li,ij,lj->", error, metric, error) / len(error))
+
+    assert key_error(energy, 3) < 0.9 * key_error(None, 3)
+    assert value_error(True, 5) < 0.9 * value_error(False, 5)
+    assert key_error(energy, kv_heads * half) < 1e-6 * key_error(None, 3)
+    assert value_error(True, kv_heads * dim) < 1e-6 * value_error(False, 5)
 
 
 def test_cache_holds_the_latent_and_padded_generate_matches_rows_alone():

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ...errors import PatchError, warn_once
-from ...ops.latent import compress_keys, compress_values, expand_keys, expand_values, key_factors, value_factors
+from ...ops.latent import (compress_keys, compress_values, expand_keys, expand_values, key_factors, output_metric,
+                           query_energy, value_factors)
 from ...runtime.call import CACHE_OWN
 from ...runtime.exact import exact_attention, exact_attention_weights
 from ...runtime.layers import LatentKVLayer
@@ -40,6 +41,9 @@ class MultiHeadLatentAttention(Method):
     params = (
         ParamSpec("rank", int, None, "latent dims per token for the keys and again for the values (even; kv heads x "
                   "head_dim = full rank, exact); unset = half of that, half the KV cache", low=2, optional=True),
+        ParamSpec("init", str, "attention", "what the start keeps best: 'attention' weighs key errors by the queries "
+                  "that read them and value errors by the output projection (ops/latent.py); 'kv' the keys and values "
+                  "themselves (the papers' SVD start)", choices=("attention", "kv")),
         ParamSpec("rope_dims", int, 0, "dims of every key head, the fastest-rotating RoPE pairs, kept whole inside "
                   "the key latent (even; each costs kv heads latent dims)", low=0),
     )
@@ -82,12 +86,15 @@ class MultiHeadLatentAttention(Method):
 
     def _factors(self, covariance) -> dict[str, torch.Tensor]:
         site = self.site
-        _, k, v, _ = site.heads.projections
-        k_proj, v_proj = getattr(site.module, k), getattr(site.module, v)
-        rank = self.rank()
-        down, up, slots = key_factors(k_proj.weight, k_proj.bias, site.num_kv_heads, rank // 2,
-                                      self.config["rope_dims"] // 2, covariance)
-        value_down, value_up = value_factors(v_proj.weight, v_proj.bias, rank, covariance)
+        q_proj, k_proj, v_proj, o_proj = (getattr(site.module, name) for name in site.heads.projections)
+        rank, heads, kv_heads = self.rank(), site.num_heads, site.num_kv_heads
+        key_weights = value_metric = None
+        if self.config["init"] == "attention":
+            key_weights = query_energy(q_proj.weight, q_proj.bias, heads, kv_heads, covariance)
+            value_metric = output_metric(o_proj.weight, heads, kv_heads)
+        down, up, slots = key_factors(k_proj.weight, k_proj.bias, kv_heads, rank // 2,
+                                      self.config["rope_dims"] // 2, covariance, key_weights)
+        value_down, value_up = value_factors(v_proj.weight, v_proj.bias, rank, covariance, value_metric)
         place = dict(device=k_proj.weight.device, dtype=k_proj.weight.dtype)
         return {"attnpatch_key_down": down.to(**place), "attnpatch_key_up": up.to(**place),
                 "attnpatch_value_down": value_down.to(**place), "attnpatch_value_up": value_up.to(**place),
