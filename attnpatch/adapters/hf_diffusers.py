@@ -75,8 +75,12 @@ class PatchedProcessor:
     def __call__(self, attn, *args, **kwargs):
         token = _active_method.set((self.module, self.method))
         calls = self.method.calls
+        around = getattr(self.method, "around_module", None)  # methods that change the module's tokens (token_merge)
         try:
-            out = self.original(attn, *args, **kwargs)
+            if around is None:
+                out = self.original(attn, *args, **kwargs)
+            else:
+                out = around(lambda *a, **k: self.original(attn, *a, **k), args, kwargs)
         finally:
             _active_method.reset(token)
         if self.method.calls == calls:  # the processor attends some other way: the method never ran

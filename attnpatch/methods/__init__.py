@@ -21,6 +21,7 @@ from .sparse.sliding_window import SlidingWindowAttention
 from .sparse.star import StarAttention
 from .sparse.vertical_slash import VerticalSlashAttention
 from .sparse.window_2d import Window2DAttention
+from .tokens.token_merge import TokenMerge
 from .tokens.visual_token_prune import VisualTokenPrune
 
 BUILTIN_METHODS = (
@@ -38,5 +39,5 @@ BUILTIN_METHODS = (
     # sink-recalibrated
     AttentionCalibration, GatedAttention, VisualAttentionRedistribution,
     # tokens
-    VisualTokenPrune,
+    VisualTokenPrune, TokenMerge,
 )
