@@ -1,7 +1,7 @@
 """Every method in every dtype, and every decoder method on a left-padded batch.
 
 1. dtype: each method runs in float32, bfloat16 and float16 on each tiny model kind it
-   supports (decoder: Llama; encoder: ViT; VLM methods: Llava). Decoders are measured on a prefill
+   supports (decoder: Llama; encoder: ViT; VLM methods: Llava; diffusion: DiT). Decoders are measured on a prefill
    of a left-padded batch plus 4 cached decoding steps, so cache-keeping methods run their cache.
    Tolerance (stated): no NaN or inf, and the half-precision output's largest difference from the same
    method's float32 output, relative to the float32 output's largest magnitude, is at most 3x what the
@@ -56,7 +56,8 @@ CASES = {
     "kv_merge": (["llama"], {"kv_heads": 1}),
     "mla": (["llama"], {"rank": 16}),
     "visual_token_prune": (["llava"], {"ratio": 0.5}),
-    "token_merge": (["vit"], {"r": 2}),
+    "token_merge": (["vit", "dit"], {"r": 2, "destinations": "strided"}),
+    "attention_reuse": (["dit"], {}),
     "var": (["llava"], {"p": 1.0, "rho": 0.0, "tau": 1.5, "dims": [0, 1, 2, 3]}),
 }
 # the half-precision error may be this many times the unpatched model's own (measured in the test)
@@ -132,7 +133,15 @@ def encoder_outputs(model, dtype):
     return model(pixel_values=pixels.to(next(model.parameters()).device, dtype)).last_hidden_state.float(), None
 
 
+@torch.no_grad()
+def diffusion_outputs(model, dtype):
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)).to(next(model.parameters()).device, dtype)
+    return model(sample, timestep=torch.tensor([3, 7]), class_labels=torch.tensor([1, 2])).sample.float(), None
+
+
 def outputs(model, model_name: str, dtype):
+    if model_name == "dit":
+        return diffusion_outputs(model, dtype)
     if model_name == "vit":
         return encoder_outputs(model, dtype)
     return decoder_outputs(model, model_name, dtype)

@@ -75,15 +75,19 @@ class PatchedProcessor:
     def __call__(self, attn, *args, **kwargs):
         token = _active_method.set((self.module, self.method))
         calls = self.method.calls
-        around = getattr(self.method, "around_module", None)  # methods that change the module's tokens (token_merge)
+        # methods that act around the whole module: token_merge changes its tokens, attention_reuse may skip it
+        around = getattr(self.method, "around_module", None)
+        ran = []
+
+        def original(*a, **k):
+            ran.append(True)
+            return self.original(attn, *a, **k)
+
         try:
-            if around is None:
-                out = self.original(attn, *args, **kwargs)
-            else:
-                out = around(lambda *a, **k: self.original(attn, *a, **k), args, kwargs)
+            out = original(*args, **kwargs) if around is None else around(original, args, kwargs)
         finally:
             _active_method.reset(token)
-        if self.method.calls == calls:  # the processor attends some other way: the method never ran
+        if ran and self.method.calls == calls:  # the processor attends some other way: the method never ran
             raise PatchError(f"{self.method.name}: {type(self.original).__name__} did not call "
                              "scaled_dot_product_attention through diffusers' attention_processor module, so "
                              "attnpatch could not route it; use a diffusers version in the range the README states")

@@ -14,6 +14,7 @@ from .sinks.gated import GatedAttention
 from .sinks.var import VisualAttentionRedistribution
 from .sparse.a_shape import AShapeAttention
 from .sparse.agent import AgentAttention
+from .sparse.attention_reuse import AttentionReuse
 from .sparse.bigbird import BigBirdAttention
 from .sparse.block_topk import BlockTopKAttention
 from .sparse.seer_gate import SeerGateAttention
@@ -28,7 +29,7 @@ BUILTIN_METHODS = (
     SoftmaxAttention,
     # sparse
     SlidingWindowAttention, AShapeAttention, BlockTopKAttention, BigBirdAttention, StarAttention,
-    VerticalSlashAttention, Window2DAttention, AgentAttention, SeerGateAttention,
+    VerticalSlashAttention, Window2DAttention, AgentAttention, SeerGateAttention, AttentionReuse,
     # linearized
     LinearAttention, LolcatsAttention,
     # head-pruned
