@@ -117,6 +117,7 @@ def _vision_inputs(args, model) -> dict:
         cfg = model.config
         inputs["sample"] = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
         inputs["timesteps"] = torch.tensor([999, 500, 50])
+        inputs["steps"] = args.dit_steps
         if getattr(cfg, "num_embeds_ada_norm", None):
             inputs["conditioning"] = {"class_labels": torch.tensor([1, 2])}
     return inputs
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-prompt", type=int, default=256)
     p.add_argument("--decode-new-tokens", type=int, default=64)
     p.add_argument("--images", default=None, help="folder of images for vit/clip")
+    p.add_argument("--dit-steps", type=int, default=20,
+                   help="dit: DDIM steps from fixed noise, final latents compared (0: single evaluations at t=999/500/50)")
     p.add_argument("--clip-labels", nargs="+", default=None, help="class prompts for clip zero-shot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)

@@ -286,3 +286,40 @@ def test_peak_memory_sees_a_short_lived_allocation():
     with peak_memory() as idle:
         pass
     assert idle["bytes"] < 16 * 2**20
+
+
+def test_report_grid_runs_token_merge_and_attention_reuse_on_vit_clip_and_a_dit_trajectory(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    classifier = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=96, image_size=32, patch_size=8,
+                                                     num_labels=5)).eval()
+    report = run_grid(classifier, None, ["token_merge:r=0", "token_merge:r=4"], ["vit"], out_dir=tmp_path / "vit",
+                      vision_inputs={"pixel_values": tm.pixels(batch=6)}, progress=False)
+    r = report["results"]
+    assert r["token_merge:r=0"]["vit"]["top1_agreement"] == 1.0 and r["token_merge:r=4"]["vit"]["images_per_second"] > 0
+    clip = tm.build("clip")
+    ids, mask = tm.text_batch(batch=3, length=6)
+    report = run_grid(clip, None, ["token_merge:r=3"], ["clip"], out_dir=tmp_path / "clip", progress=False,
+                      vision_inputs={"pixel_values": tm.pixels(batch=4), "input_ids": ids, "attention_mask": mask})
+    merged = report["results"]["token_merge:r=3"]["clip"]
+    assert merged["text_embedding_cosine"] > 0.9999 and merged["image_embedding_cosine"] < 0.9999  # images only
+    dit = tm.build("dit")
+    inputs = {"sample": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), "steps": 8,
+              "conditioning": {"class_labels": torch.tensor([1, 2])}}
+    report = run_grid(dit, None, ["attention_reuse:self_reuse=0", "attention_reuse", "token_merge"], ["dit"],
+                      out_dir=tmp_path / "dit", vision_inputs=inputs, progress=False)
+    r = report["results"]
+    assert r["attention_reuse:self_reuse=0"]["dit"]["ssim"] == pytest.approx(1.0)  # no reuse: the dense trajectory
+    for spec in ("attention_reuse", "token_merge"):
+        assert r[spec]["dit"]["ssim"] < 0.999 and r[spec]["dit"]["images_per_second"] > 0
+
+
+def test_ssim_is_one_for_equal_maps_and_falls_with_noise():
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(2, 3, 16, 16, generator=g).cumsum(-1)  # some structure
+    assert vision.ssim(reference, reference) == pytest.approx(1.0)
+    noise = torch.randn(reference.shape, generator=g)
+    scores = [vision.ssim(reference, reference + level * noise) for level in (0.1, 0.5, 5.0)]
+    assert scores[0] > scores[1] > scores[2] and scores[2] < 0.5

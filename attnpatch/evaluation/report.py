@@ -129,14 +129,25 @@ def _measure(metric, model, tokenizer, inputs: _Inputs, dense: dict, label: str,
                 "max_activation_vs_median": max((row["ratio"] for row in massive), default=float("nan")),
                 "plot": plot.name, "table": report.table(tower)}
     v = inputs.vision
-    if metric == "vit":
-        out = vision.classifier_outputs(model, v["pixel_values"])
-        dense.setdefault("vit", out)
-        return vision.compare_classifier(dense["vit"], out, v.get("labels"))
-    if metric == "clip":
-        out = vision.clip_outputs(model, v["pixel_values"], v["input_ids"], v.get("attention_mask"))
-        dense.setdefault("clip", out)
-        return vision.compare_clip(dense["clip"], out, v.get("labels"))
+    if metric in ("vit", "clip"):
+        with torch.no_grad():  # warm-up on one image, not timed
+            model(pixel_values=v["pixel_values"][:1], **({} if metric == "vit" else
+                                                          {"input_ids": v["input_ids"], "attention_mask": v.get("attention_mask")}))
+        start = time.perf_counter()
+        if metric == "vit":
+            out = vision.classifier_outputs(model, v["pixel_values"])
+        else:
+            out = vision.clip_outputs(model, v["pixel_values"], v["input_ids"], v.get("attention_mask"))
+        rate = len(v["pixel_values"]) / (time.perf_counter() - start)
+        dense.setdefault(metric, out)
+        dense.setdefault(f"{metric}_rate", rate)
+        compare = vision.compare_classifier if metric == "vit" else vision.compare_clip
+        return {**compare(dense[metric], out, v.get("labels")), "images_per_second": rate,
+                "speedup_vs_dense": rate / dense[f"{metric}_rate"]}
+    if metric == "dit" and v.get("steps"):  # a sampling trajectory: what reuse across steps needs
+        out = vision.dit_sample(model, v["sample"], v["steps"], **v.get("conditioning", {}))
+        dense.setdefault("dit", out)
+        return vision.compare_dit_samples(dense["dit"], out)
     if metric == "dit":
         out = vision.dit_outputs(model, v["sample"], v["timesteps"], **v.get("conditioning", {}))
         dense.setdefault("dit", out)

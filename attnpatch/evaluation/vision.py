@@ -1,5 +1,6 @@
 """Vision before-vs-after: ViT top-1 agreement (and accuracy), CLIP zero-shot agreement and
-embedding cosine, DiT output error (MSE, PSNR) for fixed noise and timesteps.
+embedding cosine, DiT output error (MSE, PSNR) for fixed noise and timesteps, or (with a step
+count) the latent a DDIM trajectory ends in (PSNR, SSIM) and images per second.
 
 Each metric has an `*_outputs(model, inputs)` that runs the model as it is, and a comparison of
 patched outputs with the dense model's outputs from the same run.
@@ -8,6 +9,7 @@ patched outputs with the dense model's outputs from the same run.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -58,6 +60,57 @@ def compare_dit(dense: torch.Tensor, patched: torch.Tensor) -> dict:
     mse = float(((patched - dense) ** 2).mean())
     peak = float(dense.abs().max()) ** 2  # signal range of the dense output
     return {"mse": mse, "psnr_db": float("inf") if mse == 0 else 10 * math.log10(peak / mse)}
+
+
+@torch.no_grad()
+def dit_sample(model, sample: torch.Tensor, steps: int, **conditioning) -> dict:
+    """A DDIM trajectory of `steps` steps (1000 training timesteps) from the noise `sample`, the
+    model predicting the noise (its first in_channels outputs, as DiT's learned-sigma head gives):
+    the final latents (B, C, H, W) and the images per second it ran at."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(steps)
+    model(sample, timestep=scheduler.timesteps[:1].expand(len(sample)), **conditioning)  # warm-up, not timed
+    scheduler.set_timesteps(steps)
+    latents, start = sample.clone(), time.perf_counter()
+    for t in scheduler.timesteps:
+        noise = model(latents, timestep=t.expand(len(latents)), **conditioning).sample[:, : latents.shape[1]]
+        latents = scheduler.step(noise, t, latents).prev_sample
+    seconds = time.perf_counter() - start
+    return {"latents": latents.float(), "images_per_second": len(latents) / seconds}
+
+
+def ssim(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean structural similarity of (B, C, H, W) maps per channel (Gaussian window 11, sigma 1.5,
+    smaller for small maps; the dynamic range is the reference's)."""
+    size = min(11, reference.shape[-1], reference.shape[-2])
+    size -= 1 - size % 2
+    coords = torch.arange(size, dtype=torch.float64) - size // 2
+    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).to(reference.dtype)
+    channels = reference.shape[1]
+    kernel = window.expand(channels, 1, size, size)
+
+    def blur(x):
+        return torch.nn.functional.conv2d(x, kernel, groups=channels)
+
+    span = float(reference.max() - reference.min()) or 1.0
+    c1, c2 = (0.01 * span) ** 2, (0.03 * span) ** 2
+    mu_x, mu_y = blur(reference), blur(other)
+    var_x = blur(reference * reference) - mu_x ** 2
+    var_y = blur(other * other) - mu_y ** 2
+    cov = blur(reference * other) - mu_x * mu_y
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return float(value.mean())
+
+
+def compare_dit_samples(dense: dict, patched: dict) -> dict:
+    result = compare_dit(dense["latents"], patched["latents"])
+    result["ssim"] = ssim(dense["latents"], patched["latents"])
+    result["images_per_second"] = patched["images_per_second"]
+    result["speedup_vs_dense"] = patched["images_per_second"] / dense["images_per_second"]
+    return result
 
 
 def llava_prompt_inputs(model, images: torch.Tensor | None = None, prompt_ids: torch.Tensor | None = None,
