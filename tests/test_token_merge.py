@@ -80,6 +80,7 @@ def test_proportional_attention_is_its_definition_and_equals_attention_over_the_
 
 def test_vit_token_counts_default_r_and_cls_kept():
     model = tm.build("vit")  # 16 patches + [CLS], 2 layers
+    model(pixel_values=tm.pixels(), output_hidden_states=True)  # transformers installs its capture hooks first
     patch_model(model, "token_merge", r=3)
     out = model(pixel_values=tm.pixels(), output_hidden_states=True)
     assert [h.shape[1] for h in out.hidden_states] == [17, 14, 11]
@@ -124,6 +125,21 @@ def test_diffusion_attention_sees_the_merged_image_tokens_only(name):
     assert set(lengths) == ({8 + 5} if name == "sd3" else {8})
 
 
+def test_llava_language_model_reads_the_merged_image_tokens():
+    from test_matrix import llava_inputs
+
+    model = tm.build("llava")  # vision feature layer -2 = the output of layer 0 of 2; [CLS] dropped
+    ids, mask, pixels = llava_inputs(model)
+    patch_model(model, "token_merge", r=3)
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    assert out.logits.shape[1] == ids.shape[1] - 3  # 16 placeholders per image -> 13
+    batch = model.generate(ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+    alone = model.generate(ids[:1], attention_mask=mask[:1], pixel_values=pixels[:1], max_new_tokens=3, do_sample=False)
+    assert batch.shape[1] == ids.shape[1] - 3 + 3 and torch.equal(batch[:1], alone)
+    unpatch_model(model)
+    assert model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits.shape[1] == ids.shape[1]
+
+
 def test_errors_name_the_problem():
     with pytest.raises(PatchError, match="bidirectional"):
         patch_model(tm.build("llama"), "token_merge")
@@ -132,7 +148,5 @@ def test_errors_name_the_problem():
         patch_model(clip, "token_merge", towers=["text_model.encoder.layers"])
     patch_model(clip, "token_merge", r=2)
     assert all("vision" in m.site.tower for m in patched_methods(clip))  # images only by default
-    with pytest.raises(PatchError, match="language model"):
-        patch_model(tm.build("llava"), "token_merge")
     with pytest.raises(PatchError, match="ratio"):
         patch_model(tm.build("dit"), "token_merge", ratio=1.0)

@@ -1,14 +1,17 @@
 """`token_merge`: fewer tokens instead of cheaper attention (ToMe for vision encoders, ToMeSD for
 diffusion transformers); ops/token_merge.py has the matching.
 
-Encoders (ViT, CLIP's vision tower, SigLIP, a Llava's vision tower run alone): in every patched
+Encoders (ViT, CLIP's vision tower, SigLIP, a Llava's vision tower): in every patched
 layer the attention's keys (mean over heads) match tokens by bipartite soft matching, and the `r`
 most similar sources merge into their destinations (size-weighted mean) once the layer is done;
 later layers attend with proportional attention (log of each key's size added to its logits), so a
 merged token weighs as the tokens it stands for. [CLS] and registers are never merged; the merged
 sequence keeps the original order, so [CLS] stays first and poolers read it as before. Deviation
 from ToMe: the merge happens after the layer's MLP, not between its attention and its MLP (the
-layer runs unmodified, only its output is merged; its MLP pays for r more tokens).
+layer runs unmodified, only its output is merged; its MLP pays for r more tokens). In a Llava the
+merged tokens at the feature layer are the image features, and each image's run of placeholder
+tokens in the prompt is cut to their count (as visual_token_prune does); the language model sees
+them without their sizes.
 
 Diffusion transformers (DiT, PixArt, SD3): ToMeSD around each patched self-attention module: its
 image tokens merge before it (`ratio` of them; one destination per `stride` x `stride` tile of the

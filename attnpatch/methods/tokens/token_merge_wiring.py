@@ -1,12 +1,16 @@
 """Hooks that wire `token_merge` into a model: per encoder stack, the state reset at each forward
-and the merge of every patched layer's output; for a diffusion transformer, the token grid read
-from its latent input."""
+and the merge of every patched layer's output (in a Llava, also the prompt's placeholder runs cut
+to the merged image tokens); for a diffusion transformer, the token grid read from its latent."""
 
 from __future__ import annotations
 
 import math
 
+import torch
+
 from ...errors import PatchError
+from ..vlm import llava_parts
+from .visual_token_prune import _PromptShortener
 
 
 class EncoderState:
@@ -62,20 +66,33 @@ def leading_tokens(model, tower: str) -> int:
     return 0
 
 
-def _reject_vlm(model) -> None:
-    for module in (model, getattr(model, "model", None)):
-        if module is not None and hasattr(module, "vision_tower") and hasattr(module, "multi_modal_projector"):
-            raise PatchError("token_merge in a VLM's vision tower would change how many image features reach the "
-                             "language model, which attnpatch does not shorten the prompt for yet; patch the vision "
-                             "tower on its own (model.model.vision_tower) to measure it, or use visual_token_prune")
+def _vlm_prompt(model, method):
+    """In a Llava, the merged vision tokens are the image features: the prompt's placeholder runs
+    shrink to the merged count (visual_token_prune's prompt shortener), measured once with a blank image."""
+    try:
+        vlm = llava_parts(model, method.name)
+    except PatchError:
+        return None
+
+    class MergedImagePrompt(_PromptShortener):
+        def image_features(self, *args, **kwargs):
+            return self.original_features(*args, **kwargs)
+
+    size = vlm.config.vision_config.image_size
+    parameter = next(vlm.vision_tower.parameters())
+    with torch.no_grad():
+        blank = torch.zeros(1, 3, size, size, device=parameter.device, dtype=parameter.dtype)
+        features = vlm.get_image_features(pixel_values=blank).pooler_output
+    shortener = MergedImagePrompt(model, method)
+    extra = 1 if vlm.config.vision_feature_select_strategy == "full" else 0
+    shortener.keep = int(features[0].shape[0]) - extra
+    return shortener.install()
 
 
 def wire(model, placements):
     """Install the hooks; returns what removes them."""
     hooks = []
     encoders = [(s, m) for s, m in placements if s.kind != "diffusion"]
-    if encoders:
-        _reject_vlm(model)
     for tower in sorted({s.tower for s, _ in encoders}):
         in_tower = [(s, m) for s, m in encoders if s.tower == tower]
         state = EncoderState(len(in_tower))
@@ -87,7 +104,9 @@ def wire(model, placements):
             if method.config["protected"] is None:
                 method.protected = protected
             layer = model.get_submodule(f"{tower}.{site.layer}")
-            hooks.append(layer.register_forward_hook(method.merge_layer_output))
+            # first among the layer's hooks: transformers' hidden-state capture (installed at a model's first
+            # forward, perhaps before this patch) must record the merged output
+            hooks.append(layer.register_forward_hook(method.merge_layer_output, prepend=True))
     diffusion = [m for s, m in placements if s.kind == "diffusion"]
     if diffusion:
         state = GridState(model)
@@ -95,7 +114,11 @@ def wire(model, placements):
         for method in diffusion:
             method.state = state
 
+    undo_prompt = _vlm_prompt(model, encoders[0][1]) if encoders else None
+
     def undo():
+        if undo_prompt is not None:
+            undo_prompt()
         for hook in hooks:
             hook.remove()
         for _, method in placements:
