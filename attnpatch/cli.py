@@ -155,7 +155,10 @@ def _load_for_metrics(args):
     if "dit" in metrics:
         from diffusers import DiTTransformer2DModel
 
-        return DiTTransformer2DModel.from_pretrained(args.model), None
+        try:  # a pipeline folder or hub id (facebook/DiT-XL-2-256) keeps the transformer in a subfolder
+            return DiTTransformer2DModel.from_pretrained(args.model, subfolder="transformer"), None
+        except OSError:
+            return DiTTransformer2DModel.from_pretrained(args.model), None
     if "clip" in metrics:
         from transformers import CLIPModel
 

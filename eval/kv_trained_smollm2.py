@@ -7,10 +7,11 @@ token by token to 1024 through the cache, tokens after the prefill scored; here 
 consecutive 1024-token segments, averaged), with the cache's bytes at the end. Rows:
 - dense SmolLM2, and every eviction method holding 512 entries per kv head (half the dense cache
   at the end; decode='hold' so the budget holds while decoding), on the base model;
-- kv_merge (3 -> 1 kv heads) and mla (rank 96: half the bytes) after their recipe's stage 1
-  (compression trained, model frozen: comparable with eviction on the base model) and after
-  stage 2 (+ LoRA: comparable with the dense + LoRA control, whose recipe eval is quoted from
-  eval/results/lolcats-smollm2 together with the recipes' own eval perplexities).
+- the dense + LoRA control (recipes/smollm2_dense_lora_control.yaml, run into out/smollm2-dense-lora)
+  and every eviction method on it: the fair company of the "+ LoRA" rows;
+- kv_merge (3 -> 1 kv heads) and mla (rank 96: half the bytes; rank 64: a third) after their
+  recipe's stage 1 (compression trained, model frozen: comparable with eviction on the base model)
+  and after stage 2 (+ LoRA: comparable with the control and eviction on it).
 Writes results.json, report.md and ppl_vs_bytes.png.
 """
 
@@ -34,13 +35,16 @@ from attnpatch.recipes.config import RecipeConfig
 from attnpatch.recipes.data import packed_blocks
 
 EVICTION = ("streaming", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "keydiff")  # --eviction picks some
-TRAINED = {"kv_merge 3->1": ("recipes/smollm2_kv_merge.yaml", "out/smollm2-kv-merge"),
-           "mla rank 96": ("recipes/smollm2_mla.yaml", "out/smollm2-mla-96")}
+# label -> (recipe, run folder, recipe overrides the run was launched with)
+TRAINED = {"kv_merge 3->1": ("recipes/smollm2_kv_merge.yaml", "out/smollm2-kv-merge", []),
+           "mla rank 96": ("recipes/smollm2_mla.yaml", "out/smollm2-mla-96-att", []),
+           "mla rank 64": ("recipes/smollm2_mla.yaml", "out/smollm2-mla-64-att", ["attention.params.rank=64"])}
+CONTROL = "out/smollm2-dense-lora"  # recipes/smollm2_dense_lora_control.yaml: the same LoRA on the dense model
 
 
-def stage1_model(recipe: Path, run: Path):
+def stage1_model(recipe: Path, run: Path, overrides: list[str]):
     """The base model with the recipe's patch and the parameters stage 1 trained (no LoRA)."""
-    config = RecipeConfig.load(recipe)
+    config = RecipeConfig.load(recipe, overrides)
     model, tokenizer = load_model(config.model)
     patch_model(model, PatchConfig.from_dict(config.attention))
     if calibrated_methods(model):  # what calibration fixed besides trained parameters (mla's kept slots): again
@@ -98,11 +102,25 @@ def main(argv=None) -> None:
                 patch_model(model, method, budget=args.budget, decode="hold")
                 add({**measure(model, tokenizer, ids, args.segments, label), "kind": "eviction (base model)"})
                 unpatch_model(model)
-        for label, (recipe, run) in TRAINED.items():
+        control = Path(CONTROL) / "final"
+        if control.exists():  # eviction on the same LoRA-tuned weights as the control: fair to "+ LoRA" rows
+            tuned = load_patched(control).eval()
+            if not measured("dense + LoRA (control)"):
+                add({**measure(tuned, tokenizer, ids, args.segments, "dense + LoRA (control)"), "kind": "control"})
+            for method in args.eviction:
+                label = f"{method}:budget={args.budget},decode=hold on the control"
+                if not measured(label):
+                    patch_model(tuned, method, budget=args.budget, decode="hold")
+                    add({**measure(tuned, tokenizer, ids, args.segments, label), "kind": "eviction (control)"})
+                    unpatch_model(tuned)
+            del tuned
+        for label, (recipe, run, overrides) in TRAINED.items():
             run = Path(run)
+            if not (run / "stage1" / "checkpoint").exists():
+                continue
             if not measured(f"{label} (stage 1)"):
-                add({**measure(stage1_model(Path(recipe), run), tokenizer, ids, args.segments, f"{label} (stage 1)"),
-                     "kind": "trained, model frozen"})
+                add({**measure(stage1_model(Path(recipe), run, overrides), tokenizer, ids, args.segments,
+                               f"{label} (stage 1)"), "kind": "trained, model frozen"})
             if not (run / "final").exists() or measured(f"{label} (+ LoRA)"):  # a run stopped after stage 1
                 continue
             final = load_patched(run / "final").eval()
@@ -134,7 +152,8 @@ def plot(results: dict, path: Path) -> None:
 
     dense = results["rows"][0]
     fig, ax = plt.subplots(figsize=(7, 4.4))
-    markers = {"dense": "k*", "eviction (base model)": "o", "trained, model frozen": "s", "trained + LoRA": "D"}
+    markers = {"dense": "k*", "eviction (base model)": "o", "trained, model frozen": "s", "trained + LoRA": "D",
+               "control": "kP", "eviction (control)": "x"}
     for r in results["rows"]:
         ax.plot(r["cache_bytes"] / dense["cache_bytes"], r["perplexity"], markers[r["kind"]], label=r["label"])
     ax.set_xlabel("KV bytes at the end / dense")
