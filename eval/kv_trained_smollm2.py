@@ -93,27 +93,22 @@ def main(argv=None) -> None:
         print(json.dumps(row), flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    with torch.no_grad():
-        if not measured("dense"):
-            add({**measure(model, tokenizer, ids, args.segments, "dense"), "kind": "dense"})
+    def dense_and_eviction(weights, dense_label: str, kind: str, eviction_kind: str, suffix: str = "") -> None:
+        if not measured(dense_label):
+            add({**measure(weights, tokenizer, ids, args.segments, dense_label), "kind": kind})
         for method in args.eviction:
-            label = f"{method}:budget={args.budget},decode=hold"
+            label = f"{method}:budget={args.budget},decode=hold{suffix}"
             if not measured(label):
-                patch_model(model, method, budget=args.budget, decode="hold")
-                add({**measure(model, tokenizer, ids, args.segments, label), "kind": "eviction (base model)"})
-                unpatch_model(model)
+                patch_model(weights, method, budget=args.budget, decode="hold")
+                add({**measure(weights, tokenizer, ids, args.segments, label), "kind": eviction_kind})
+                unpatch_model(weights)
+
+    with torch.no_grad():
+        dense_and_eviction(model, "dense", "dense", "eviction (base model)")
         control = Path(CONTROL) / "final"
         if control.exists():  # eviction on the same LoRA-tuned weights as the control: fair to "+ LoRA" rows
-            tuned = load_patched(control).eval()
-            if not measured("dense + LoRA (control)"):
-                add({**measure(tuned, tokenizer, ids, args.segments, "dense + LoRA (control)"), "kind": "control"})
-            for method in args.eviction:
-                label = f"{method}:budget={args.budget},decode=hold on the control"
-                if not measured(label):
-                    patch_model(tuned, method, budget=args.budget, decode="hold")
-                    add({**measure(tuned, tokenizer, ids, args.segments, label), "kind": "eviction (control)"})
-                    unpatch_model(tuned)
-            del tuned
+            dense_and_eviction(load_patched(control).eval(), "dense + LoRA (control)", "control", "eviction (control)",
+                               " on the control")
         for label, (recipe, run, overrides) in TRAINED.items():
             run = Path(run)
             if not (run / "stage1" / "checkpoint").exists():

@@ -101,7 +101,8 @@ class TokenMerge(Method):
         tokens = call.key.shape[-2]
         if state.initial_tokens is None:
             state.initial_tokens = tokens
-        out = self._proportional(call) if state.sizes is not None and self.config["proportional"] else None
+        weighted = self.config["proportional"] and self.config["mode"] == "merge"  # pruned tokens all have size 1
+        out = self._proportional(call) if state.sizes is not None and weighted else None
         out = exact_attention(call) if out is None else out
         r = self.layer_r(tokens)
         if r and call.mask is not None:
