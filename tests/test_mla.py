@@ -116,6 +116,10 @@ def test_cache_holds_the_latent_and_padded_generate_matches_rows_alone():
     assert torch.equal(out, uncached)  # the latent cache changes memory, not the function
     alone, _ = tm.generate_with_cache(model, ids[:1, 4:], mask[:1, 4:])
     assert torch.equal(out[0, 4:], alone[0])
+    unpatch_model(model)  # keys and values may take different ranks
+    patch_model(model, "mla", rank=8, value_rank=24)
+    _, cache = tm.generate_with_cache(model, ids, mask)
+    assert cache.layers[0].values.shape[-1] == 24 and cache_nbytes(cache) * 2 == cache_nbytes(dense_cache)
 
 
 def test_saved_factors_reload_and_transfer_trains_them(tmp_path):

@@ -39,8 +39,11 @@ class MultiHeadLatentAttention(Method):
     trainable_note = "the latent's down/up factors of keys and values (attention transfer, model frozen)"
     cache_layer_class = LatentKVLayer
     params = (
-        ParamSpec("rank", int, None, "latent dims per token for the keys and again for the values (even; kv heads x "
-                  "head_dim = full rank, exact); unset = half of that, half the KV cache", low=2, optional=True),
+        ParamSpec("rank", int, None, "latent dims per token for the keys and (unless value_rank) again for the values "
+                  "(even; kv heads x head_dim = full rank, exact); unset = half of that, half the KV cache", low=2,
+                  optional=True),
+        ParamSpec("value_rank", int, None, "latent dims per token for the values when they differ from the keys' "
+                  "(per layer through layer_params, e.g. from allocate_latent_ranks)", low=1, optional=True),
         ParamSpec("init", str, "attention", "what the start keeps best: 'attention' weighs key errors by the queries "
                   "that read them and value errors by the output projection (ops/latent.py); 'kv' the keys and values "
                   "themselves (the papers' SVD start)", choices=("attention", "kv")),
@@ -57,6 +60,9 @@ class MultiHeadLatentAttention(Method):
         if rank > full or rank % 2:
             raise PatchError(f"mla rank={rank} for {site.label}: it must be even and at most kv heads x head_dim = "
                              f"{full} (the dense cache)")
+        if self.value_rank(site) > full:
+            raise PatchError(f"mla value_rank={self.value_rank(site)} for {site.label}: at most kv heads x head_dim = "
+                             f"{full}")
         if rope_dims % 2 or rope_dims > site.head_dim or rope_dims * site.num_kv_heads > rank:
             raise PatchError(f"mla rope_dims={rope_dims} for {site.label}: it must be even, at most head_dim "
                              f"{site.head_dim}, and rope_dims x kv heads ({site.num_kv_heads}) at most rank={rank}")
@@ -65,6 +71,9 @@ class MultiHeadLatentAttention(Method):
         site = site or self.site
         rank = self.config["rank"]
         return rank if rank is not None else site.num_kv_heads * site.head_dim // 2
+
+    def value_rank(self, site=None) -> int:
+        return self.config["value_rank"] if self.config["value_rank"] is not None else self.rank(site)
 
     def attach(self, module) -> None:
         for name, tensor in self._factors(None).items():
@@ -94,7 +103,7 @@ class MultiHeadLatentAttention(Method):
             value_metric = output_metric(o_proj.weight, heads, kv_heads)
         down, up, slots = key_factors(k_proj.weight, k_proj.bias, kv_heads, rank // 2,
                                       self.config["rope_dims"] // 2, covariance, key_weights)
-        value_down, value_up = value_factors(v_proj.weight, v_proj.bias, rank, covariance, value_metric)
+        value_down, value_up = value_factors(v_proj.weight, v_proj.bias, self.value_rank(), covariance, value_metric)
         place = dict(device=k_proj.weight.device, dtype=k_proj.weight.dtype)
         return {"attnpatch_key_down": down.to(**place), "attnpatch_key_up": up.to(**place),
                 "attnpatch_value_down": value_down.to(**place), "attnpatch_value_up": value_up.to(**place),
