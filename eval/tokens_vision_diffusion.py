@@ -12,6 +12,8 @@ Models have the geometry of real checkpoints and random weights (no hub here):
   batch 2; PSNR / SSIM of the final latents against dense, images per second.
 - pixart: PixArt-alpha's block geometry (1152 wide, 16 heads, self- and cross-attention to 120
   caption tokens) at 512 px (1024 tokens), 4 of its 28 blocks; 10 DDIM steps, batch 1.
+- pixart1024: the same at 1024 px (4096 tokens), 2 blocks (every block costs the same, so the
+  ratios are the full model's up to the embedding and the final layer).
 Random weights: speed is what a trained model of that geometry gets; agreement is how far each
 setting moves a random model (whose tokens are less alike than a trained model's, so merging costs
 more here), not the quality on real images; the grid pictures show the final latents (first three
@@ -35,6 +37,7 @@ from attnpatch.evaluation.report import environment
 from attnpatch.evaluation.speed import best_seconds
 from attnpatch.evaluation.vision import compare_dit_samples, dit_sample
 
+MODELS = ["vit", "clip", "dit", "pixart", "pixart1024"]
 MERGE_VIT = [("token_merge r=4", {"r": 4}), ("token_merge r=8 (~50% gone by the last layer)", {"r": 8}),
              ("token_merge r=13", {"r": 13}), ("token_merge r=16", {"r": 16}),
              ("token_merge r=8 prune", {"r": 8, "mode": "prune"})]
@@ -65,9 +68,10 @@ def build(kind: str, quick: bool):
                                      in_channels=4, out_channels=8, num_layers=2 if quick else 12,
                                      sample_size=8 if quick else 32, patch_size=2, num_embeds_ada_norm=1000)
     from diffusers import PixArtTransformer2DModel
+    large = kind == "pixart1024"  # PixArt-alpha 1024 px: 4096 tokens, 2 of its 28 blocks (all blocks cost the same)
     return PixArtTransformer2DModel(num_attention_heads=2 if quick else 16, attention_head_dim=16 if quick else 72,
-                                    in_channels=4, out_channels=8, num_layers=2 if quick else 4,
-                                    sample_size=8 if quick else 64, patch_size=2,
+                                    in_channels=4, out_channels=8, num_layers=2 if quick or large else 4,
+                                    sample_size=8 if quick else 128 if large else 64, patch_size=2,
                                     cross_attention_dim=32 if quick else 1152, caption_channels=24 if quick else 4096,
                                     use_additional_conditions=False)
 
@@ -253,13 +257,17 @@ def markdown(rows: list[dict], quick: bool) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="eval/results/tokens-vision-diffusion")
-    parser.add_argument("--models", nargs="+", default=["vit", "clip", "dit", "pixart"])
+    parser.add_argument("--models", nargs="+", default=MODELS[:4], choices=MODELS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny geometries (a smoke run)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [row for kind in args.models for row in rows_for(kind, args.quick, args.repeats, out)]
+    earlier = out / "results.json"
+    if earlier.exists():  # models not measured this time keep their earlier rows
+        kept = [r for r in json.loads(earlier.read_text())["rows"] if r["model"] not in args.models]
+        rows = sorted(kept + rows, key=lambda r: MODELS.index(r["model"]))
     (out / "results.json").write_text(json.dumps({"environment": environment(0), "quick": args.quick, "rows": rows},
                                                  indent=2, default=float) + "\n")
     (out / "report.md").write_text(markdown(rows, args.quick))
