@@ -172,7 +172,9 @@ def test_kv_merge_recipe_trains_the_fused_heads_then_lora_and_saves_a_plain_gqa_
 
 
 def test_mla_recipe_distils_the_latent_and_reloads(workdir):
-    summary = run_small_recipe(workdir, "mla", "{method: mla, params: {rank: 8}}",
+    # init=kv: the plain principal components, which the output-MSE transfer has room to improve on this tiny
+    # random model (the attention-weighted start is already within ~3% of what 8 steps reach here)
+    summary = run_small_recipe(workdir, "mla", "{method: mla, params: {rank: 8, init: kv}}",
                                "{steps: 8, lr: 0.01, batch_size: 4, eval_every: 4, checkpoint_every: 4}")
     stage1 = summary["stages"]["stage1"]
     assert stage1["eval_loss_last"] < 0.9 * stage1["eval_loss_first"], stage1["history"]
