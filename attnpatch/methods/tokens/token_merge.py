@@ -85,18 +85,18 @@ class TokenMerge(Method):
             raise PatchError(f"token_merge merges the queries' own tokens; {site.label} is cross-attention")
 
     # --- encoders: proportional attention, and the match that the layer's output hook applies
-    def layer_r(self, tokens: int) -> int:
-        state = self.state
+    def layer_r(self) -> int:
+        """Tokens this layer merges: `r`, or by default an equal share of half the mergeable tokens."""
         if self.config["r"] is not None:
             return self.config["r"]
-        return math.ceil(0.5 * (state.initial_tokens - self.protected) / state.depth)
+        return math.ceil(0.5 * (self.state.initial_tokens - self.protected) / self.state.depth)
 
     def attention(self, call):
         state = self.state
-        if self.site.kind == "diffusion" or state is None:
-            if state is None:
-                raise PatchError("token_merge was not wired into the model (finish_patch did not run); patch it with "
-                                 "patch_model")
+        if state is None:
+            raise PatchError("token_merge was not wired into the model (finish_patch did not run); patch it with "
+                             "patch_model")
+        if self.site.kind == "diffusion":  # the tokens were merged around the module (around_module)
             return exact_attention(call)
         tokens = call.key.shape[-2]
         if state.initial_tokens is None:
@@ -104,7 +104,7 @@ class TokenMerge(Method):
         weighted = self.config["proportional"] and self.config["mode"] == "merge"  # pruned tokens all have size 1
         out = self._proportional(call) if state.sizes is not None and weighted else None
         out = exact_attention(call) if out is None else out
-        r = self.layer_r(tokens)
+        r = self.layer_r()
         if r and call.mask is not None:
             raise PatchError(f"token_merge: {self.site.label} attends under a mask (padding); merging would mix padded "
                              "and real tokens. Merge image tokens (no mask), or pass unpadded inputs")
