@@ -107,8 +107,9 @@ def main(argv=None) -> None:
         dense_and_eviction(model, "dense", "dense", "eviction (base model)")
         control = Path(CONTROL) / "final"
         if control.exists():  # eviction on the same LoRA-tuned weights as the control: fair to "+ LoRA" rows
-            dense_and_eviction(load_patched(control).eval(), "dense + LoRA (control)", "control", "eviction (control)",
-                               " on the control")
+            tuned = load_patched(control).eval()
+            unpatch_model(tuned)  # the control recipe patches `softmax` (exact attention): plain SDPA is the same model
+            dense_and_eviction(tuned, "dense + LoRA (control)", "control", "eviction (control)", " on the control")
         for label, (recipe, run, overrides) in TRAINED.items():
             run = Path(run)
             if not (run / "stage1" / "checkpoint").exists():
