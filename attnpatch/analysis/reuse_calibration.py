@@ -16,15 +16,10 @@ def _changes(method, record):
     def around(run, args, kwargs):
         out = run(*args, **kwargs)
         steps = method.steps
-        if steps is None or steps.timestep is None:
-            raise PatchError("calibrate_reuse: the patched model saw no timestep; generate through the model itself")
-        if method.step_seen != (steps.generation, steps.step):
-            method.step_seen, method.call_in_step = (steps.generation, steps.step), 0
-        key = (steps.generation, method.call_in_step)
-        method.call_in_step += 1
+        key = (steps.generation, method.next_call())
         current = (out[0] if isinstance(out, tuple) else out).detach().float()
         last = previous.get(key)
-        if last is not None and last[0] == steps.step - 1 and method._in_window() and last[1].shape == current.shape:
+        if last is not None and last[0] == steps.step - 1 and method.in_window() and last[1].shape == current.shape:
             record.append(float((current - last[1]).norm() / current.norm().clamp_min(1e-12)))
         previous[key] = (steps.step, current)
         return out

@@ -72,7 +72,6 @@ def dit_sample(model, sample: torch.Tensor, steps: int, **conditioning) -> dict:
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(steps)
     model(sample, timestep=scheduler.timesteps[:1].expand(len(sample)), **conditioning)  # warm-up, not timed
-    scheduler.set_timesteps(steps)
     latents, start = sample.clone(), time.perf_counter()
     for t in scheduler.timesteps:
         noise = model(latents, timestep=t.expand(len(latents)), **conditioning).sample[:, : latents.shape[1]]

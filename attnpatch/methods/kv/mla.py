@@ -43,7 +43,7 @@ class MultiHeadLatentAttention(Method):
                   "(even; kv heads x head_dim = full rank, exact); unset = half of that, half the KV cache", low=2,
                   optional=True),
         ParamSpec("value_rank", int, None, "latent dims per token for the values when they differ from the keys' "
-                  "(per layer through layer_params, e.g. from allocate_latent_ranks)", low=1, optional=True),
+                  "(per layer through layer_params)", low=1, optional=True),
         ParamSpec("init", str, "attention", "what the start keeps best: 'attention' weighs key errors by the queries "
                   "that read them and value errors by the output projection (ops/latent.py); 'kv' the keys and values "
                   "themselves (the papers' SVD start)", choices=("attention", "kv")),

@@ -83,11 +83,12 @@ class AttentionReuse(Method):
     def attention(self, call):
         return exact_attention(call)
 
-    def _in_window(self) -> bool:
+    def in_window(self) -> bool:
         scale = self.config["train_timesteps"]
         return self.config["window_start"] * scale <= self.steps.timestep <= self.config["window_end"] * scale
 
-    def around_module(self, run, args, kwargs):
+    def next_call(self) -> int:
+        """This module's call index within the current step (0 for its first call in a step)."""
         steps = self.steps
         if steps is None or steps.timestep is None:
             raise PatchError("attention_reuse is not wired to the model's forward (no timestep seen); call the patched "
@@ -95,9 +96,13 @@ class AttentionReuse(Method):
         if self.step_seen != (steps.generation, steps.step):
             self.step_seen, self.call_in_step = (steps.generation, steps.step), 0
         index, self.call_in_step = self.call_in_step, self.call_in_step + 1
+        return index
+
+    def around_module(self, run, args, kwargs):
+        steps, index = self.steps, self.next_call()
         signature = tuple(tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
         saved = self.saved.get(index)
-        if (saved is not None and saved[0] == steps.generation and saved[2] == signature and self._in_window()
+        if (saved is not None and saved[0] == steps.generation and saved[2] == signature and self.in_window()
                 and steps.step - saved[1] <= self.reuse_steps()):
             self.reused += 1
             return saved[3]
