@@ -9,6 +9,7 @@ import torch
 
 from attnpatch import PatchError, patch_model, patched_methods, unpatch_model
 from attnpatch.ops.reference import naive_attention
+from attnpatch.methods.tokens.token_merge_wiring import mlp_parts
 from attnpatch.ops.token_merge import alternate_destinations, bipartite_merge, grid_destinations
 from attnpatch.runtime.call import AttentionCall
 
@@ -94,6 +95,40 @@ def test_vit_token_counts_default_r_and_cls_kept():
     assert model(pixel_values=tm.pixels()).last_hidden_state.shape[1] == 14
 
 
+@pytest.mark.parametrize("name", ENCODERS)
+def test_merge_sits_between_attention_and_mlp_as_in_tome(name):
+    """A patched layer's output is ToMe's layer: x' = merge(x) after the attention's residual add,
+    then x' + mlp(norm(x')), with the MLP run on the merged tokens only."""
+    model = tm.build(name)
+    site = patch_model(model, "token_merge", r=3) and patched_methods(model)[0].site
+    unpatch_model(model)
+    layer = model.get_submodule(f"{site.tower}.{site.layer}")
+    norm, mlp = mlp_parts(layer, name)
+    seen = {}
+
+    def record(key, value):  # hooks that return None change nothing
+        seen.setdefault(key, value)
+
+    norm.register_forward_pre_hook(lambda m, args: record("x", args[0]))  # before the merge's own hook
+    mlp.register_forward_hook(lambda m, args, out: record("mlp_tokens", args[0].shape[1]))
+    patch_model(model, "token_merge", r=3)
+    method = patched_methods(model)[0]
+    norm.register_forward_pre_hook(lambda m, args: record("merge", method.state and method.state.pending))
+    layer.register_forward_hook(lambda m, args, out: record("out", out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        tm.run(name, model)
+        merged, _ = seen["merge"].merge(seen["x"])
+        reference = merged + mlp(norm(merged))
+    assert seen["mlp_tokens"] == seen["x"].shape[1] - 3  # the MLP ran on the merged tokens
+    assert torch.allclose(seen["out"], reference, atol=1e-5)
+    assert method.state.mlp_merges == method.state.merges
+    unpatch_model(model)
+    patch_model(model, "token_merge", r=3, placement="output")  # after the whole layer: the MLP sees every token
+    seen.clear()
+    tm.run(name, model)
+    assert seen["mlp_tokens"] == seen["x"].shape[1] and patched_methods(model)[0].state.mlp_merges == 0
+
+
 @pytest.mark.parametrize("name", ["vit", "dit"])
 def test_batch_rows_merge_as_they_would_alone(name):
     model = tm.build(name)
@@ -150,3 +185,10 @@ def test_errors_name_the_problem():
     assert all("vision" in m.site.tower for m in patched_methods(clip))  # images only by default
     with pytest.raises(PatchError, match="ratio"):
         patch_model(tm.build("dit"), "token_merge", ratio=1.0)
+    vit = tm.build("vit")
+    for layer in vit.layers:
+        layer.feed_forward = layer.mlp  # a layout the merge does not know
+        del layer.mlp
+    with pytest.raises(PatchError, match="placement='output'"):
+        patch_model(vit, "token_merge", r=2)
+    assert not patched_methods(vit)  # the failed patch left nothing behind

@@ -3,12 +3,15 @@ diffusion transformers); ops/token_merge.py has the matching.
 
 Encoders (ViT, CLIP's vision tower, SigLIP, a Llava's vision tower): in every patched
 layer the attention's keys (mean over heads) match tokens by bipartite soft matching, and the `r`
-most similar sources merge into their destinations (size-weighted mean) once the layer is done;
-later layers attend with proportional attention (log of each key's size added to its logits), so a
-merged token weighs as the tokens it stands for. [CLS] and registers are never merged; the merged
-sequence keeps the original order, so [CLS] stays first and poolers read it as before. Deviation
-from ToMe: the merge happens after the layer's MLP, not between its attention and its MLP (the
-layer runs unmodified, only its output is merged; its MLP pays for r more tokens). In a Llava the
+most similar sources merge into their destinations (size-weighted mean) between the attention and
+the MLP, as in ToMe; later layers attend with proportional attention (log of each key's size added
+to its logits), so a merged token weighs as the tokens it stands for. [CLS] and registers are never
+merged; the merged sequence keeps the original order, so [CLS] stays first and poolers read it as
+before. The layer's own code adds the MLP's output to the unmerged residual, so hooks merge the
+MLP's input (at its norm), spread its output back to every token, and merge the layer's output:
+merge(x + unmerge(mlp(norm(merge(x))))) = merge(x) + mlp(norm(merge(x))), ToMe's layer exactly,
+with the MLP run on the merged tokens. `placement="output"` merges after the whole layer instead
+(for layouts without a known norm -> MLP pair; the MLP then pays for r more tokens). In a Llava the
 merged tokens at the feature layer are the image features, and each image's run of placeholder
 tokens in the prompt is cut to their count (as visual_token_prune does); the language model sees
 them without their sizes.
@@ -38,8 +41,8 @@ MODES = ("merge", "prune")
 class TokenMerge(Method):
     name = "token_merge"
     family = "sparse"
-    summary = ("ToMe / ToMeSD: similar tokens merge by bipartite soft matching (encoders: r per layer after each "
-               "layer, proportional attention, [CLS] kept; diffusion: a ratio merged around each self-attention and "
+    summary = ("ToMe / ToMeSD: similar tokens merge by bipartite soft matching (encoders: r per layer between attention "
+               "and MLP, proportional attention, [CLS] kept; diffusion: a ratio merged around each self-attention and "
                "unmerged after), or are pruned.")
     model_kinds = ("encoder", "diffusion")
     interventions = frozenset({"attention", "tokens"})
@@ -50,6 +53,8 @@ class TokenMerge(Method):
                   "(ToMeSD's default 0.5)", low=0.0, high=1.0, high_open=True),
         ParamSpec("mode", str, "merge", "merge: size-weighted mean into the destination; prune: sources dropped",
                   choices=MODES),
+        ParamSpec("placement", str, "mlp", "encoders: merge between the attention and the MLP (ToMe) or after the "
+                  "whole layer", choices=("mlp", "output")),
         ParamSpec("proportional", bool, True, "encoders: add log(size) of each key to its logits (ToMe)"),
         ParamSpec("protected", int, None, "encoders: leading tokens never merged; unset = [CLS] and registers when "
                   "the embeddings have them", low=0, optional=True),
@@ -125,6 +130,18 @@ class TokenMerge(Method):
         groups = call.kv_groups
         return torch.nn.functional.scaled_dot_product_attention(
             call.query, repeat_kv(call.key, groups), repeat_kv(call.value, groups), attn_mask=bias, scale=call.scaling)
+
+    def merge_mlp_input(self, module, args):
+        merge = self.state.pending
+        if merge is None:
+            return None
+        merged, _ = merge.merge(args[0], self.state.sizes, self.config["mode"])
+        self.state.mlp_merges += 1
+        return (merged, *args[1:])
+
+    def unmerge_mlp_output(self, module, args, output):
+        merge = self.state.pending
+        return None if merge is None else merge.unmerge(output)
 
     def merge_layer_output(self, module, args, output):
         state = self.state

@@ -15,7 +15,7 @@ from .visual_token_prune import _PromptShortener
 
 class EncoderState:
     """One encoder stack's forward: the sizes of its current tokens and the merge its running
-    layer decided (applied to that layer's output)."""
+    layer decided (applied to its MLP's input, and to that layer's output)."""
 
     def __init__(self, depth: int):
         self.depth = depth  # patched layers in the stack (the default r spreads the merges over them)
@@ -23,6 +23,7 @@ class EncoderState:
         self.initial_tokens = None
         self.pending = None
         self.merges = 0  # merges applied since patching: tests' proof of activity
+        self.mlp_merges = 0  # MLPs that ran on the merged tokens (placement="mlp")
 
     def reset(self, *_):
         self.sizes, self.initial_tokens, self.pending = None, None, None
@@ -50,6 +51,24 @@ class GridState:
             return side, side
         raise PatchError(f"token_merge: {label} has {tokens} image tokens and the model's latent grid "
                          f"{self.shape} does not give them; ToMeSD's destinations need the token grid")
+
+
+# (the norm in front of an encoder layer's MLP, the MLP's last module): ViT (transformers >= 5.20 and
+# before), CLIP / SigLIP, DINOv2-style
+MLP_PARTS = (("layernorm_after", "mlp"), ("layernorm_after", "output.dense"), ("layer_norm2", "mlp"),
+             ("norm2", "mlp"))
+
+
+def mlp_parts(layer, label: str):
+    """The modules around which ToMe's merge sits, between attention and MLP."""
+    for norm, last in MLP_PARTS:
+        try:
+            return layer.get_submodule(norm), layer.get_submodule(last)
+        except AttributeError:
+            continue
+    raise PatchError(f"token_merge: {label}'s layer has none of the known norm -> MLP layouts "
+                     f"({', '.join(f'{n} -> {m}' for n, m in MLP_PARTS)}), so the merge cannot sit between its "
+                     "attention and its MLP; pass placement='output' to merge after the whole layer")
 
 
 def leading_tokens(model, tower: str) -> int:
@@ -104,6 +123,10 @@ def wire(model, placements):
             if method.config["protected"] is None:
                 method.protected = protected
             layer = model.get_submodule(f"{tower}.{site.layer}")
+            if method.config["placement"] == "mlp":
+                norm, last = mlp_parts(layer, site.label)
+                hooks.append(norm.register_forward_pre_hook(method.merge_mlp_input))
+                hooks.append(last.register_forward_hook(method.unmerge_mlp_output))
             # first among the layer's hooks: transformers' hidden-state capture (installed at a model's first
             # forward, perhaps before this patch) must record the merged output
             hooks.append(layer.register_forward_hook(method.merge_layer_output, prepend=True))
