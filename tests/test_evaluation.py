@@ -74,6 +74,24 @@ def test_lm_eval_runs_local_tasks_end_to_end(tmp_path):
     assert set(out["_seconds"]) == set(lm_tasks.LOCAL_TASKS)
 
 
+def test_committed_lm_eval_tasks_build_their_items_on_first_use():
+    """eval/tasks/*.yaml need no preparation: lm-eval calls local_data.py, which builds the same
+    seeded items as the generators (from WikiText-2 valid here)."""
+    from pathlib import Path
+
+    from attnpatch.evaluation.data import load_text
+
+    folder = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+    model, tok = tm.build("llama"), tm.tiny_tokenizer()
+    out = lm_tasks.run_lm_eval(model, tok, list(lm_tasks.LOCAL_TASKS), include_path=folder, limit=4, batch_size=4)
+    assert out["attnpatch_cloze"]["sample_len"] == 4 and out["attnpatch_next_sentence"]["sample_len"] == 4
+    source, _ = load_text(None, "valid")
+    built = lm_tasks.task_dataset("attnpatch_cloze")["test"]
+    assert len(built) == 200 and built[3] == lm_tasks.make_cloze_items(source, 200, 0)[3]
+    with pytest.raises(ValueError, match="known: attnpatch_cloze"):
+        lm_tasks.task_dataset("cloze")
+
+
 class DigitTokenizer:
     """Counts characters as tokens, for checking prompt fitting without a real tokenizer."""
 

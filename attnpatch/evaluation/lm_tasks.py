@@ -1,9 +1,10 @@
 """lm-evaluation-harness on a (patched) model object, with local tasks that run offline.
 
 Hub tasks (piqa, arc_easy, arc_challenge, hellaswag, winogrande, lambada_openai, mmlu) go
-straight to lm-eval by name. The local tasks are generated from a text file into a folder of
-JSONL data plus task YAMLs (templates in `eval/tasks/` of the repository are the same YAML with a
-`{data_dir}` placeholder), then loaded through lm-eval's TaskManager(include_path=...):
+straight to lm-eval by name. The local tasks are built from a text, seeded: `attnpatch eval` writes
+them into its output folder as JSONL data plus task YAMLs; the repository's `eval/tasks/` YAMLs
+build the same items on first use through lm-eval's `custom_dataset` (`task_dataset`). Both are
+loaded through lm-eval's TaskManager(include_path=...):
 
 - attnpatch_cloze: last-word cloze. Context = a sentence without its last word; the model is
   right when the last word is its greedy continuation (loglikelihood task, metric acc).
@@ -130,6 +131,21 @@ def write_task_data(data_dir: str | Path, text: str, count: int = 200, seed: int
                 f.write(json.dumps(item) + "\n")
         counts[name] = len(items)
     return counts
+
+
+def task_dataset(task: str, text: str | None = None, items: int = 200, seed: int = 0, **_):
+    """A local task's items as a datasets.DatasetDict with a "test" split, built from `text` (a path
+    or source for load_text; default WikiText-2 valid, else the offline fallback). lm-eval calls it
+    through `custom_dataset` in eval/tasks/*.yaml, so those tasks need no preparation step."""
+    from datasets import Dataset, DatasetDict
+
+    from .data import load_text
+
+    makers = {"attnpatch_cloze": make_cloze_items, "attnpatch_next_sentence": make_next_sentence_items}
+    if task not in makers:
+        raise ValueError(f"unknown local task {task!r}; known: {', '.join(makers)}")
+    source, _ = load_text(text, "valid")
+    return DatasetDict({"test": Dataset.from_list(makers[task](source, items, seed))})
 
 
 def write_task_yamls(yaml_dir: str | Path, data_dir: str | Path) -> None:
