@@ -126,6 +126,7 @@ def load_default_model(dtype=None, prefer_hub: bool | None = None):
             logger.info("attnpatch: hub unreachable (%s); using the local SmolLM2 copy", type(err).__name__)
     converted = _local_default_checkpoint()
     model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=dtype)
+    model.config._name_or_path = DEFAULT_HUB_ID  # the weights are that model's (model cards name it)
     return model, AutoTokenizer.from_pretrained(str(converted))
 
 

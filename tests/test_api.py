@@ -125,6 +125,26 @@ def test_list_methods_describes_everything():
                       "help": "keys in the local window"}
 
 
+def test_saved_checkpoint_has_a_model_card(tmp_path):
+    import yaml
+
+    model = tm.build("llama")
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M"
+    patch_model(model, PatchConfig("sliding_window", {"window": 16}, layer_params={1: {"window": 8}}))
+    save_patched(model, tmp_path / "ckpt", results={"wikitext2 perplexity": 12.3456})
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header == {"library_name": "transformers", "base_model": "HuggingFaceTB/SmolLM2-135M",
+                      "tags": ["attnpatch", "sliding_window", "attention-sparse"]}
+    assert "| `sliding_window` | sparse | all | window=16," in card and "| ↳ layer 1 | | 1 | window=8 |" in card
+    assert 'load_patched("PATH_OR_REPO")' in card and "| wikitext2 perplexity | 12.35 |" in card
+    local = tm.build("llama")
+    local.config._name_or_path = str(tmp_path)  # a local folder is not a hub id: no base_model line
+    patch_model(local, "linear")
+    save_patched(local, tmp_path / "local")
+    assert "base_model" not in (tmp_path / "local" / "README.md").read_text()
+
+
 @pytest.mark.parametrize("name,method,params", [
     ("llama", "linear", {"feature_map": "hedgehog"}), ("llama", "linear", {"feature_map": "performer"}),
     ("dit", "linear", {"feature_map": "hedgehog"}), ("clip", "linear", {"feature_map": "elu"}),

@@ -68,6 +68,11 @@ def test_two_stages_lower_their_losses_and_the_artifact_reloads(workdir):
     # stage 1 trained the gates away from their initial 0.1
     gate = model.model.layers[0].self_attn.attnpatch_window_gate
     assert not torch.allclose(torch.sigmoid(gate), torch.full_like(gate, 0.1))
+    # final/ carries a model card with the recipe's tokens and perplexities
+    card = (workdir / "out" / "final" / "README.md").read_text()
+    stage2_after = summary["stages"]["stage2"]["eval_perplexity_after"]
+    assert "tags:\n- attnpatch\n- lolcats" in card and f"{stage2_after:.2f}" in card
+    assert f"| stage2 | {len(stage2) and summary['stages']['stage2']['steps']} | {stage2[-1]['train_tokens']} |" in card
 
 
 def test_resume_continues_from_the_checkpoint(workdir):

@@ -15,6 +15,7 @@ from ..config import PatchConfig
 from ..errors import PatchError
 from ..methods.base import attnpatch_entries
 from ..registry import get_method
+from .model_card import hub_id, write_model_card
 from .patching import _records, is_patched, patch_model
 
 CONFIG_FILE = "attnpatch_config.json"
@@ -51,8 +52,12 @@ def _library(model: nn.Module) -> str:
     return adapter.name
 
 
-def save_patched(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> Path:
-    """A plain HF checkpoint of the base model + attnpatch_config.json + attnpatch parameters.
+def save_patched(model: nn.Module, path: str | os.PathLike, *, base_model: str | None = None,
+                 training: dict | None = None, results: dict | None = None, **save_kwargs) -> Path:
+    """A plain HF checkpoint of the base model + attnpatch_config.json + attnpatch parameters +
+    a model card (README.md: what was patched, how to load it; `training`, a recipe's summary, and
+    `results`, {metric: value}, when given). `base_model`: the hub id it came from (default: the
+    model config's name when that is a hub id).
 
     The checkpoint loads with plain transformers/diffusers (unpatched); `load_patched` re-applies
     the patches and their parameters so outputs are identical.
@@ -78,6 +83,9 @@ def save_patched(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> Pa
         "parameters_file": PARAMS_FILE if extra else None,
     }
     (path / CONFIG_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    config = getattr(model, "config", None)
+    named = getattr(config, "_name_or_path", None) if config is not None else None
+    write_model_card(path, manifest, base_model or hub_id(named), training, results)
     return path
 
 

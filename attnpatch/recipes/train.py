@@ -162,7 +162,11 @@ def convert(config: RecipeConfig) -> Path:
     final = out / "final"
     if accelerator.is_main_process:
         model.eval()
-        save_patched(model, final)
+        for stage in summary["stages"].values():
+            lm = [h["eval_lm_loss"] for h in stage["history"] if "eval_lm_loss" in h]
+            if lm:
+                stage["eval_perplexity_after"] = math.exp(min(lm[-1], 50.0))
+        save_patched(model, final, training=summary)  # the model card names the base model from its config
         tokenizer.save_pretrained(final)
         summary["final_state_digest"] = state_digest(model)  # what this process held when it saved final/
         # a probe for "the artifact reloads to identical outputs"
@@ -170,10 +174,6 @@ def convert(config: RecipeConfig) -> Path:
         with torch.no_grad():
             torch.save({"input_ids": probe, "logits": model(input_ids=probe, use_cache=False).logits},
                        out / "probe.pt")
-        for stage in summary["stages"].values():
-            lm = [h["eval_lm_loss"] for h in stage["history"] if "eval_lm_loss" in h]
-            if lm:
-                stage["eval_perplexity_after"] = math.exp(min(lm[-1], 50.0))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_progress(summary, out / "perplexity_vs_tokens.png")
         accelerator.print(f"wrote {final} (open it with attnpatch.load_patched) and {out / 'summary.json'}")
