@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 
 from .errors import PatchError
 
@@ -61,25 +63,31 @@ def _cmd_patch(args) -> int:
 def _cmd_compare(args) -> int:
     import torch
 
-    from .evaluation.compare import compare, format_table
+    from .api import CONFIG_FILE
     from .evaluation.data import load_text
-    from .models import load_model
+    from .evaluation.main_job import JobSettings, main_job, write_outputs
+    from .models import DEFAULT_MODEL, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    checkpoints, base = list(args.checkpoint or []), args.model
+    if (Path(base) / CONFIG_FILE).is_file():  # a recipe's final/: it joins the table beside the base model
+        checkpoints.insert(0, base)
+        base = DEFAULT_MODEL
+        print(f"{args.model} is a patched checkpoint: it joins the table as a row; dense = {base}")
+    settings = JobSettings(args.prompt_tokens, args.decode_tokens, args.prefill_tokens, args.repeats)
+    start = time.perf_counter()
+    model, tokenizer = load_model(base)
     model.eval()
     text, what = load_text(args.data)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    used = min(ids.numel(), args.max_tokens) if args.max_tokens else ids.numel()
-    print(f"text: {what}; {used} of {ids.numel()} tokens in {args.window}-token windows", flush=True)
-    rows = compare(model, ids, args.methods, window=args.window, max_tokens=args.max_tokens)
-    print(format_table(rows))
-    print(f"(CPU threads: {torch.get_num_threads()}; peak MB = process memory growth during the run; "
-          "speeds are ratios to dense measured in this run)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"text": what, "tokens": used, "rows": rows}, f, indent=2)
+    print(f"text: {what}; quality = perplexity of {settings.decode_tokens} tokens decoded after a "
+          f"{settings.prompt_tokens}-token prompt; prefill at {settings.prefill_tokens} tokens", flush=True)
+    rows = main_job(model, ids, args.methods, checkpoints, settings)
+    footer = (f"{what}; CPU threads: {torch.get_num_threads()}; KV bytes read from the cache after decoding; "
+              f"speeds are ratios to dense measured in this run; total {time.perf_counter() - start:.0f} s")
+    table = write_outputs(rows, settings, Path(args.out), base, what, footer)
+    print(f"{table}\n{footer}\nwrote compare.md, compare.json and the plot compare.png to {args.out}")
     return 0
 
 
@@ -92,8 +100,6 @@ def _vision_inputs(args, model) -> dict:
     inputs = {}
     if metrics & {"vit", "clip"}:
         if args.images:
-            from pathlib import Path
-
             from PIL import Image
             from transformers import AutoImageProcessor
 
@@ -132,7 +138,6 @@ def _llava_inputs(args, model) -> dict:
         print("attnpatch: no --images given; using 4 seeded noise images and random prompts (agreement and speed only)",
               file=sys.stderr)
         return llava_prompt_inputs(model, seed=args.seed)
-    from pathlib import Path
 
     from PIL import Image
     from transformers import AutoProcessor
@@ -221,16 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_patch)
 
-    p = sub.add_parser("compare", help="main job: perplexity, tokens/s and peak memory, dense vs methods")
-    p.add_argument("--model", default="smollm2-135m")
+    p = sub.add_parser("compare", help="main job: one setting per family beside dense: quality, KV bytes, "
+                       "prefill and decode speed, a table and a plot")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="base model; a patched checkpoint folder (a recipe's final/) joins as a row beside the default")
+    p.add_argument("--checkpoint", nargs="+", default=None, help="patched checkpoint folders to add as rows")
     p.add_argument("--data", default=None,
                    help="text file, WikiText-2 folder, 'wikitext2' (hub) or 'fallback'; default: WikiText-2 if found")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_COMPARE,
-                   help="'dense' or NAME[:key=value,...], e.g. sliding_window:window=64,sinks=4")
-    p.add_argument("--window", type=int, default=1024, help="tokens per perplexity window")
-    p.add_argument("--max-tokens", type=int, default=8192, help="tokens of text to score (0 = all)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="'dense' or NAME[:key=value,...]; default: dense, block_topk, sliding_window, "
+                        "snapkv:compression=0.75, kv_quant:bits=4")
+    p.add_argument("--prompt-tokens", type=int, default=1536, help="prompt before the scored tokens")
+    p.add_argument("--decode-tokens", type=int, default=256, help="tokens decoded and scored one at a time")
+    p.add_argument("--prefill-tokens", type=int, default=4096, help="length of the timed prefill")
+    p.add_argument("--repeats", type=int, default=2, help="timed prefills per row (best kept)")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--out", default="attnpatch-compare", help="folder for compare.md, compare.json, compare.png")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("eval", help="before-vs-after report: perplexity, lm-eval, retrieval, vision, speed")
