@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.kv_select import attention_weights
-from ..ops.reference import causal_mask, naive_attention, repeat_kv
+from ..ops.reference import causal_mask, naive_attention
 
 
 def sdpa_attention(call, allowed: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
@@ -14,13 +14,15 @@ def sdpa_attention(call, allowed: torch.Tensor | None, is_causal: bool) -> torch
     q, k, v = call.query, call.key, call.value
     if call.softcap is not None:
         return naive_attention(q, k, v, allowed, causal=is_causal, scaling=call.scaling, softcap=call.softcap)
-    groups = q.shape[1] // k.shape[1]
+    grouped = q.shape[1] != k.shape[1]  # GQA: SDPA reads each kv head for its query group, no copies
     if allowed is None:
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, repeat_kv(k, groups), repeat_kv(v, groups), is_causal=is_causal, scale=call.scaling)
+        if q.shape[-2] == 1 and not is_causal:  # a decoding step: the query group folded, as one_query_attention
+            return one_query_attention(q, k, v, None, call.scaling, False)[0]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=call.scaling,
+                                                                enable_gqa=grouped)
     visible = allowed.any(dim=-1, keepdim=True)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=allowed | ~visible, scale=call.scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~visible, scale=call.scaling,
+                                                           enable_gqa=grouped)
     return out * visible.to(out.dtype)
 
 
@@ -56,6 +58,11 @@ def visible_keys(call) -> torch.Tensor | None:
 
 def exact_attention(call) -> torch.Tensor:
     """Exact softmax attention under the model's mask and causality (bottom-right aligned)."""
+    lq, lk = call.query.shape[-2], call.key.shape[-2]
+    if call.mask is None and (lq == 1 or (call.causal and lq == lk)):
+        # no mask to build: SDPA's own causal kernel (top-left aligned, the same when lq == lk) is
+        # what the model's SDPA path runs too, and much faster on CPU than an explicit mask
+        return sdpa_attention(call, None, call.causal and lq > 1)
     return sdpa_attention(call, visible_keys(call), False)
 
 
