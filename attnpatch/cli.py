@@ -234,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="text file, WikiText-2 folder, 'wikitext2' (hub) or 'fallback'; default: WikiText-2 if found")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="'dense' or NAME[:key=value,...]; default: dense, block_topk, sliding_window, "
-                        "snapkv:compression=0.75, kv_quant:bits=4")
+                   help="'dense' or NAME[:key=value,...]; default: dense, block_topk, "
+                        "sliding_window:window=256,sinks=4, snapkv:compression=0.75, kv_quant:bits=4")
     p.add_argument("--prompt-tokens", type=int, default=1536, help="prompt before the scored tokens")
     p.add_argument("--decode-tokens", type=int, default=256, help="tokens decoded and scored one at a time")
     p.add_argument("--prefill-tokens", type=int, default=4096, help="length of the timed prefill")

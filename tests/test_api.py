@@ -222,14 +222,16 @@ def test_cli_compare_main_job_on_tiny_model(tmp_path, capsys):
     PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(tmp_path / "tiny")
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{(i * 7) % tm.V}" for i in range(300)))
-    rc = main(["compare", "--model", str(tmp_path / "tiny"), "--data", str(text), "--max-tokens", "96", "--window", "32",
-               "--methods", "dense", "sliding_window:window=4,sinks=1", "linear", "--json", str(tmp_path / "rows.json")])
+    rc = main(["compare", "--model", str(tmp_path / "tiny"), "--data", str(text), "--prompt-tokens", "48",
+               "--decode-tokens", "16", "--prefill-tokens", "64", "--repeats", "1", "--out", str(tmp_path / "job"),
+               "--methods", "sliding_window:window=4,sinks=1", "linear"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "sliding_window:window=4,sinks=1" in out and "vs dense" in out
-    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["dense", "sliding_window:window=4,sinks=1", "linear"]
-    assert rows[0]["speed_vs_dense"] == 1.0 and all(r["tokens"] == 3 * 31 for r in rows)  # 3 windows, 31 predictions each
+    assert "| sliding_window:window=4,sinks=1 |" in out and "compare.png" in out
+    rows = json.loads((tmp_path / "job" / "compare.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["dense", "sliding_window:window=4,sinks=1", "linear"]
+    assert rows[0]["decode_speedup"] == 1.0 and rows[0]["kv_vs_dense"] == 1.0
+    assert rows[2]["kv_vs_dense"] < 0.5  # linear keeps a state, not 63 tokens of keys and values
     assert len({round(r["perplexity"], 6) for r in rows}) == 3  # the methods really differ
 
 

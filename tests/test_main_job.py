@@ -50,3 +50,13 @@ def test_cli_main_job_with_a_checkpoint_row(tmp_path):
     assert rows[2]["setting"].endswith("/final") and rows[2]["perplexity"] != rows[0]["perplexity"]
     assert rows[1]["kv_vs_dense"] < 0.5 and (out / "compare.png").stat().st_size > 10_000
     assert "| dense |" in (out / "compare.md").read_text()
+
+
+def test_readme_quotes_the_committed_main_job_results():
+    """The README's main-job table is the committed compare.json rendered, so the two cannot drift."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "eval" / "results" / "main-job" / "compare.json").read_text())
+    table = format_rows(results["rows"], JobSettings(**results["settings"]))
+    assert table in (root / "README.md").read_text()

@@ -4,13 +4,16 @@ on what it is for, in one run on the same text.
 Every row: quality = perplexity of the `decode_tokens` that follow a `prompt_tokens` prompt of real
 text, scored one token at a time through the model's cache (so a KV method is judged on the cache it
 compressed, a sparse prefill on the cache it wrote); the KV cache's bytes at the end, read from its
-tensors; decode tokens/s of that loop; and the latency of one `prefill_tokens` prefill (last logits
-only, best of `repeats`). Speeds are ratios to dense measured in the same run. Checkpoints written
-by save_patched or a recipe (`final/`) join as rows of their own, measured the same way.
+tensors; the latency of one `prefill_tokens` prefill into a cache (last logits only, best of
+`repeats`); and decode tokens/s after a `prompt_tokens` prompt, every row's greedy steps alternating
+in one loop (`decode_speed_side_by_side`, on a patched copy of the model per row), so the machine's
+noise falls on all rows alike. Speeds are ratios to dense measured in the same run. Checkpoints
+written by save_patched or a recipe (`final/`) join as rows of their own, measured the same way.
 """
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +24,14 @@ from ..api import patch_model, unpatch_model
 from ..api.contexts import prefill_cache
 from ..config import describe, parse_method_spec
 from .perplexity import decoding_perplexity
-from .speed import best_seconds, random_ids
+from .speed import best_seconds, decode_speed_side_by_side, random_ids
 
 # (spec, what the row shows); the KV method at 0.75 evicted keeps the cache under half of dense's
 # bytes after decoding too (SnapKV's cache grows again while decoding)
 DEFAULT_ROWS = [
     ("dense", "the model as loaded (SDPA)"),
     ("block_topk", "sparse prefill: the 8 best 64-token key blocks per query block"),
-    ("sliding_window", "sparse: a window of recent tokens plus attention sinks"),
+    ("sliding_window:window=256,sinks=4", "sparse: 256 recent tokens plus 4 attention sinks (StreamingLLM's lesson)"),
     ("snapkv:compression=0.75", "KV eviction: 75% of the prompt's cache entries dropped"),
     ("kv_quant:bits=4", "KV quantisation: 4-bit keys and values (KIVI)"),
 ]
@@ -40,6 +43,7 @@ class JobSettings:
     decode_tokens: int = 256
     prefill_tokens: int = 4096
     repeats: int = 2
+    speed_steps: int = 32  # interleaved decoding steps per row for the decode speed
 
 
 @torch.no_grad()
@@ -52,13 +56,26 @@ def prefill_seconds(model, tokens: int, repeats: int) -> float:
 
 
 def measure(model, text_ids: torch.Tensor, settings: JobSettings, label: str) -> dict:
-    """One row: decoding perplexity, KV bytes, decode tokens/s, prefill seconds of `model` as it is."""
+    """One row: decoding perplexity, KV bytes and prefill seconds of `model` as it is."""
     total = settings.prompt_tokens + settings.decode_tokens
     decoded = decoding_perplexity(model, text_ids, max_tokens=total, prefill=settings.prompt_tokens,
                                   desc=f"{label}: decoding", progress=True)
     return {"perplexity": decoded.perplexity, "kv_bytes": decoded.extra["cache_bytes"],
-            "decode_tokens_per_s": decoded.extra["decode_tokens_per_s"],
             "prefill_seconds": prefill_seconds(model, settings.prefill_tokens, settings.repeats)}
+
+
+def interleaved_decode_speed(model, configs: dict, checkpoints: dict, settings: JobSettings) -> dict[str, float]:
+    """Decode tokens/s of every row, their steps alternating in one loop: a patched copy of `model`
+    per method row, the loaded checkpoints as they are."""
+    contenders = {}
+    for label, config in configs.items():
+        copy = deepcopy(model)
+        if config is not None:
+            patch_model(copy, config)
+        contenders[label] = copy
+    contenders.update(checkpoints)
+    rows = decode_speed_side_by_side(contenders, settings.prompt_tokens, settings.speed_steps)
+    return {label: row["decode_tokens_per_s"] for label, row in rows.items()}
 
 
 def main_job(model, text_ids: torch.Tensor, specs: list[str] | None = None, checkpoints: list[str] = (),
@@ -74,9 +91,9 @@ def main_job(model, text_ids: torch.Tensor, specs: list[str] | None = None, chec
     specs = [spec for spec, _ in DEFAULT_ROWS] if specs is None else list(specs)
     if "dense" not in specs:
         specs.insert(0, "dense")
-    rows = []
+    rows, configs, loaded = [], {}, {}
     for spec in tqdm(specs, desc="settings"):
-        config = parse_method_spec(spec)
+        config = configs[spec] = parse_method_spec(spec)
         if config is not None:
             patch_model(model, config)
         try:
@@ -86,11 +103,14 @@ def main_job(model, text_ids: torch.Tensor, specs: list[str] | None = None, chec
                 unpatch_model(model)
         rows.append({"setting": spec, "config": describe(config), "note": notes.get(spec, ""), **row})
     for path in checkpoints:
-        patched, _ = load_model(str(path))
-        patched.eval()
-        rows.append({"setting": f"checkpoint {Path(path).parent.name}/{Path(path).name}", "config": str(path),
-                     "note": "a saved patched model (load_patched)", **measure(patched, text_ids, settings, str(path))})
-        del patched
+        label = f"checkpoint {Path(path).parent.name}/{Path(path).name}"
+        loaded[label], _ = load_model(str(path))
+        loaded[label].eval()
+        rows.append({"setting": label, "config": str(path), "note": "a saved patched model (load_patched)",
+                     **measure(loaded[label], text_ids, settings, str(path))})
+    speeds = interleaved_decode_speed(model, configs, loaded, settings)
+    for row in rows:
+        row["decode_tokens_per_s"] = speeds[row["setting"]]
     dense = rows[0]
     for row in rows:
         row["kv_vs_dense"] = row["kv_bytes"] / dense["kv_bytes"]
@@ -155,5 +175,8 @@ def write_outputs(rows: list[dict], settings: JobSettings, out: Path, model: str
     (out / "compare.md").write_text(f"# attnpatch compare: {model}\n\n{table}\n\n{footer}\n")
     (out / "compare.json").write_text(json.dumps({"model": model, "text": text, "settings": vars(settings),
                                                   "rows": rows}, indent=2) + "\n")
-    plot_rows(rows, out / "compare.png")
+    try:
+        plot_rows(rows, out / "compare.png")
+    except ImportError:
+        print("compare.png not drawn: matplotlib is missing (pip install 'attnpatch[plots]')")
     return table
