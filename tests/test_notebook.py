@@ -8,6 +8,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
 
 @pytest.mark.slow
+@pytest.mark.notebook
 def test_quickstart_notebook_executes(tmp_path):
     import nbformat  # the dev extra installs them: a missing one fails here, loudly
     from nbclient import NotebookClient
