@@ -68,11 +68,8 @@ def interleaved_decode_speed(model, configs: dict, checkpoints: dict, settings: 
     """Decode tokens/s of every row, their steps alternating in one loop: a patched copy of `model`
     per method row, the loaded checkpoints as they are."""
     contenders = {}
-    for label, config in configs.items():
-        copy = deepcopy(model)
-        if config is not None:
-            patch_model(copy, config)
-        contenders[label] = copy
+    for label, config in configs.items():  # `model` is unpatched here: the dense row needs no copy
+        contenders[label] = model if config is None else patch_model(deepcopy(model), config)
     contenders.update(checkpoints)
     rows = decode_speed_side_by_side(contenders, settings.prompt_tokens, settings.speed_steps)
     return {label: row["decode_tokens_per_s"] for label, row in rows.items()}
@@ -111,7 +108,7 @@ def main_job(model, text_ids: torch.Tensor, specs: list[str] | None = None, chec
     speeds = interleaved_decode_speed(model, configs, loaded, settings)
     for row in rows:
         row["decode_tokens_per_s"] = speeds[row["setting"]]
-    dense = rows[0]
+    dense = next(row for row in rows if row["setting"] == "dense")  # wherever --methods put it
     for row in rows:
         row["kv_vs_dense"] = row["kv_bytes"] / dense["kv_bytes"]
         row["perplexity_vs_dense"] = row["perplexity"] / dense["perplexity"]
