@@ -1,6 +1,7 @@
 """mla: exact at full rank, the latent against a direct complex-SVD projection, rotation commuting
-with the latent (why the cache can hold it after RoPE), cache bytes, padded generate, save/reload,
-attention transfer, errors."""
+with the latent (why the cache can hold it after RoPE), keys before RoPE against their projection
+rotated again at the cached positions, cache bytes, padded generate, save/reload, attention
+transfer, errors."""
 
 import math
 
@@ -9,22 +10,24 @@ import tiny_models as tm
 import torch
 
 from attnpatch import PatchError, load_patched, patch_model, patched_methods, save_patched, unpatch_model
-from attnpatch.ops.latent import (compress_keys, compress_values, expand_keys, expand_values, key_factors,
-                                  output_metric, query_energy, value_factors)
+from attnpatch.ops.latent import (POSITION_COLUMNS, apply_rope, compress_keys, compress_values, expand_keys,
+                                  expand_values, key_factors, output_metric, position_columns, positions_from_columns,
+                                  query_energy, value_factors)
 from attnpatch.runtime.cache import cache_nbytes
 from attnpatch.runtime.dispatch import attention_transfer
 
 FULL = 2 * 16  # kv heads x head_dim of the tiny decoders
 
 
+@pytest.mark.parametrize("keys", ["pre_rope", "rotated"])
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])  # qwen2: k/v biases, qwen3: key norm before RoPE
-def test_full_rank_is_the_dense_model_and_lower_ranks_change_it(name):
+def test_full_rank_is_the_dense_model_and_lower_ranks_change_it(name, keys):
     model = tm.build(name)
     dense = tm.run(name, model, left_pad=3)
-    patch_model(model, "mla", rank=FULL)
+    patch_model(model, "mla", rank=FULL, keys=keys)
     assert torch.allclose(tm.run(name, model, left_pad=3), dense, atol=1e-5)
     unpatch_model(model)
-    patch_model(model, "mla", rank=FULL // 4)
+    patch_model(model, "mla", rank=FULL // 4, keys=keys)
     assert (tm.run(name, model, left_pad=3) - dense).abs().max() > 1e-2
     assert all(method.calls > 0 for method in patched_methods(model))
     unpatch_model(model)
@@ -102,31 +105,73 @@ def test_attention_weighted_start_keeps_logits_and_outputs_better_than_plain_pca
     assert value_error(True, kv_heads * dim) < 1e-6 * value_error(False, 5)
 
 
-def test_cache_holds_the_latent_and_padded_generate_matches_rows_alone():
+def test_keys_before_rope_are_their_projection_rotated_again_at_the_cached_positions():
+    """keys='pre_rope': a key rebuilt from the latent is R(p) U U^T R(p)^-1 k with U the top principal
+    directions of the unrotated keys and R(p) RoPE at the token's position, in the cache as without."""
+    model = tm.build("llama")
+    patch_model(model, "mla", rank=10, keys="pre_rope")
+    method = patched_methods(model)[1]
+    module, rotary = method.site.module, model.model.rotary_emb
+    ids, mask = tm.text_batch(length=9, left_pad=2)
+    seen = {}
+    module.register_forward_hook(lambda m, a, k, out: seen.update(hidden=k["hidden_states"],
+                                                                    positions=k["position_ids"]), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        x, positions = seen["hidden"], seen["positions"].expand(2, -1)
+        unrotated = module.k_proj(x).unflatten(-1, (2, 16)).transpose(1, 2)  # (B, kv heads, L, D)
+        cos, sin = rotary(unrotated, positions)
+        keys = apply_rope(unrotated, cos, sin)
+        down = module.attnpatch_key_down  # (rank, kv*D) rows orthonormal: the projection's top left singular vectors
+        assert torch.allclose(down @ down.T, torch.eye(10), atol=1e-5)
+        flat = unrotated.transpose(1, 2).flatten(2)
+        reference = apply_rope((flat @ down.T @ down).unflatten(-1, (2, 16)).transpose(1, 2), cos, sin)
+        latent_keys, _ = method.compress(keys, keys)
+        assert torch.equal(positions_from_columns(latent_keys[..., -POSITION_COLUMNS:]), positions)
+        assert torch.allclose(method.expand(latent_keys, latent_keys[..., :10])[0], reference, atol=1e-5)
+        assert (reference - keys).abs().max() > 1e-2  # rank 10 of 32 does change the keys
+
+
+def test_positions_cached_beside_the_latent_are_exact_in_half_precision():
+    positions = torch.tensor([[0, 1, 255, 256, 4095, 131071, 16_000_000]])
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(positions_from_columns(position_columns(positions, dtype)), positions)
+    with pytest.raises(ValueError, match="positions must lie"):
+        position_columns(torch.tensor([[2 ** 24]]), torch.float32)
+
+
+@pytest.mark.parametrize("keys", ["pre_rope", "rotated"])
+def test_cache_holds_the_latent_and_padded_generate_matches_rows_alone(keys):
     model = tm.build("llama")
     ids, mask = tm.text_batch(length=20, left_pad=4)
 
     _, dense_cache = tm.generate_with_cache(model, ids, mask)
-    patch_model(model, "mla", rank=8)
+    patch_model(model, "mla", rank=8, keys=keys)
     out, cache = tm.generate_with_cache(model, ids, mask)
-    assert type(cache.layers[0]).__name__ == "LatentKVLayer" and cache.layers[0].keys.shape[-1] == 8
-    assert cache_nbytes(cache) * 4 == cache_nbytes(dense_cache)  # 8 of 32 dims for keys and for values
+    extra = POSITION_COLUMNS if keys == "pre_rope" else 0  # each token's position, for RoPE on the rebuilt keys
+    assert type(cache.layers[0]).__name__ == "LatentKVLayer" and cache.layers[0].keys.shape[-1] == 8 + extra
+    assert cache_nbytes(cache) * 64 == cache_nbytes(dense_cache) * (16 + extra)  # 8 of 32 dims for keys and values
+    if keys == "pre_rope":  # the unpadded row's cached positions are 0..25 (20 prompt + 6 new tokens, the last not cached)
+        assert torch.equal(positions_from_columns(cache.layers[0].keys[1:, :, :, -extra:])[0], torch.arange(25))
     uncached = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                               use_cache=False)
     assert torch.equal(out, uncached)  # the latent cache changes memory, not the function
     alone, _ = tm.generate_with_cache(model, ids[:1, 4:], mask[:1, 4:])
     assert torch.equal(out[0, 4:], alone[0])
     unpatch_model(model)  # keys and values may take different ranks
-    patch_model(model, "mla", rank=8, value_rank=24)
+    patch_model(model, "mla", rank=8, value_rank=24, keys=keys)
     _, cache = tm.generate_with_cache(model, ids, mask)
-    assert cache.layers[0].values.shape[-1] == 24 and cache_nbytes(cache) * 2 == cache_nbytes(dense_cache)
+    assert cache.layers[0].values.shape[-1] == 24
+    assert cache_nbytes(cache) * 64 == cache_nbytes(dense_cache) * (32 + extra)
 
 
-def test_saved_factors_reload_and_transfer_trains_them(tmp_path):
+@pytest.mark.parametrize("keys", ["pre_rope", "rotated"])
+def test_saved_factors_reload_and_transfer_trains_them(tmp_path, keys):
     model = tm.build("qwen2")
-    patch_model(model, "mla", rank=12, rope_dims=2)
+    patch_model(model, "mla", rank=12, keys=keys, **({"rope_dims": 2} if keys == "rotated" else {}))
     method = patched_methods(model)[0]
-    assert method.site.module.attnpatch_key_slots[0].all()  # rope_dims=2: the fastest pair whole in each head
+    if keys == "rotated":
+        assert method.site.module.attnpatch_key_slots[0].all()  # rope_dims=2: the fastest pair whole in each head
     ids, _ = tm.text_batch()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -151,11 +196,19 @@ def test_saved_factors_reload_and_transfer_trains_them(tmp_path):
 def test_errors_name_the_problem():
     model = tm.build("llama")
     before = tm.run("llama", model)
-    for params, match in (({"rank": 33}, "even and at most"), ({"rank": 64}, "at most kv heads x head_dim = 32"),
-                          ({"rank": 8, "rope_dims": 6}, "rope_dims x kv heads"), ({"rope_dims": 3}, "must be even")):
+    rotated = {"keys": "rotated"}
+    for params, match in (({"rank": 33, **rotated}, "even and at most"), ({"rank": 64}, "at most kv heads x head_dim = 32"),
+                          ({"rank": 8, "rope_dims": 6, **rotated}, "rope_dims x kv heads"),
+                          ({"rope_dims": 3, **rotated}, "must be even"), ({"rope_dims": 2}, "applies to keys='rotated'"),
+                          ({"keys": "post"}, "pre_rope")):
         with pytest.raises(PatchError, match=match):
             patch_model(model, "mla", **params)
     assert torch.equal(tm.run("llama", model), before)
+    del model.model.rotary_emb  # keys before RoPE need the model's rotary embedding; a failed patch changes nothing
+    with pytest.raises(PatchError, match="has none at model.rotary_emb; use keys='rotated'"):
+        patch_model(model, "mla")
+    assert not patched_methods(model) and not [n for n, _ in model.named_parameters() if "attnpatch" in n]
+    assert not any(m._forward_pre_hooks for m in model.modules())
     with pytest.raises(PatchError, match="fused qkv"):
         patch_model(tm.build("phi3"), "mla")
     with pytest.raises(PatchError, match="supports \\['decoder'\\]"):

@@ -152,3 +152,31 @@ def expand_values(latent: torch.Tensor, up: torch.Tensor, heads: int) -> torch.T
     """(B, 1, L, rank) -> (B, heads, L, D)."""
     flat = latent[:, 0] @ up.to(latent.dtype).T
     return flat.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+# --- keys before RoPE (`mla` keys="pre_rope"): any mixing of dims, RoPE applied again when rebuilt
+
+def apply_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """RoPE's rotate_half rotation of (B, H, L, D) keys by (B, L, D) cos/sin; `inverse` undoes it."""
+    cos, sin = cos[:, None].to(keys.dtype), sin[:, None].to(keys.dtype)
+    first, second = keys.chunk(2, dim=-1)
+    turned = torch.cat([-second, first], dim=-1)
+    return keys * cos - turned * sin if inverse else keys * cos + turned * sin
+
+
+POSITION_COLUMNS = 3  # base-256 digits: exact in bf16/fp16 (integers to 256 are), positions below 2^24
+
+
+def position_columns(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) integer positions -> (B, 1, L, POSITION_COLUMNS) of `dtype`, stored beside the latent."""
+    positions = positions.long()
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= 256 ** POSITION_COLUMNS):
+        raise ValueError(f"positions must lie in [0, {256 ** POSITION_COLUMNS}) to be cached beside the latent")
+    digits = [(positions // 256 ** i) % 256 for i in range(POSITION_COLUMNS)]
+    return torch.stack(digits, dim=-1).unsqueeze(1).to(dtype)
+
+
+def positions_from_columns(columns: torch.Tensor) -> torch.Tensor:
+    """The inverse of `position_columns`: (B, 1, L, POSITION_COLUMNS) -> (B, L) long."""
+    digits = columns[:, 0].round().long()
+    return sum(digits[..., i] * 256 ** i for i in range(POSITION_COLUMNS))

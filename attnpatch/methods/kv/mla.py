@@ -1,14 +1,18 @@
 """`mla` (MLA conversion, X-EcoMLA / TransMLA-style): the KV cache holds a low-rank latent per
 token instead of the keys and values; attention runs on the keys and values rebuilt from it.
 
-The latent starts from SVDs of the pretrained key and value projections (ops/latent.py): values
-take the top `rank` left singular vectors; keys are compressed within RoPE's frequency pairs with
-complex weights, so the latent of rotated keys is itself rotated and the cache needs no decoupled
-rotary part to rebuild keys at their positions (the papers keep RoPE on a separate key part
-because their latent is rotation-free; that is the one deviation, and `rope_dims` keeps that
-part's role: the fastest-rotating dims of every head stay whole). At full rank (`rank` = kv heads
-x head_dim) the model is exactly the dense one. The factors are trainable: attention transfer
-distils them with the model frozen, then LoRA recovers the rest.
+The latent starts from SVDs of the pretrained key and value projections (ops/latent.py), or from
+the principal components of measured keys and values (analysis/activation_calibration.py): values
+take the top `value_rank` components. Keys, by default (`keys="pre_rope"`), are compressed before
+RoPE with any mixing of dims and rotated again at their positions when rebuilt; the cache keeps
+each token's position beside the latent (3 columns; the model's rotary embedding gives the angles).
+This is the papers' deviation that matters: they keep RoPE on a small decoupled key part and
+compress the rest without positions, which changes the model; here the full-rank latent is exactly
+the dense model. `keys="rotated"` compresses rotated keys within RoPE's frequency pairs with
+complex weights instead (the latent is then rotated with them and needs no positions, but it can
+only mix the kv heads of one frequency: on SmolLM2-135M at half the KV bytes its start has
+perplexity 43.5 against 32.4 before RoPE). The factors are trainable: attention transfer distils
+them with the model frozen, then LoRA recovers the rest.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import torch
 from torch import nn
 
 from ...errors import PatchError, warn_once
-from ...ops.latent import (compress_keys, compress_values, expand_keys, expand_values, key_factors, output_metric,
-                           query_energy, value_factors)
+from ...ops.latent import (POSITION_COLUMNS, apply_rope, compress_keys, compress_values, expand_keys, expand_values,
+                           key_factors, output_metric, position_columns, positions_from_columns, query_energy,
+                           value_factors)
 from ...runtime.call import CACHE_OWN
 from ...runtime.exact import exact_attention, exact_attention_weights
 from ...runtime.layers import LatentKVLayer
@@ -40,15 +45,19 @@ class MultiHeadLatentAttention(Method):
     cache_layer_class = LatentKVLayer
     params = (
         ParamSpec("rank", int, None, "latent dims per token for the keys and (unless value_rank) again for the values "
-                  "(even; kv heads x head_dim = full rank, exact); unset = half of that, half the KV cache", low=2,
-                  optional=True),
+                  "(kv heads x head_dim = full rank, exact; even for keys='rotated'); unset = half of that, half "
+                  "the KV cache", low=2, optional=True),
         ParamSpec("value_rank", int, None, "latent dims per token for the values when they differ from the keys' "
                   "(per layer through layer_params)", low=1, optional=True),
-        ParamSpec("init", str, "attention", "what the start keeps best: 'attention' weighs key errors by the queries "
-                  "that read them and value errors by the output projection (ops/latent.py); 'kv' the keys and values "
-                  "themselves (the papers' SVD start)", choices=("attention", "kv")),
-        ParamSpec("rope_dims", int, 0, "dims of every key head, the fastest-rotating RoPE pairs, kept whole inside "
-                  "the key latent (even; each costs kv heads latent dims)", low=0),
+        ParamSpec("keys", str, "pre_rope", "where keys are compressed: 'pre_rope' before RoPE (any mix of dims; "
+                  "RoPE applied again from each cached token's position), 'rotated' after it within RoPE's "
+                  "frequency pairs (no positions needed, a narrower latent)", choices=("pre_rope", "rotated")),
+        ParamSpec("init", str, "attention", "what the start keeps best: 'attention' weighs value errors by the output "
+                  "projection and (keys='rotated') key errors by the queries that read them (ops/latent.py); 'kv' the "
+                  "keys and values themselves (the papers' SVD start). Keys before RoPE always start from their "
+                  "own components (weighting them measured worse)", choices=("attention", "kv")),
+        ParamSpec("rope_dims", int, 0, "keys='rotated' only: dims of every key head, the fastest-rotating RoPE pairs, "
+                  "kept whole inside the key latent (even; each costs kv heads latent dims)", low=0),
     )
 
     def check_site(self, site) -> None:
@@ -57,7 +66,14 @@ class MultiHeadLatentAttention(Method):
                              "(fused qkv projections such as Phi3's are not supported)")
         full = site.num_kv_heads * site.head_dim
         rank, rope_dims = self.rank(site), self.config["rope_dims"]
-        if rank > full or rank % 2:
+        if self.pre_rope:
+            if rope_dims:
+                raise PatchError(f"mla rope_dims={rope_dims}: it applies to keys='rotated' (keys before RoPE mix every "
+                                 "dim already); pass keys='rotated' or drop rope_dims")
+            if rank > full:
+                raise PatchError(f"mla rank={rank} for {site.label}: at most kv heads x head_dim = {full} (the dense "
+                                 "cache)")
+        elif rank > full or rank % 2:
             raise PatchError(f"mla rank={rank} for {site.label}: it must be even and at most kv heads x head_dim = "
                              f"{full} (the dense cache)")
         if self.value_rank(site) > full:
@@ -75,12 +91,45 @@ class MultiHeadLatentAttention(Method):
     def value_rank(self, site=None) -> int:
         return self.config["value_rank"] if self.config["value_rank"] is not None else self.rank(site)
 
+    @property
+    def pre_rope(self) -> bool:
+        return self.config["keys"] == "pre_rope"
+
     def attach(self, module) -> None:
         for name, tensor in self._factors(None).items():
             if name == "attnpatch_key_slots":
                 module.register_buffer(name, tensor)
             else:
                 setattr(module, name, nn.Parameter(tensor))
+        self.rotary, self.positions = None, None
+        if self.pre_rope:  # each call's token positions, to cache beside the latent and rotate keys again
+            self._position_hook = module.register_forward_pre_hook(self._remember_positions, with_kwargs=True)
+
+    def _remember_positions(self, module, args, kwargs) -> None:
+        self.positions = kwargs.get("position_ids")
+
+    def detach(self, module) -> None:
+        if self.pre_rope:
+            self._position_hook.remove()
+        super().detach(module)
+
+    @classmethod
+    def finish_patch(cls, model, adapter, placements):
+        """keys='pre_rope' rebuilds keys at any cached position with the model's own rotary embedding,
+        the `rotary_emb` beside each patched stack of layers."""
+        for site, method in placements:
+            if not method.pre_rope:
+                continue
+            path = site.tower.rsplit(".", 1)[0] + ".rotary_emb" if "." in site.tower else "rotary_emb"
+            try:
+                rotary = model.get_submodule(path)
+            except AttributeError:
+                rotary = None
+            if rotary is None or not hasattr(rotary, "inv_freq"):
+                raise PatchError(f"mla keys='pre_rope' rotates rebuilt keys with the model's rotary embedding, but "
+                                 f"{site.label} has none at {path}; use keys='rotated', which needs no positions")
+            method.rotary = rotary
+        return None
 
     wants_activations = True  # calibrate_from_activations starts the latent from measured keys and values
 
@@ -99,26 +148,51 @@ class MultiHeadLatentAttention(Method):
         rank, heads, kv_heads = self.rank(), site.num_heads, site.num_kv_heads
         key_weights = value_metric = None
         if self.config["init"] == "attention":
-            key_weights = query_energy(q_proj.weight, q_proj.bias, heads, kv_heads, covariance)
             value_metric = output_metric(o_proj.weight, heads, kv_heads)
-        down, up, slots = key_factors(k_proj.weight, k_proj.bias, kv_heads, rank // 2,
-                                      self.config["rope_dims"] // 2, covariance, key_weights)
+        if self.config["init"] == "attention" and not self.pre_rope:
+            key_weights = query_energy(q_proj.weight, q_proj.bias, heads, kv_heads, covariance)
         value_down, value_up = value_factors(v_proj.weight, v_proj.bias, self.value_rank(), covariance, value_metric)
         place = dict(device=k_proj.weight.device, dtype=k_proj.weight.dtype)
-        return {"attnpatch_key_down": down.to(**place), "attnpatch_key_up": up.to(**place),
-                "attnpatch_value_down": value_down.to(**place), "attnpatch_value_up": value_up.to(**place),
-                "attnpatch_key_slots": slots.to(place["device"])}
+        factors = {"attnpatch_value_down": value_down.to(**place), "attnpatch_value_up": value_up.to(**place)}
+        if self.pre_rope:  # keys before RoPE are (augmented) linear in the inputs, as values are
+            down, up = value_factors(k_proj.weight, k_proj.bias, rank, covariance)
+        else:
+            down, up, slots = key_factors(k_proj.weight, k_proj.bias, kv_heads, rank // 2,
+                                          self.config["rope_dims"] // 2, covariance, key_weights)
+            factors["attnpatch_key_slots"] = slots.to(place["device"])
+        return {"attnpatch_key_down": down.to(**place), "attnpatch_key_up": up.to(**place), **factors}
 
     # --- the latent and back
     def compress(self, keys: torch.Tensor, values: torch.Tensor):
         m = self.site.module
-        return (compress_keys(keys, m.attnpatch_key_down, m.attnpatch_key_slots),
-                compress_values(values, m.attnpatch_value_down))
+        latent_values = compress_values(values, m.attnpatch_value_down)
+        if not self.pre_rope:
+            return compress_keys(keys, m.attnpatch_key_down, m.attnpatch_key_slots), latent_values
+        positions = self._call_positions(keys)
+        unrotated = apply_rope(keys, *self.rotary(keys, positions), inverse=True)
+        latent = compress_values(unrotated, m.attnpatch_key_down)
+        return torch.cat([latent, position_columns(positions, latent.dtype)], dim=-1), latent_values
+
+    def _call_positions(self, keys: torch.Tensor) -> torch.Tensor:
+        if self.rotary is None:
+            raise PatchError("mla keys='pre_rope' was not wired to the model's rotary embedding (finish_patch did not "
+                             "run); patch the model with patch_model")
+        if self.positions is None:
+            raise PatchError(f"mla keys='pre_rope' needs the position_ids the model passes to {self.site.path}, and "
+                             "this call had none; use keys='rotated', which needs no positions")
+        positions = self.positions.to(keys.device)
+        if positions.shape[-1] != keys.shape[2]:
+            raise PatchError(f"mla keys='pre_rope': {positions.shape[-1]} positions for {keys.shape[2]} new keys")
+        return positions.expand(keys.shape[0], -1)
 
     def expand(self, latent_keys: torch.Tensor, latent_values: torch.Tensor):
         m = self.site.module
-        return (expand_keys(latent_keys, m.attnpatch_key_up, m.attnpatch_key_slots),
-                expand_values(latent_values, m.attnpatch_value_up, self.site.num_kv_heads))
+        values = expand_values(latent_values, m.attnpatch_value_up, self.site.num_kv_heads)
+        if not self.pre_rope:
+            return expand_keys(latent_keys, m.attnpatch_key_up, m.attnpatch_key_slots), values
+        latent, columns = latent_keys.split([latent_keys.shape[-1] - POSITION_COLUMNS, POSITION_COLUMNS], dim=-1)
+        unrotated = expand_values(latent, m.attnpatch_key_up, self.site.num_kv_heads)
+        return apply_rope(unrotated, *self.rotary(unrotated, positions_from_columns(columns))), values
 
     def new_cache_layer(self, sliding_window=None):
         if sliding_window is not None:
