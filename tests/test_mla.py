@@ -4,6 +4,7 @@ rotated again at the cached positions, cache bytes, padded generate, save/reload
 transfer, errors."""
 
 import math
+import warnings
 
 import pytest
 import tiny_models as tm
@@ -163,6 +164,31 @@ def test_cache_holds_the_latent_and_padded_generate_matches_rows_alone(keys):
     _, cache = tm.generate_with_cache(model, ids, mask)
     assert cache.layers[0].values.shape[-1] == 24
     assert cache_nbytes(cache) * 64 == cache_nbytes(dense_cache) * (32 + extra)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_sliding_window_layers_keep_the_models_cache_and_rebuild_its_keys_at_their_positions(name):
+    """On a model's own sliding-window layers mla keeps no latent (the window bounds that cache) but still
+    attends to keys rebuilt from it, the window's older keys at the positions just before the new token:
+    decoding token by token through the cache gives the logits of one forward over the whole text."""
+    from transformers import DynamicCache
+
+    from attnpatch.runtime.cache import cache_kwargs
+
+    model = tm.build(name)
+    ids, _ = tm.text_batch(length=20)
+    patch_model(model, "mla", rank=8)
+    with torch.no_grad():
+        whole = model(input_ids=ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sliding-window layers keep their own (bounded) cache", once per process
+            steps = [model(input_ids=ids[:, :12], **cache_kwargs(model, cache)).logits]
+            steps += [model(input_ids=ids[:, i : i + 1], **cache_kwargs(model, cache)).logits for i in range(12, 20)]
+    assert torch.allclose(torch.cat(steps, dim=1), whole, atol=1e-5)
+    latent = [type(layer).__name__ == "LatentKVLayer" for layer in cache.layers]
+    assert latent == ([False] * 3 if name == "mistral" else [False, True, False])  # gemma2: layer 1 is full attention
+    assert all(method.calls > 0 for method in patched_methods(model))
 
 
 @pytest.mark.parametrize("keys", ["pre_rope", "rotated"])

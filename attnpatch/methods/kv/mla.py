@@ -180,10 +180,14 @@ class MultiHeadLatentAttention(Method):
         if self.positions is None:
             raise PatchError(f"mla keys='pre_rope' needs the position_ids the model passes to {self.site.path}, and "
                              "this call had none; use keys='rotated', which needs no positions")
-        positions = self.positions.to(keys.device)
-        if positions.shape[-1] != keys.shape[2]:
-            raise PatchError(f"mla keys='pre_rope': {positions.shape[-1]} positions for {keys.shape[2]} new keys")
-        return positions.expand(keys.shape[0], -1)
+        positions = self.positions.to(keys.device).expand(keys.shape[0], -1)
+        earlier = keys.shape[2] - positions.shape[-1]
+        if earlier > 0:  # keys the model's own cache held (a sliding-window layer): the tokens just before these
+            before = positions[:, :1] - torch.arange(earlier, 0, -1, device=keys.device)
+            positions = torch.cat([before.clamp_min(0), positions], dim=-1)
+        elif earlier < 0:
+            raise PatchError(f"mla keys='pre_rope': {positions.shape[-1]} positions for {keys.shape[2]} keys")
+        return positions
 
     def expand(self, latent_keys: torch.Tensor, latent_values: torch.Tensor):
         m = self.site.module
