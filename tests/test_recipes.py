@@ -11,7 +11,7 @@ import pytest
 import tiny_models as tm
 import torch
 
-from attnpatch import PatchError, load_patched, patched_configs
+from attnpatch import PatchError, load_patched, patch_model, patched_configs
 from attnpatch.recipes.config import RecipeConfig
 from attnpatch.registry import get_method
 
@@ -289,3 +289,37 @@ def test_learning_rate_schedules():
     with pytest.raises(PatchError, match="lr_schedule"):
         RecipeConfig.from_dict({"model": "x", "attention": {"method": "linear"}, "data": {},
                                 "stage2": {"lr_schedule": "linear"}})
+
+
+def test_stage2_attnpatch_lr_trains_the_patch_at_its_own_rate(tmp_path):
+    """stage2.attnpatch_lr puts the patch's parameters in their own optimizer group: at a rate near zero
+    the gates stay where they were while LoRA moves; without it both train at lr."""
+    from accelerate import Accelerator
+
+    from attnpatch.recipes.config import StageConfig
+    from attnpatch.recipes.model_setup import train_only, with_lora
+    from attnpatch.recipes.stages import run_stage
+
+    blocks = torch.randint(3, tm.V - 2, (8, 16), generator=torch.Generator().manual_seed(0))
+    moved = {}
+    for rate in (None, 1e-12):
+        stage = StageConfig(steps=2, lr=0.05, batch_size=2, eval_every=10, checkpoint_every=10, train_attnpatch=True,
+                            attnpatch_lr=rate)
+        model = tm.build("llama")
+        patch_model(model, "gated")
+        model = with_lora(model, stage, seed=0)
+        train_only(model, "stage2", stage)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        run_stage("stage2", model, stage, blocks, blocks[:2], Accelerator(cpu=True), tmp_path / str(rate), seed=0)
+        change = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if n in before}
+        moved[rate] = (max(v for n, v in change.items() if "attnpatch_" in n),
+                       max(v for n, v in change.items() if "lora_" in n))
+    assert moved[None][0] > 1e-3 and moved[None][1] > 1e-3
+    assert moved[1e-12][0] < 1e-9 and moved[1e-12][1] > 1e-3
+    for stage2, match in (({"attnpatch_lr": 0.001}, "needs stage2.train_attnpatch"),
+                          ({"attnpatch_lr": 0.0, "train_attnpatch": True}, "must be > 0")):
+        with pytest.raises(PatchError, match=match):
+            RecipeConfig.from_dict({"model": "x", "attention": {"method": "gated"}, "data": {}, "stage2": stage2})
+    with pytest.raises(PatchError, match="stage1.lr, not stage1.attnpatch_lr"):
+        RecipeConfig.from_dict({"model": "x", "attention": {"method": "gated"}, "data": {},
+                                "stage1": {"attnpatch_lr": 0.001}})

@@ -42,6 +42,7 @@ class StageConfig:
     attention_ce: float = 0.0
     # stage 2 only: LoRA (lora_r 0 = none) and/or attnpatch's own parameters (e.g. gated's gates)
     train_attnpatch: bool = False
+    attnpatch_lr: float | None = None  # with train_attnpatch: the patch's parameters' peak rate (None: lr), same schedule
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -130,6 +131,12 @@ class RecipeConfig:
                 raise PatchError(f"{where}: {name}.lr_schedule must be 'constant' or 'cosine', got {stage.lr_schedule!r}")
             if stage.warmup_steps < 0:
                 raise PatchError(f"{where}: {name}.warmup_steps must be >= 0, got {stage.warmup_steps}")
+        if config.stage1.attnpatch_lr is not None:
+            raise PatchError(f"{where}: stage1 trains only the patch's parameters; set its rate with stage1.lr, not "
+                             "stage1.attnpatch_lr")
+        if config.stage2.attnpatch_lr is not None and not (config.stage2.train_attnpatch and config.stage2.attnpatch_lr > 0):
+            raise PatchError(f"{where}: stage2.attnpatch_lr must be > 0 and needs stage2.train_attnpatch: true, got "
+                             f"{config.stage2.attnpatch_lr} with train_attnpatch {config.stage2.train_attnpatch}")
         if config.prune.ratio and (config.prune.greedy_steps < 1 or config.prune.calibration_blocks < 1):
             raise PatchError(f"{where}: prune.greedy_steps and prune.calibration_blocks must be >= 1")
         return config

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..errors import PatchError
 from ..runtime.dispatch import attention_transfer
 from .config import StageConfig
-from .model_setup import trainable
+from .model_setup import is_attnpatch, trainable
 
 
 def stage_loss(model, batch: torch.Tensor, stage: str, attention_ce: float = 0.0) -> torch.Tensor:
@@ -134,8 +134,13 @@ def run_stage(name: str, model, stage: StageConfig, train: torch.Tensor, evaluat
     averaged across processes); returns the stage's record."""
     from .sharding import average_replicated_gradients, is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 
-    params = list(trainable(model).values())
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    named = trainable(model)
+    params = list(named.values())
+    own_rate = stage.attnpatch_lr is not None  # the patch's parameters in a group of their own, at their own rate
+    groups = [{"params": [p for n, p in named.items() if not (own_rate and is_attnpatch(n))], "lr_scale": 1.0},
+              {"params": [p for n, p in named.items() if own_rate and is_attnpatch(n)],
+               "lr_scale": (stage.attnpatch_lr or stage.lr) / stage.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, weight_decay=stage.weight_decay)
     sharded = is_sharded(model)  # FSDP: the model is its own wrapper; gradients are reduce-scattered in backward
     if not sharded:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -175,7 +180,7 @@ def run_stage(name: str, model, stage: StageConfig, train: torch.Tensor, evaluat
         for index in rank_batches(len(train), stage.batch_size, processes, rank, epoch, seed)[offset:]:
             batch = train[index].to(device)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(stage, step // stage.grad_accum)
+                group["lr"] = learning_rate(stage, step // stage.grad_accum) * group["lr_scale"]
             if sharded:
                 loss = stage_loss(model, batch, name, stage.attention_ce) / stage.grad_accum
                 loss.backward()
