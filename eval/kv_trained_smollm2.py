@@ -9,9 +9,11 @@ consecutive 1024-token segments, averaged), with the cache's bytes at the end. R
   at the end; decode='hold' so the budget holds while decoding), on the base model;
 - the dense + LoRA control (recipes/smollm2_dense_lora_control.yaml, run into out/smollm2-dense-lora)
   and every eviction method on it: the fair company of the "+ LoRA" rows;
-- kv_merge (3 -> 1 kv heads) and mla (rank 96: half the bytes; rank 64: a third) after their
-  recipe's stage 1 (compression trained, model frozen: comparable with eviction on the base model)
-  and after stage 2 (+ LoRA: comparable with the control and eviction on it).
+- kv_merge (3 -> 1 kv heads) and mla after their recipe's stage 1 (compression trained, model
+  frozen: comparable with eviction on the base model) and after stage 2 (+ LoRA: comparable with
+  the control and eviction on it). mla with keys before RoPE (the default): keys 64 + values 128
+  latent dims (half the bytes, plus 3 position columns) and 40 + 88 (a third); with rotated keys
+  (the earlier start): rank 96 (half) and 64 (a third) for both.
 Writes results.json, report.md and ppl_vs_bytes.png.
 """
 
@@ -36,9 +38,21 @@ from attnpatch.recipes.data import packed_blocks
 
 EVICTION = ("streaming", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "keydiff")  # --eviction picks some
 # label -> (recipe, run folder, recipe overrides the run was launched with)
+ROTATED = ["attention.params.keys=rotated", "attention.params.value_rank=null",  # the recipe before keys='pre_rope'
+           "stage2.train_attnpatch=false", "stage2.attnpatch_lr=null"]
 TRAINED = {"kv_merge 3->1": ("recipes/smollm2_kv_merge.yaml", "out/smollm2-kv-merge", []),
-           "mla rank 96": ("recipes/smollm2_mla.yaml", "out/smollm2-mla-96-att", []),
-           "mla rank 64": ("recipes/smollm2_mla.yaml", "out/smollm2-mla-64-att", ["attention.params.rank=64"])}
+           "mla rank 96": ("recipes/smollm2_mla.yaml", "out/smollm2-mla-96-att", ["attention.params.rank=96", *ROTATED]),
+           "mla rank 64": ("recipes/smollm2_mla.yaml", "out/smollm2-mla-64-att", ["attention.params.rank=64", *ROTATED]),
+           "mla pre-RoPE keys 64 + values 128": ("recipes/smollm2_mla.yaml", "out/smollm2-mla-pre-rope",
+                                                  ["stage2.train_attnpatch=false", "stage2.attnpatch_lr=null"]),
+           "mla pre-RoPE keys 40 + values 88": ("recipes/smollm2_mla.yaml", "out/smollm2-mla-pre-rope-third",
+                                                ["attention.params.rank=40", "attention.params.value_rank=88",
+                                                 "stage2.steps=0"]),
+           # the recipe as it stands: stage 2 resumed from the 64 + 128 run's stage 1, training the factors beside
+           # LoRA at a tenth of its rate
+           "mla pre-RoPE keys 64 + values 128, factors also in stage 2": (
+               "recipes/smollm2_mla.yaml", "out/smollm2-mla-pre-rope-s2f", [])}
+SHARED_STAGE1 = {"mla pre-RoPE keys 64 + values 128, factors also in stage 2"}  # its stage 1 row is the 64 + 128 one
 CONTROL = "out/smollm2-dense-lora"  # recipes/smollm2_dense_lora_control.yaml: the same LoRA on the dense model
 
 
@@ -72,6 +86,8 @@ def main(argv=None) -> None:
     parser.add_argument("--segments", type=int, default=2)
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--eviction", nargs="+", default=list(EVICTION), choices=EVICTION)
+    parser.add_argument("--trained", nargs="+", default=list(TRAINED), choices=list(TRAINED),
+                        help="the trained runs to measure (default: every one whose run folder exists)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,19 +126,21 @@ def main(argv=None) -> None:
             tuned = load_patched(control).eval()
             unpatch_model(tuned)  # the control recipe patches `softmax` (exact attention): plain SDPA is the same model
             dense_and_eviction(tuned, "dense + LoRA (control)", "control", "eviction (control)", " on the control")
-        for label, (recipe, run, overrides) in TRAINED.items():
+        for label in args.trained:
+            recipe, run, overrides = TRAINED[label]
             run = Path(run)
             if not (run / "stage1" / "checkpoint").exists():
                 continue
-            if not measured(f"{label} (stage 1)"):
+            if label not in SHARED_STAGE1 and not measured(f"{label} (stage 1)"):
                 add({**measure(stage1_model(Path(recipe), run, overrides), tokenizer, ids, args.segments,
                                f"{label} (stage 1)"), "kind": "trained, model frozen"})
-            if not (run / "final").exists() or measured(f"{label} (+ LoRA)"):  # a run stopped after stage 1
+            summary = run / "summary.json"
+            stages = json.loads(summary.read_text())["stages"] if summary.exists() else {}
+            if "stage2" not in stages or measured(f"{label} (+ LoRA)"):  # a run stopped after stage 1, or one without
                 continue
             final = load_patched(run / "final").eval()
             add({**measure(final, tokenizer, ids, args.segments, f"{label} (+ LoRA)"), "kind": "trained + LoRA",
-                 "recipe_eval_perplexity": json.loads((run / "summary.json").read_text())["stages"]["stage2"]
-                 ["history"][-1].get("eval_lm_loss")})
+                 "recipe_eval_perplexity": math.exp(stages["stage2"]["history"][-1]["eval_lm_loss"])})
     (out / "report.md").write_text(markdown(results))
     plot(results, out / "ppl_vs_bytes.png")
     print(markdown(results))
@@ -155,6 +173,10 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("KV bytes at the end / dense")
     ax.set_ylabel("decoding perplexity (WikiText-2)")
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers, not 2 x 10^1, on the log axis
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_title("SmolLM2-135M: trained KV compression vs eviction")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
