@@ -136,11 +136,15 @@ def run_stage(name: str, model, stage: StageConfig, train: torch.Tensor, evaluat
 
     named = trainable(model)
     params = list(named.values())
-    own_rate = stage.attnpatch_lr is not None  # the patch's parameters in a group of their own, at their own rate
-    groups = [{"params": [p for n, p in named.items() if not (own_rate and is_attnpatch(n))], "lr_scale": 1.0},
-              {"params": [p for n, p in named.items() if own_rate and is_attnpatch(n)],
-               "lr_scale": (stage.attnpatch_lr or stage.lr) / stage.lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, weight_decay=stage.weight_decay)
+    # with attnpatch_lr the patch's parameters form a group of their own; each group's rate is lr times its
+    # scale, kept beside the optimizer (a checkpoint's param_groups replace the optimizer's on resume)
+    own = {n for n in named if stage.attnpatch_lr is not None and is_attnpatch(n)}
+    groups = [([p for n, p in named.items() if n not in own], 1.0),
+              ([named[n] for n in own], (stage.attnpatch_lr or stage.lr) / stage.lr)]
+    groups = [(group, scale) for group, scale in groups if group]
+    lr_scales = [scale for _, scale in groups]
+    optimizer = torch.optim.AdamW([{"params": group} for group, _ in groups], lr=stage.lr,
+                                  weight_decay=stage.weight_decay)
     sharded = is_sharded(model)  # FSDP: the model is its own wrapper; gradients are reduce-scattered in backward
     if not sharded:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -179,8 +183,8 @@ def run_stage(name: str, model, stage: StageConfig, train: torch.Tensor, evaluat
         epoch, offset = divmod(step, steps_per_epoch)  # a resumed run continues the epoch where it stopped
         for index in rank_batches(len(train), stage.batch_size, processes, rank, epoch, seed)[offset:]:
             batch = train[index].to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(stage, step // stage.grad_accum) * group["lr_scale"]
+            for group, scale in zip(optimizer.param_groups, lr_scales):
+                group["lr"] = learning_rate(stage, step // stage.grad_accum) * scale
             if sharded:
                 loss = stage_loss(model, batch, name, stage.attention_ce) / stage.grad_accum
                 loss.backward()
