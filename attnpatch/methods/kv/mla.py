@@ -146,17 +146,15 @@ class MultiHeadLatentAttention(Method):
         site = self.site
         q_proj, k_proj, v_proj, o_proj = (getattr(site.module, name) for name in site.heads.projections)
         rank, heads, kv_heads = self.rank(), site.num_heads, site.num_kv_heads
-        key_weights = value_metric = None
-        if self.config["init"] == "attention":
-            value_metric = output_metric(o_proj.weight, heads, kv_heads)
-        if self.config["init"] == "attention" and not self.pre_rope:
-            key_weights = query_energy(q_proj.weight, q_proj.bias, heads, kv_heads, covariance)
+        weighted = self.config["init"] == "attention"
+        value_metric = output_metric(o_proj.weight, heads, kv_heads) if weighted else None
         value_down, value_up = value_factors(v_proj.weight, v_proj.bias, self.value_rank(), covariance, value_metric)
         place = dict(device=k_proj.weight.device, dtype=k_proj.weight.dtype)
         factors = {"attnpatch_value_down": value_down.to(**place), "attnpatch_value_up": value_up.to(**place)}
         if self.pre_rope:  # keys before RoPE are (augmented) linear in the inputs, as values are
             down, up = value_factors(k_proj.weight, k_proj.bias, rank, covariance)
         else:
+            key_weights = query_energy(q_proj.weight, q_proj.bias, heads, kv_heads, covariance) if weighted else None
             down, up, slots = key_factors(k_proj.weight, k_proj.bias, kv_heads, rank // 2,
                                           self.config["rope_dims"] // 2, covariance, key_weights)
             factors["attnpatch_key_slots"] = slots.to(place["device"])
