@@ -196,26 +196,35 @@ def _decoding_step(query, key, value, fq, fk, gate, scaling, key_valid, state, w
     """hybrid_attention for one new token whose keys all lie in its window (a decoding step): each
     kv head's query group folded into the query dim (no repeated K/V), the state read as it is,
     then the key leaving the window folded in. `fk` may hold only the features of the keys that
-    leave (the first lk - (window - 1)): the others are attended exactly and need none."""
+    leave (the first lk - (window - 1)): the others are attended exactly and need none.
+
+    A step's tensors are tiny, so its cost is the number of ops: numerator and normaliser are
+    divided by (1 - g), which puts logit(g) into the window's exponent (as in the prefill), and
+    each product is one batched matmul, the state's read fused with the window's."""
     b, hq, _, d = query.shape
-    hkv, lk = key.shape[1], key.shape[-2]
-    groups = hq // hkv
+    hkv, lk, dv, f = key.shape[1], key.shape[-2], value.shape[-1], fq.shape[-1]
+    groups, items = hq // hkv, b * hkv
     leaving = max(0, lk - (window - 1))
-    k, v, fk = key.float(), value.float(), fk[:, :, :leaving].float()
+    k, v = key.float().reshape(items, lk, d), value.float().reshape(items, lk, dv)
+    scores = torch.bmm(query.float().reshape(items, groups, d), k.transpose(1, 2)).mul_(scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(b, hkv, groups, lk)
     if key_valid is not None:
-        fk = fk * key_valid[:, None, :leaving, None]
-    allowed = (torch.ones(b, lk, dtype=torch.bool, device=k.device) if key_valid is None
-               else key_valid)[:, None, None, :]
-    q = query.float().reshape(b, hkv, groups, d)
-    fq = fq.float().reshape(b, hkv, groups, fq.shape[-1])
-    g = gate.float().reshape(1, hkv, groups, 1)
-    e = _window_scores(q, k, scaling, allowed, softcap)  # (B, Hkv, G, lk)
-    prefix = state if state is not None else zero_state(fk, v)
-    num = g * (e @ v) + (1 - g) * (fq @ prefix.kv)
-    den = g * e.sum(-1, keepdim=True) + (1 - g) * (fq @ prefix.k_sum[..., None])
-    out = (num / den.clamp_min(1e-30)).reshape(b, hq, 1, -1).to(value.dtype)
+        scores.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
+    shift = scores.amax(dim=-1, keepdim=True).clamp_min_(-1e30)  # rows without keys stay finite
+    shift.sub_(torch.logit(gate.float()).view(1, hkv, groups, 1))
+    mixed = scores.sub_(shift).exp_().view(items, groups, lk)  # e * g / (1 - g)
+    prefix = state if state is not None else zero_state(fq[:, :hkv], v.view(b, hkv, lk, dv))
+    fq = fq.float().reshape(items, groups, f)
+    num = torch.baddbmm(torch.bmm(mixed, v), fq, prefix.kv.reshape(items, f, dv))
+    den = torch.baddbmm(mixed.sum(dim=-1, keepdim=True), fq, prefix.k_sum.reshape(items, f, 1))
+    out = num.div_(den.clamp_min_(1e-30)).view(b, hq, 1, dv).to(value.dtype)
     if leaving > 0:  # keys that leave the window for good
-        prefix = accumulate_state(prefix, fk, v[:, :, :leaving])
+        fk = fk[:, :, :leaving].float()
+        if key_valid is not None:
+            fk = fk * key_valid[:, None, :leaving, None]
+        prefix = accumulate_state(prefix, fk, v.view(b, hkv, lk, dv)[:, :, :leaving])
     return out, prefix
 
 

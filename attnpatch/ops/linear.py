@@ -141,7 +141,8 @@ class HedgehogFeatureMap(FeatureMap):
     def forward(self, x, is_query):
         # a batched matmul over heads (einsum's path here is ~2x slower on CPU); the bias added in place
         projected = torch.matmul(x, self.weight.to(x.dtype)).add_(self.bias.to(x.dtype))
-        return torch.cat([torch.softmax(projected, dim=-1), torch.softmax(-projected, dim=-1)], dim=-1)
+        # both halves in one softmax call: (..., 2, D) flattens to [softmax(p), softmax(-p)]
+        return torch.softmax(torch.stack((projected, -projected), dim=-2), dim=-1).flatten(-2)
 
 
 # ----------------------------------------------------------------------------- attention forms

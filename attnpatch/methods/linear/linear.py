@@ -72,13 +72,17 @@ class LinearAttention(Method):
         module.attnpatch_feature_map = fmap.to(device) if device is not None else fmap
 
     @staticmethod
-    def features(call):
-        """phi(q), phi(k) through the maps `attach` put on the module (one shared, or q and k)."""
-        module = call.module
+    def feature_maps(module):
+        """The (query, key) maps `attach` put on the module (one shared, or one each)."""
         shared = module._modules.get("attnpatch_feature_map")
-        fq = (shared or module.attnpatch_feature_map_q)(call.query, is_query=True)
-        fk = (shared or module.attnpatch_feature_map_k)(call.key, is_query=False)
-        return fq, fk
+        return (shared, shared) if shared is not None else (module.attnpatch_feature_map_q,
+                                                            module.attnpatch_feature_map_k)
+
+    @classmethod
+    def features(cls, call):
+        """phi(q), phi(k) of the call."""
+        map_q, map_k = cls.feature_maps(call.module)
+        return map_q(call.query, is_query=True), map_k(call.key, is_query=False)
 
     def attention_weights(self, call):
         fq, fk = self.features(call)

@@ -3,7 +3,6 @@ one shared normaliser, a learnable per-head mix (LoLCATs' attention; see ops/hyb
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -63,8 +62,8 @@ class LolcatsAttention(LinearAttention):
         window, lk = self.config["window"], call.key.shape[-2]
         if layer is not None and call.causal and call.query.shape[-2] == 1 and lk <= window:
             # a decoding step: the window's keys are attended exactly; only the key leaving it needs phi(k)
-            leaving = max(0, lk - (window - 1))
-            fq, fk = self.features(dataclasses.replace(call, key=call.key[:, :, :leaving]))
+            map_q, map_k = self.feature_maps(call.module)
+            fq, fk = map_q(call.query, is_query=True), map_k(call.key[:, :, :max(0, lk - (window - 1))], is_query=False)
         else:
             fq, fk = self.features(call)
         out, state = hybrid_attention(
