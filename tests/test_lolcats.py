@@ -85,6 +85,42 @@ def test_window_covering_everything_is_softmax():
         assert torch.allclose(out, naive_attention(q, k, v, causal=causal, scaling=D**-0.5), atol=1e-5)
 
 
+@pytest.mark.parametrize("padded,softcap", [(False, None), (True, None), (False, 3.0)])
+def test_decoding_step_matches_the_definition_and_its_gradients(padded, softcap):
+    from attnpatch.ops.hybrid import hybrid_decoding_step
+    from attnpatch.ops.linear import accumulate_state, zero_state
+
+    length, window = 12, 5
+    q, k, v, gate = inputs(length, seed=3)
+    fq, fk = features("hedgehog", q, k)
+    valid = torch.ones(B, length, dtype=torch.bool)
+    if padded:
+        valid[0, :3] = False
+    old = length - window  # keys before the step's window live in the state
+    state = accumulate_state(zero_state(fk, v), fk[:, :, :old] * valid[:, None, :old, None], v[:, :, :old])
+    logit = torch.logit(gate).detach().requires_grad_()
+    leaves = [t[..., -1:, :].detach().requires_grad_() for t in (q, fq)] + [
+        t[:, :, old:].detach().requires_grad_() for t in (k, v, fk)]
+    out, after = hybrid_decoding_step(leaves[0], leaves[2], leaves[3], leaves[1], leaves[4], logit, window=window,
+                                      scaling=D**-0.5, key_valid=valid[:, old:] if padded else None, state=state,
+                                      softcap=softcap)
+    full = [torch.cat([t[..., :-1, :].double(), leaf.double()], dim=-2) for t, leaf in ((q, leaves[0]), (fq, leaves[1]))]
+    keys = [torch.cat([t[:, :, :old].double(), leaf.double()], dim=-2) for t, leaf in zip((k, v, fk), leaves[2:])]
+    ref = naive_hybrid_attention(full[0], keys[0], keys[1], full[1], keys[2], torch.sigmoid(logit.double()),
+                                 window=window, scaling=D**-0.5, key_valid=valid, softcap=softcap)[..., -1:, :]
+    assert (out.double() - ref).abs().max() <= 1e-5
+    # the state now also holds the key that left the window (the first of the step's keys)
+    leaving = fk[:, :, old:old + 1] * valid[:, None, old:old + 1, None]
+    expected = accumulate_state(state, leaving, v[:, :, old:old + 1])
+    assert torch.allclose(after.kv, expected.kv, atol=1e-5) and torch.allclose(after.k_sum, expected.k_sum, atol=1e-5)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    used = leaves[:4] + [logit]  # the window keys' features reach only the state, not this step's output
+    grads = torch.autograd.grad((out * weights).sum(), used)
+    expected_grads = torch.autograd.grad((ref * weights.double()).sum(), used)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
 def test_state_carries_everything_outside_the_window():
     q, k, v, gate = inputs(24)
     fq, fk = features("elu", q, k)

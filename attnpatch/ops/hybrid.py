@@ -38,7 +38,8 @@ def hybrid_attention(query, key, value, fq, fk, gate, *, window: int, scaling: f
     groups = query.shape[1] // key.shape[1]
     lq, lk = query.shape[-2], key.shape[-2]
     if causal and lq == 1 and lk <= window:
-        return _decoding_step(query, key, value, fq, fk, gate, scaling, key_valid, state, window, softcap)
+        return hybrid_decoding_step(query, key, value, fq, fk, torch.logit(gate.float()), window=window,
+                                    scaling=scaling, key_valid=key_valid, state=state, softcap=softcap)
     if causal and lq == lk and lq > 1:
         return _causal_prefill(query, key, value, fq, fk, gate, window, scaling, key_valid, state, block_size, softcap)
     out_dtype = value.dtype
@@ -192,39 +193,55 @@ def _causal_prefill(query, key, value, fq, fk, gate, window, scaling, key_valid,
     return result.to(value.dtype), carried_state
 
 
-def _decoding_step(query, key, value, fq, fk, gate, scaling, key_valid, state, window, softcap):
-    """hybrid_attention for one new token whose keys all lie in its window (a decoding step): each
-    kv head's query group folded into the query dim (no repeated K/V), the state read as it is,
-    then the key leaving the window folded in. `fk` may hold only the features of the keys that
-    leave (the first lk - (window - 1)): the others are attended exactly and need none.
+def hybrid_decoding_step(query, key, value, fq, fk, gate_logit, *, window: int, scaling: float,
+                         key_valid: torch.Tensor | None = None, state: LinearState | None = None,
+                         softcap: float | None = None) -> tuple[torch.Tensor, LinearState]:
+    """hybrid_attention for one new token whose keys all lie in its window (a decoding step), the
+    gate given as its logit: each kv head's query group folded into the query dim (no repeated
+    K/V), the state read as it is, then the keys leaving the window folded in. `fk` may hold only
+    the features of the keys that leave (the first lk - (window - 1)): the others need none.
 
-    A step's tensors are tiny, so its cost is the number of ops: numerator and normaliser are
-    divided by (1 - g), which puts logit(g) into the window's exponent (as in the prefill), and
-    each product is one batched matmul, the state's read fused with the window's."""
+    A step's tensors are tiny, so its cost is its number of kernels: numerator and normaliser are
+    divided by (1 - g), which puts logit(g) into the window's exponent (as in the prefill); each
+    product is one batched matmul, the state's read accumulated onto the window's; without padding
+    every row holds its own token, so nothing is masked or clamped."""
     b, hq, _, d = query.shape
     hkv, lk, dv, f = key.shape[1], key.shape[-2], value.shape[-1], fq.shape[-1]
     groups, items = hq // hkv, b * hkv
     leaving = max(0, lk - (window - 1))
     k, v = key.float().reshape(items, lk, d), value.float().reshape(items, lk, dv)
-    scores = torch.bmm(query.float().reshape(items, groups, d), k.transpose(1, 2)).mul_(scaling)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    q = query.float().reshape(items, groups, d)
+    if softcap is None:
+        scores = torch.baddbmm(q.new_empty(()), q, k.transpose(1, 2), beta=0, alpha=scaling)
+    else:
+        scores = torch.tanh(torch.bmm(q, k.transpose(1, 2)) * (scaling / softcap)) * softcap
     scores = scores.view(b, hkv, groups, lk)
-    if key_valid is not None:
-        scores.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
-    shift = scores.amax(dim=-1, keepdim=True).clamp_min_(-1e30)  # rows without keys stay finite
-    shift.sub_(torch.logit(gate.float()).view(1, hkv, groups, 1))
-    mixed = scores.sub_(shift).exp_().view(items, groups, lk)  # e * g / (1 - g)
+    # in place only where autograd keeps nothing (a step is usually decoding, without gradients)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, fq, fk, gate_logit))
+    if key_valid is None:
+        shift = scores.amax(dim=-1, keepdim=True)
+    else:
+        hidden = ~key_valid[:, None, None, :]
+        scores = scores.masked_fill(hidden, float("-inf")) if needs_grad else scores.masked_fill_(hidden, float("-inf"))
+        shift = scores.amax(dim=-1, keepdim=True).clamp_min(-1e30)  # rows without keys stay finite
+    shift = shift - gate_logit.float().view(1, hkv, groups, 1)
+    mixed = (scores - shift).exp() if needs_grad else scores.sub_(shift).exp_()
+    mixed = mixed.view(items, groups, lk)  # e * g / (1 - g)
     prefix = state if state is not None else zero_state(fq[:, :hkv], v.view(b, hkv, lk, dv))
     fq = fq.float().reshape(items, groups, f)
     num = torch.baddbmm(torch.bmm(mixed, v), fq, prefix.kv.reshape(items, f, dv))
     den = torch.baddbmm(mixed.sum(dim=-1, keepdim=True), fq, prefix.k_sum.reshape(items, f, 1))
-    out = num.div_(den.clamp_min_(1e-30)).view(b, hq, 1, dv).to(value.dtype)
+    if key_valid is not None:
+        den.clamp_min_(1e-30)
+    out = num.div_(den).view(b, hq, 1, dv).to(value.dtype)
     if leaving > 0:  # keys that leave the window for good
         fk = fk[:, :, :leaving].float()
         if key_valid is not None:
             fk = fk * key_valid[:, None, :leaving, None]
-        prefix = accumulate_state(prefix, fk, v.view(b, hkv, lk, dv)[:, :, :leaving])
+        fk_t = fk.reshape(items, leaving, f).transpose(1, 2)
+        kv = torch.baddbmm(prefix.kv.reshape(items, f, dv), fk_t, v[:, :leaving]).view(b, hkv, f, dv)
+        k_sum = prefix.k_sum + (fk[:, :, 0] if leaving == 1 else fk.sum(dim=-2))
+        prefix = LinearState(kv=kv, k_sum=k_sum)
     return out, prefix
 
 

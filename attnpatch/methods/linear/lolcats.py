@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ...ops.hybrid import hybrid_attention, hybrid_attention_weights
+from ...ops.hybrid import hybrid_attention, hybrid_attention_weights, hybrid_decoding_step
 from ...runtime.layers import HybridWindowLayer
 from ..base import ParamSpec
 from .linear import LinearAttention
@@ -57,19 +57,23 @@ class LolcatsAttention(LinearAttention):
             scaling=call.scaling, causal=call.causal, key_valid=call.key_valid(), softcap=call.softcap)
 
     def attention(self, call):
-        gate = torch.sigmoid(call.module.attnpatch_window_gate)
         layer = call.cache_layer if isinstance(call.cache_layer, HybridWindowLayer) else None
         window, lk = self.config["window"], call.key.shape[-2]
+        state = None if layer is None else layer.state
         if layer is not None and call.causal and call.query.shape[-2] == 1 and lk <= window:
-            # a decoding step: the window's keys are attended exactly; only the key leaving it needs phi(k)
+            # a decoding step: the window's keys are attended exactly; only the key leaving it needs phi(k).
+            # The gate goes in as its logit, which is the parameter itself (g = sigmoid(parameter))
             map_q, map_k = self.feature_maps(call.module)
             fq, fk = map_q(call.query, is_query=True), map_k(call.key[:, :, :max(0, lk - (window - 1))], is_query=False)
+            out, state = hybrid_decoding_step(
+                call.query, call.key, call.value, fq, fk, call.module.attnpatch_window_gate, window=window,
+                scaling=call.scaling, key_valid=call.key_valid(), state=state, softcap=call.softcap)
         else:
             fq, fk = self.features(call)
-        out, state = hybrid_attention(
-            call.query, call.key, call.value, fq, fk, gate, window=self.config["window"], scaling=call.scaling,
-            causal=call.causal, key_valid=call.key_valid(), state=None if layer is None else layer.state,
-            block_size=self.config["chunk_size"], softcap=call.softcap)
+            out, state = hybrid_attention(
+                call.query, call.key, call.value, fq, fk, torch.sigmoid(call.module.attnpatch_window_gate),
+                window=window, scaling=call.scaling, causal=call.causal, key_valid=call.key_valid(), state=state,
+                block_size=self.config["chunk_size"], softcap=call.softcap)
         if layer is not None:
             layer.state = state
             layer.trim()
