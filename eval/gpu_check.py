@@ -13,6 +13,11 @@
    tokens/s after a prefill with every contender's steps alternating in one run.
 3. a recipe: a two-stage LoLCATs conversion of a tiny Llama through `accelerate launch` on the device.
 
+`linear`'s flash-linear-attention backend runs when `fla` imports (the device machine reaches no
+package index: carry a `pip install --no-deps --target .fla flash-linear-attention fla-core einops`
+folder and run with PYTHONPATH=.fla; Triton comes with CUDA builds of torch). Part 1 then holds it to
+the torch path (`backends` in the report) and part 2 times `linear` on both.
+
 Writes report.md, results.json and speed plots into --out (default eval/results/gpu, or
 eval/results/gpu-cpu-quick for --device cpu --quick) and exits non-zero when a parity row or the
 recipe fails. Every part catches its own errors, so one broken method does not hide the others.
@@ -47,8 +52,10 @@ from attnpatch.evaluation.speed import decode_speed_side_by_side, floor_speed, p
 # float32 on another device: kernels sum in another order (and may use TF32 where allowed)
 FLOAT32_TOLERANCE = 2e-3
 PREFILL_METHODS = ["linear", "sliding_window", "a_shape", "block_topk", "lolcats"]
-# the block-sparse backends side by side: `auto` is FlexAttention on CUDA and the torch kernel elsewhere
-OTHER_BACKEND = {"cuda": ["a_shape:backend=torch", "block_topk:backend=torch"], "cpu": ["block_topk:backend=flex"]}
+# the backends side by side: `auto` is FlexAttention (block-sparse) and flash-linear-attention (linear,
+# when importable) on CUDA, and the torch kernels elsewhere
+OTHER_BACKEND = {"cuda": ["a_shape:backend=torch", "block_topk:backend=torch", "linear:backend=torch"],
+                 "cpu": ["block_topk:backend=flex"]}
 DECODE_METHODS = ["linear", "lolcats", "snapkv:compression=0.75", "streaming:compression=0.75"]
 SIZES = {"full": {"lengths": [8192, 32768, 131072], "decode_contexts": [8192, 32768], "new_tokens": 32,
                   "repeats": 2},
@@ -104,6 +111,42 @@ def parity(device: torch.device, half_dtypes) -> list[dict]:
         rows.append(row)
         print(f"parity {name:<20} {model_name:<6} {'ok' if row['passed'] else 'FAIL ' + str(row.get('failures') or row.get('error'))}",
               flush=True)
+    return rows
+
+
+def backend_parity(device: torch.device) -> list[dict]:
+    """`linear`'s fla backend against its torch path on the device: a 256-token prefill of a tiny
+    Llama and 4 decoding steps from the state the prefill left (the matrix's prompts are shorter than
+    one fla chunk, so its parity rows run the torch path). Off a GPU, or without
+    flash-linear-attention, `auto` runs torch and the row says so instead of failing."""
+    from attnpatch import patched_methods
+    from attnpatch.runtime.cache import cache_kwargs
+    from transformers import DynamicCache
+
+    rows = []
+    for feature_map in ("hedgehog", "elu"):
+        row = {"method": f"linear ({feature_map})", "passed": False}
+        try:
+            model = tm.build("llama").to(device)
+            ids = torch.randint(3, tm.V - 2, (2, 260), generator=torch.Generator().manual_seed(0)).to(device)
+            logits, ran = {}, {}
+            for backend in ("torch", "auto"):
+                patch_model(model, "linear", feature_map=feature_map, backend=backend)
+                with torch.no_grad():
+                    cache = DynamicCache(config=model.config)
+                    out = [model(input_ids=ids[:, :256], **cache_kwargs(model, cache)).logits]
+                    ran[backend] = sorted({m.last_backend for m in patched_methods(model)})
+                    out += [model(input_ids=ids[:, t:t + 1], **cache_kwargs(model, cache)).logits for t in range(256, 260)]
+                logits[backend] = torch.cat(out, dim=1).float()
+                unpatch_model(model)
+            row["ran"] = ran["auto"]
+            row["error"] = matrix.relative_error(logits["auto"].cpu(), logits["torch"].cpu())
+            row["passed"] = row["error"] <= FLOAT32_TOLERANCE and bool(torch.isfinite(logits["auto"]).all())
+        except Exception as exc:
+            row["exception"] = _short_error(exc)
+        rows.append(row)
+        print(f"backends {row['method']:<18} auto ran {row.get('ran')}: {'ok' if row['passed'] else 'FAIL'} "
+              f"{row.get('error', row.get('exception'))}", flush=True)
     return rows
 
 
@@ -210,6 +253,13 @@ def report_lines(result: dict) -> list[str]:
         verdict = "ok" if r["passed"] else "FAIL: " + "; ".join(r.get("failures") or [r.get("error", "")])
         lines.append(f"| {r['method']} | {r['model']} | {r.get('float32_vs_cpu', float('nan')):.1e} | "
                      + " | ".join(halves) + f" | {verdict} |")
+    if result.get("backends"):
+        lines += ["", "## Backends: `linear` auto (fla on CUDA when importable) vs torch, 256-token prefill + 4 steps",
+                  "", "| method | auto ran | logits error vs torch | result |", "|---|---|---|---|"]
+        for r in result["backends"]:
+            error = f"{r['error']:.1e}" if "error" in r else r.get("exception", "-")
+            lines.append(f"| {r['method']} | {', '.join(r.get('ran', [])) or '-'} | {error} | "
+                         f"{'ok' if r['passed'] else 'FAIL'} |")
     sp = result["speed"]
     if sp.get("prefill"):
         dense = {r["tokens"]: r for r in sp["prefill"].get("dense", [])}
@@ -290,6 +340,7 @@ def main() -> int:
     t0 = time.perf_counter()
     if "parity" not in args.skip:
         result["parity"] = parity(device, halves)
+        result["backends"] = backend_parity(device)
     if "speed" not in args.skip:
         result["speed"] = speed(device, SIZES[mode])
     if "recipe" not in args.skip:
@@ -299,7 +350,7 @@ def main() -> int:
     (out / "report.md").write_text("\n".join(report_lines(result)) + "\n")
     plot(result, out / "prefill_time_memory.png")
     print(f"wrote {out}/report.md ({result['seconds']:.0f} s)")
-    failed = [r for r in result["parity"] if not r["passed"]]
+    failed = [r for r in result["parity"] + result.get("backends", []) if not r["passed"]]
     recipe_failed = "recipe" not in args.skip and not result["recipe"].get("passed")
     return 1 if failed or recipe_failed else 0
 

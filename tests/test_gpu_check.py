@@ -18,6 +18,9 @@ def test_gpu_check_runs_on_cpu_quick(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["parity"] and all(row["passed"] for row in result["parity"])
     assert {row["method"] for row in result["parity"]} >= {"linear", "snapkv", "kvzip", "kv_quant", "var"}
+    # off a GPU `auto` runs linear's torch path, and the backends section says so
+    assert [(r["method"], r["ran"], r["passed"]) for r in result["backends"]] == [
+        ("linear (hedgehog)", ["torch"], True), ("linear (elu)", ["torch"], True)]
     prefill = result["speed"]["prefill"]
     assert set(prefill) == {"floor", "dense", "linear", "sliding_window", "a_shape", "block_topk", "lolcats",
                             "block_topk:backend=flex"}
@@ -26,7 +29,7 @@ def test_gpu_check_runs_on_cpu_quick(tmp_path):
     assert decode["floor"]["kv_bytes"] == 0 and 0 < decode["snapkv:compression=0.75"]["kv_bytes"] < decode["dense"]["kv_bytes"]
     assert result["recipe"]["passed"]
     report = (tmp_path / "report.md").read_text()
-    assert "## Parity:" in report and "## Prefill on SmolLM2-135M" in report and "## Recipe: ok" in report
+    assert "## Parity:" in report and "## Backends:" in report and "## Prefill on SmolLM2-135M" in report and "## Recipe: ok" in report
     assert (tmp_path / "prefill_time_memory.png").stat().st_size > 1000
 
 

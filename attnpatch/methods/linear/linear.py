@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ...errors import PatchError
+from ...ops.linear_fla import fla_causal_linear_attention, fla_kernel, fla_unusable_reason, fla_worth_it
 from ...ops.linear import (
     EluFeatureMap,
     HedgehogFeatureMap,
@@ -35,7 +36,12 @@ class LinearAttention(Method):
         ParamSpec("num_features", int, None, "performer: random features per head (default 2 x head_dim)",
                   low=1, high=65536, optional=True),
         ParamSpec("seed", int, 0, "performer: seed of the random projection (layer index is added)", low=0),
+        ParamSpec("backend", str, "auto", "kernel of the causal prefill: 'torch' (chunked matmuls; the CPU default), "
+                  "'fla' (flash-linear-attention's Triton kernel, CUDA only: pip install 'attnpatch[fla]'), 'auto' "
+                  "(fla where it can run, else torch); decoding steps and encoders always run the torch path",
+                  choices=("auto", "torch", "fla")),
     )
+    last_backend: str | None = None  # the kernel the latest causal prefill ran ("torch" or "fla")
     trainable = True
     trainable_note = "only with feature_map='hedgehog' (per-head W and b on q and k)"
     cache_layer_class = RecurrentStateLayer
@@ -44,6 +50,9 @@ class LinearAttention(Method):
     def check_params(cls, params):
         if params["num_features"] is not None and params["feature_map"] != "performer":
             raise PatchError("parameter 'num_features' of method 'linear' only applies to feature_map='performer'")
+        if params.get("backend") == "fla" and fla_kernel() is None:
+            raise PatchError("backend='fla' needs flash-linear-attention (>= 0.6) and Triton: "
+                             "pip install 'attnpatch[fla]' on a machine with a GPU, or use backend='auto' or 'torch'")
 
     @property
     def is_trainable(self) -> bool:
@@ -94,14 +103,23 @@ class LinearAttention(Method):
         if not call.causal:
             return bidirectional_linear_attention(fq, fk, call.value, key_valid=key_valid)
         layer = call.cache_layer
-        out, state = causal_linear_attention(
-            fq,
-            fk,
-            call.value,
-            state=None if layer is None else layer.state,
-            key_valid=key_valid,
-            chunk_size=self.config["chunk_size"],
-        )
+        state = None if layer is None else layer.state
+        backend = self.config.get("backend", "torch")
+        if backend != "torch" and fla_worth_it(fq.shape[-2], fk.shape[-2], fq.shape[1]):
+            reason = fla_unusable_reason(fq)
+            if reason is None:
+                self.last_backend = "fla"
+                out, state = fla_causal_linear_attention(fq, fk, call.value, state=state, key_valid=key_valid)
+                if layer is not None:
+                    layer.state = state
+                return out
+            if backend == "fla":  # asked for by name: never quietly the torch path
+                raise RuntimeError(f"linear: backend='fla' cannot run here: {reason}; use backend='auto' "
+                                   "(the torch path wherever fla cannot run) or 'torch'")
+        if fq.shape[-2] > 1:
+            self.last_backend = "torch"
+        out, state = causal_linear_attention(fq, fk, call.value, state=state, key_valid=key_valid,
+                                             chunk_size=self.config["chunk_size"])
         if layer is not None:
             layer.state = state
         return out

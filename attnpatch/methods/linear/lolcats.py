@@ -27,7 +27,8 @@ class LolcatsAttention(LinearAttention):
         "O(n * window); decoding keeps the window's K/V plus a fixed-size linear state. Bidirectional for "
         "encoders: softmax within |i-j| < window, linear elsewhere."
     )
-    params = _with_default(LinearAttention.params, "feature_map", "hedgehog") + (
+    # no `backend`: flash-linear-attention has no kernel for the window + linear mix
+    params = tuple(s for s in _with_default(LinearAttention.params, "feature_map", "hedgehog") if s.name != "backend") + (
         ParamSpec("window", int, 64, "keys attended with exact softmax", low=1),
         ParamSpec("gate_init", float, 0.1, "initial weight of the softmax window in the mix", low=0.0, high=1.0,
                   low_open=True, high_open=True),
