@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from .linear import LinearState, accumulate_state, exclusive_prefix_sum, zero_state
-from .reference import SEGMENT_BYTES, repeat_kv
+from .reference import RECYCLED_SEGMENT_BYTES as SEGMENT_BYTES
+from .reference import repeat_kv
 
 
 def _window_scores(q_blk, k_blk, scaling, allowed, softcap=None):

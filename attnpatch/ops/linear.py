@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .reference import SEGMENT_BYTES
+from .reference import RECYCLED_SEGMENT_BYTES as SEGMENT_BYTES
 
 _EPS = 1e-12
 
