@@ -136,6 +136,27 @@ def test_hedgehog_identity_init():
     assert fmap.weight.requires_grad
 
 
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_hedgehog_paths_follow_the_definition(tokens):
+    """Decoding steps and training take the stacked softmax, a prefill without autograd the signed
+    matmul with the softmax in place (a strided input, as the model's (B, L, H, D) layout gives): all
+    equal softmax([xW + b, -(xW + b)]) and its gradients."""
+    fmap = HedgehogFeatureMap(HQ, D)
+    with torch.no_grad():
+        fmap.weight.add_(0.3 * torch.randn_like(fmap.weight))
+        fmap.bias.add_(0.3 * torch.randn_like(fmap.bias))
+    x = torch.randn(B, tokens, HQ, D).transpose(1, 2)
+    projected = x.double() @ fmap.weight.double() + fmap.bias.double()
+    expected = torch.cat([torch.softmax(projected, -1), torch.softmax(-projected, -1)], -1)
+    with torch.no_grad():
+        assert torch.allclose(fmap(x, True).double(), expected, atol=1e-6)
+    trained = fmap(x, True)  # autograd on: the out-of-place path
+    assert torch.allclose(trained.double(), expected, atol=1e-6)
+    (grad,) = torch.autograd.grad((trained * torch.arange(2 * D)).sum(), fmap.weight)
+    (want,) = torch.autograd.grad((expected * torch.arange(2 * D)).sum(), fmap.weight)
+    assert torch.allclose(grad, want, atol=1e-4)
+
+
 @pytest.mark.parametrize("window,sinks", [(1, 0), (5, 0), (5, 3), (8, 2), (1000, 0)])
 @pytest.mark.parametrize("causal,lq,lk", [(True, 33, 33), (True, 7, 40), (True, 1, 40), (False, 33, 33)])
 def test_sliding_window_equals_masked_dense(causal, window, sinks, lq, lk):
