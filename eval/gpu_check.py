@@ -136,7 +136,8 @@ def backend_parity(device: torch.device) -> list[dict]:
                     cache = DynamicCache(config=model.config)
                     out = [model(input_ids=ids[:, :256], **cache_kwargs(model, cache)).logits]
                     ran[backend] = sorted({m.last_backend for m in patched_methods(model)})
-                    out += [model(input_ids=ids[:, t:t + 1], **cache_kwargs(model, cache)).logits for t in range(256, 260)]
+                    out += [model(input_ids=ids[:, t:t + 1], **cache_kwargs(model, cache)).logits
+                            for t in range(256, 260)]
                 logits[backend] = torch.cat(out, dim=1).float()
                 unpatch_model(model)
             row["ran"] = ran["auto"]

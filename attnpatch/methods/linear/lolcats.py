@@ -28,7 +28,8 @@ class LolcatsAttention(LinearAttention):
         "encoders: softmax within |i-j| < window, linear elsewhere."
     )
     # no `backend`: flash-linear-attention has no kernel for the window + linear mix
-    params = tuple(s for s in _with_default(LinearAttention.params, "feature_map", "hedgehog") if s.name != "backend") + (
+    params = tuple(spec for spec in _with_default(LinearAttention.params, "feature_map", "hedgehog")
+                   if spec.name != "backend") + (
         ParamSpec("window", int, 64, "keys attended with exact softmax", low=1),
         ParamSpec("gate_init", float, 0.1, "initial weight of the softmax window in the mix", low=0.0, high=1.0,
                   low_open=True, high_open=True),
