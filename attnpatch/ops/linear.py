@@ -124,10 +124,8 @@ class PerformerFeatureMap(FeatureMap):
 
 
 class HedgehogFeatureMap(FeatureMap):
-    """Learnable Hedgehog map, per head: phi(x) = [softmax(x W + b), softmax(-(x W + b))].
-
-    W starts as the identity and b at zero, so training starts from a well-defined map.
-    """
+    """Learnable Hedgehog map, per head: phi(x) = [softmax(x W + b), softmax(-(x W + b))]; W starts
+    as the identity and b at zero, so training starts from a well-defined map."""
 
     def __init__(self, num_heads: int, head_dim: int, dtype=None, device=None):
         super().__init__()
@@ -139,10 +137,10 @@ class HedgehogFeatureMap(FeatureMap):
         return 2 * head_dim
 
     def forward(self, x, is_query):
-        # batched matmuls over heads (einsum's path here is ~2x slower on CPU); both softmaxes in one call
-        # over (..., 2, D), which flattens to [softmax(p), softmax(-p)]
+        # batched matmuls over heads (einsum's is ~2x slower on CPU); both softmaxes in one call over
+        # (..., 2, D), which flattens to [softmax(p), softmax(-p)]. A decoding step: fewest kernels;
+        # training: out of place, as autograd keeps the softmax's output
         if x.shape[-2] == 1 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            # a decoding step (fewest kernels) or training (autograd keeps the softmax's output)
             projected = torch.matmul(x, self.weight.to(x.dtype)).add_(self.bias.to(x.dtype))
             return torch.softmax(torch.stack((projected, -projected), dim=-2), dim=-1).flatten(-2)
         # a prefill without autograd: [p, -p] from one matmul with [W, -W], the softmax in place, so no
@@ -204,15 +202,9 @@ def bidirectional_linear_attention(fq, fk, v, key_valid: torch.Tensor | None = N
     return _ungroup(num / den.clamp_min(_EPS)).to(v.dtype)
 
 
-def causal_linear_attention(
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    state: LinearState | None = None,
-    key_valid: torch.Tensor | None = None,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, LinearState]:
+def causal_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, state: LinearState | None = None,
+                            key_valid: torch.Tensor | None = None,
+                            chunk_size: int = 64) -> tuple[torch.Tensor, LinearState]:
     """Causal linear attention in O(L * chunk_size), continuing from `state` (keys already seen).
 
     When Lk > Lq, the first Lk - Lq keys are a prefix that only the state absorbs (bottom-right
