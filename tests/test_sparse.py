@@ -126,6 +126,45 @@ def test_every_block_kept_is_dense_attention():
         assert torch.allclose(out, naive_attention(q, k, v, causal=causal, scaling=D**-0.5), atol=1e-5)
 
 
+@pytest.mark.parametrize("length", [5, 40, 70, 131])
+@pytest.mark.parametrize("sink_blocks,local_blocks", [(0, 1), (1, 2), (2, 4), (1, 100)])
+def test_a_shape_prefill_spans_equal_the_block_kernel(length, sink_blocks, local_blocks):
+    """The plain causal prefill's path (overlapping key spans, no gathered blocks; the head and a
+    partial last block on their own) against the block-sparse kernel on the same layout."""
+    from attnpatch.ops.sliding import a_shape_prefill
+
+    q, k, v = qkv(length, length)
+    layout = a_shape(length, length, 8, causal=True, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    want = block_sparse_attention(q, k, v, layout, None, causal=True, scaling=D**-0.5)
+    got = a_shape_prefill(q, k, v, sink_blocks=sink_blocks, local_blocks=local_blocks, block=8, scaling=D**-0.5)
+    assert (got - want).abs().max() <= 1e-5
+    assert got.stride(1) == D  # the (B, L, H, D) layout the model wants
+
+
+def test_a_shape_model_prefill_takes_the_span_path(monkeypatch):
+    """Unpadded prefills run the span path (counted; a left-padded batch too, one row at a time on its
+    real tokens) and give the block kernel's logits."""
+    import attnpatch.methods.sparse.a_shape as a_shape_method
+    from attnpatch import patched_methods
+    from attnpatch.methods.sparse.base import BlockSparseMethod
+
+    calls = []
+    original = a_shape_method.a_shape_prefill
+    monkeypatch.setattr(a_shape_method, "a_shape_prefill", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = tm.build("llama")
+    patch_model(model, "a_shape", block_size=4, local_blocks=2)
+    ids, mask = tm.text_batch(length=30, left_pad=3)
+    with torch.no_grad():
+        spans = [model(input_ids=ids).logits, model(input_ids=ids, attention_mask=mask).logits]
+        assert len(calls) == 3 * model.config.num_hidden_layers  # the batch, then each padded row alone
+        assert all(0 < m.last_density < 1 for m in patched_methods(model))
+        monkeypatch.setattr(a_shape_method.AShapeAttention, "attention", BlockSparseMethod.attention)
+        blocks = [model(input_ids=ids).logits, model(input_ids=ids, attention_mask=mask).logits]
+    real = mask.bool()
+    assert (spans[0] - blocks[0]).abs().max() <= 1e-5
+    assert (spans[1][real] - blocks[1][real]).abs().max() <= 1e-5
+
+
 def test_a_shape_is_sinks_plus_local_blocks():
     layout = a_shape(40, 40, 8, causal=True, sink_blocks=1, local_blocks=2)
     expected = torch.tensor([[i == j or i - j == 1 or j == 0 for j in range(5)] for i in range(5)]) & \

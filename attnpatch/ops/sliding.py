@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import SEGMENT_BYTES, naive_attention, query_positions, window_mask
+from .reference import SEGMENT_BYTES, naive_attention, query_positions, repeat_kv, window_mask
 
 
 def _key_range(q_lo: int, q_hi: int, lk: int, window: int, causal: bool) -> tuple[int, int]:
@@ -90,21 +90,23 @@ def sliding_window_attention(
     return out
 
 
-def _prefill_full_blocks(query, key, value, out, window: int, sinks: int, scaling: float, block: int) -> range:
+def _prefill_full_blocks(query, key, value, out, window: int, sinks: int, scaling: float, block: int,
+                         aligned: bool = False) -> range:
     """The causal prefill's blocks whose window span starts at or after the sinks, all at once, written
     into `out`; returns the query starts it covered. Query block c sees the keys of blocks c - reach .. c
     (the window's span, an overlapping view of the keys: no copy) plus the sinks, with one mask shared by
-    every block; segments of blocks bound the memory."""
+    every block; segments of blocks bound the memory. `aligned`: the window is `window // block` whole
+    blocks (the diagonal one causal), as a block layout's local blocks are, not the nearest tokens."""
     b, hq, length, d = query.shape
     hkv, dv = key.shape[1], value.shape[-1]
     groups = hq // hkv
-    reach = -(-(window - 1) // block)  # earlier blocks a window reaches into
+    reach = window // block - 1 if aligned else -(-(window - 1) // block)  # earlier blocks a window reaches into
     span = (reach + 1) * block
     first, stop = reach + -(-sinks // block), length // block  # spans clear of the sinks; full blocks only
     if stop - first < 2:
         return range(0)
     distance = reach * block + torch.arange(block, device=query.device)[:, None] - torch.arange(span, device=query.device)
-    allowed = (distance >= 0) & (distance < window)
+    allowed = (distance >= 0) if aligned else (distance >= 0) & (distance < window)
     if sinks:  # sinks lie before every span here, so outside every window: each counted once
         allowed = torch.cat([allowed.new_ones(block, sinks), allowed], dim=-1)
     allowed = allowed.repeat(groups, 1)  # each kv head's query group folded into the query dim
@@ -124,3 +126,31 @@ def _prefill_full_blocks(query, key, value, out, window: int, sinks: int, scalin
         result = result.view(b, hkv, n, groups, block, dv).permute(0, 2, 4, 1, 3, 5)
         out_layout[:, c0 * block:c1 * block].view(b, n, block, hkv, groups, dv).copy_(result)
     return range(first * block, stop * block, block)
+
+
+def a_shape_prefill(query, key, value, *, sink_blocks: int, local_blocks: int, block: int, scaling: float):
+    """A causal, unmasked prefill (queries = keys) of the a_shape block layout: each query block sees
+    the first `sink_blocks` key blocks and its `local_blocks` nearest (the diagonal causal). Its full
+    blocks clear of the sinks run as the sliding window's overlapping spans (no gathered copies); the
+    blocks before them see one contiguous causal range, and a partial last block its own keys."""
+    b, hq, length, d = query.shape
+    groups = hq // key.shape[1]
+    out = query.new_empty(b, length, hq, value.shape[-1]).transpose(1, 2)
+    sinks = sink_blocks * block
+    done = _prefill_full_blocks(query, key, value, out, local_blocks * block, sinks, scaling, block, aligned=True)
+    head = done.start if len(done) else length  # the sinks and the local blocks overlap: plain causal
+    rest = [(0, head)] + ([(done.stop, length)] if len(done) and done.stop < length else [])
+    for lo, hi in rest:
+        if hi <= lo:
+            continue
+        q_pos = torch.arange(lo, hi, device=query.device)
+        lo_key = max(0, (lo // block - local_blocks + 1) * block)  # the first row's earliest local key
+        k_pos = torch.arange(hi, device=query.device)
+        if lo_key > sinks:  # a partial last block: its sinks and local blocks only
+            k_pos = torch.cat([k_pos[:sinks], k_pos[lo_key:]])
+        local = k_pos >= (q_pos[:, None] // block - local_blocks + 1) * block
+        allowed = (k_pos <= q_pos[:, None]) & ((k_pos < sinks) | local)
+        k, v = (repeat_kv(t.index_select(-2, k_pos), groups) for t in (key, value))
+        out[..., lo:hi, :] = torch.nn.functional.scaled_dot_product_attention(
+            query[..., lo:hi, :], k, v, attn_mask=allowed, scale=scaling)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...ops.sliding import a_shape_prefill
 from ...ops.sparse_patterns import a_shape
 from ..base import ParamSpec
 from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
@@ -19,3 +20,14 @@ class AShapeAttention(BlockSparseMethod):
         c = self.config
         return a_shape(call.query.shape[-2], call.key.shape[-2], c["block_size"], causal=call.causal,
                        sink_blocks=c["sink_blocks"], local_blocks=c["local_blocks"], device=call.query.device)
+
+    def attention(self, call):
+        c = self.config
+        if (self.skips_blocks(call) and call.causal and call.mask is None and call.softcap is None
+                and call.query.shape[-2] == call.key.shape[-2] and not self.uses_flex(call)):
+            # a plain causal prefill: the sliding window's overlapping key spans, no gathered key blocks
+            self.last_density = self.layout(call).density(call.key.shape[-2], True)
+            self.last_backend = "torch"
+            return a_shape_prefill(call.query, call.key, call.value, sink_blocks=c["sink_blocks"],
+                                   local_blocks=c["local_blocks"], block=c["block_size"], scaling=call.scaling)
+        return super().attention(call)

@@ -42,14 +42,17 @@ class BlockSparseMethod(Method):
             return exact_attention(call)
         layout = self.layout(call)
         self.last_density = layout.density(lk, call.causal)  # for benchmarks: fraction of blocks computed
-        backend = self.config.get("backend", "torch")
-        if backend == "flex" or (backend == "auto" and call.query.is_cuda and not self.extra_keys and flex_available()):
+        if self.uses_flex(call):
             self.last_backend = "flex"
             return flex_block_sparse_attention(call.query, call.key, call.value, layout, call.mask,
                                                causal=call.causal, scaling=call.scaling, softcap=call.softcap)
         self.last_backend = "torch"
         return block_sparse_attention(call.query, call.key, call.value, layout, call.mask,
                                       causal=call.causal, scaling=call.scaling, softcap=call.softcap)
+
+    def uses_flex(self, call) -> bool:
+        backend = self.config.get("backend", "torch")
+        return backend == "flex" or (backend == "auto" and call.query.is_cuda and not self.extra_keys and flex_available())
 
     @classmethod
     def check_params(cls, params):
