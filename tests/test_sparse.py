@@ -228,6 +228,72 @@ def test_block_topk_definition(pooling):
     assert (kept[:, 0] == 1).all() and kept[:, 1, -1].eq(4).all()
 
 
+@pytest.mark.parametrize("pooling", ["mean", "maxmin"])
+@pytest.mark.parametrize("causal,lq,lk", [(True, 27, 45), (True, 45, 45), (False, 30, 45)])
+def test_block_scores_follow_their_definition_in_small_chunks(monkeypatch, pooling, causal, lq, lk):
+    """Each score is the largest estimate over the query block's real rows and the kv head's group;
+    causal scores past the diagonal are -inf. Chunks of two query blocks exercise the causal
+    truncation (each chunk scores only the key blocks up to its last diagonal)."""
+    import attnpatch.ops.sparse_patterns as patterns
+
+    monkeypatch.setattr(patterns, "_SCORE_ELEMENTS", B * HQ * 8 * 6 * 2)
+    q, k, _ = qkv(lq, lk, seed=3)
+    scores = block_scores(q, k, 8, causal=causal, pooling=pooling)
+    start = lk - lq if causal else 0
+    first, pad = divmod(start, 8)
+    nq, nk = -(-(lq + pad) // 8), -(-lk // 8)
+    assert scores.shape == (B, HKV, nq, nk)
+    for kb in range(nk):
+        keys = k[:, :, kb * 8 : (kb + 1) * 8]  # (B, Hkv, <=8, D)
+        if pooling == "mean":
+            estimate = q @ repeat_kv(keys.mean(-2, keepdim=True), HQ // HKV).transpose(-1, -2)
+        else:
+            top, bottom = (repeat_kv(t, HQ // HKV).transpose(-1, -2) for t in (keys.amax(-2, True), keys.amin(-2, True)))
+            estimate = q.clamp_min(0) @ top + q.clamp_max(0) @ bottom
+        estimate = estimate[..., 0].view(B, HKV, HQ // HKV, lq)  # (B, Hkv, G, Lq)
+        for row in range(nq):
+            absolute = first + row
+            queries = [i for i in range(lq) if (start + i) // 8 == absolute]
+            expected = estimate[:, :, :, queries].amax(dim=(2, 3))
+            if causal and kb > absolute:
+                assert torch.isneginf(scores[:, :, row, kb]).all()
+            else:
+                assert torch.allclose(scores[:, :, row, kb], expected, atol=1e-5)
+
+
+def test_kernel_in_chunks_reuses_its_buffers_and_keeps_gradients(monkeypatch):
+    """Many small chunks of mixed widths, some of consecutive query blocks (read and written as
+    slices) and some not: without autograd the gathers go to reused buffers (counted), with autograd
+    to fresh tensors; both equal naive attention, and the gradients equal naive attention's."""
+    import attnpatch.ops.block_sparse as kernel
+
+    monkeypatch.setattr(kernel, "_CHUNK_ELEMENTS", 4 * 16 * 16 * 3)
+    q, k, v = qkv(64, 64, seed=4)
+    g = torch.Generator().manual_seed(5)
+    blocks = (torch.rand(B, HKV, 8, 8, generator=g) < 0.4) | torch.eye(8, dtype=torch.bool)  # diagonal: plain items
+    layout = layout_from_block_mask(blocks, 8, 0)
+    buffered = []
+    index_select = torch.index_select
+
+    def counting(*args, **kwargs):
+        buffered.append("out" in kwargs)
+        return index_select(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "index_select", counting)
+    with torch.no_grad():
+        check(q, k, v, layout, True)
+    assert buffered and all(buffered)
+    allowed = dense_mask(layout, 64, 64, True).expand(B, HKV, 64, 64)
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    naive_attention(*ref_inputs, repeat_kv(allowed, HQ // HKV), scaling=D**-0.5).square().sum().backward()
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    buffered.clear()
+    block_sparse_attention(*inputs, layout, None, causal=True, scaling=D**-0.5).square().sum().backward()
+    assert not any(buffered)
+    for mine, ref in zip(inputs, ref_inputs):
+        assert torch.allclose(mine.grad, ref.grad, atol=1e-5)
+
+
 def test_maxmin_scores_bound_every_query_key_product():
     q, k, _ = qkv(32, 32)
     bound = block_scores(q, k, 8, causal=False, pooling="maxmin")  # (B, Hkv, 4, 4)
