@@ -50,6 +50,38 @@ def test_all_retrieval_is_dense_and_all_streaming_is_sliding_window():
     assert torch.equal(tm.run("llama", model), dense[0])
 
 
+@pytest.mark.parametrize("sinks,window,sliding_window,padded", [(2, 5, None, False), (0, 4, None, False),
+                                                                 (3, 6, 4, False), (2, 5, None, True), (1, 3, 7, True)])
+def test_trim_keeps_exactly_the_sinks_and_window_of_its_definition(sinks, window, sliding_window, padded):
+    """After updates of 1-5 tokens, the streaming store holds the positions p with (p < first real
+    token + sinks or p > seen - window) and, under the model's own window, p > seen - that window,
+    and each kept key is the one stored at p; a store of every head is kept as the states came."""
+    from attnpatch.ops.kv_select import leading_invalid
+    from attnpatch.runtime.layers import DuoHeadLayer
+
+    g = torch.Generator().manual_seed(sinks + window)
+    for streaming in ([0, 1], [1]):
+        layer = DuoHeadLayer([0] if streaming == [1] else [], streaming, sinks, window, sliding_window)
+        states = []
+        for n in (5, 1, 3, 1, 1, 2, 1, 4, 1):
+            k = torch.randn(2, 2, n, 4, generator=g)
+            layer.update(k, -k)
+            states.append(k)
+            if padded and len(states) == 1:  # row 0 left-padded by 2 tokens
+                layer.mark_new_padding(torch.tensor([[False, False, True, True, True], [True] * 5]))
+            layer.trim()
+            seen = layer.seen_tokens
+            positions = torch.arange(seen)
+            first_real = int(leading_invalid(layer.valid).max())
+            keep = (positions < first_real + sinks) | (positions > seen - window)
+            if sliding_window is not None:
+                keep &= positions > seen - sliding_window
+            assert layer.stream_positions.tolist() == positions[keep].tolist()
+            every = torch.cat(states, dim=-2)[:, streaming]
+            assert torch.equal(layer.stream_keys, every[:, :, keep]) and torch.equal(layer.stream_values, -every[:, :, keep])
+            assert layer.padded == padded and layer.trimmed_at == seen
+
+
 def test_cached_decoding_matches_full_recomputation_and_cache_bytes_match_the_pattern():
     model = tm.build("llama")
     patch_model(model, "duo_heads", sinks=2, window=6, layer_params=PATTERN)

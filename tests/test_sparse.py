@@ -368,16 +368,26 @@ def test_generate_decodes_through_a_dense_cache(method):
     assert out.shape == dense.shape  # sparse prefill, exact dense decoding steps
 
 
-@pytest.mark.parametrize("name,left_pad", [("llama", 3), ("mistral", 3), ("llama", 0)])
-def test_sliding_window_decodes_from_a_cache_of_sinks_and_window(name, left_pad):
+@pytest.mark.parametrize("name,left_pad", [("llama", 3), ("mistral", 3), ("llama", 0), ("mistral", 0)])
+def test_sliding_window_decodes_from_a_cache_of_sinks_and_window(monkeypatch, name, left_pad):
     """Decoding keeps only each row's sinks and newest window - 1 tokens (the duo_heads store with
     every head streaming), exactly: every step's logits equal a cache-free forward of the whole
-    sequence so far, on a left-padded batch (Mistral: under the model's own sliding window too)."""
+    sequence so far, on a left-padded batch (Mistral: under the model's own sliding window too).
+    Without padding a step attends the trimmed store without a mask (counted); with padding, masked."""
+    import attnpatch.methods.heads.duo as duo
     from attnpatch import cache_nbytes
     from attnpatch.runtime.cache import cache_kwargs
     from attnpatch.runtime.layers import DuoHeadLayer
     from transformers import DynamicCache
 
+    masked = []
+    sdpa_attention = duo.sdpa_attention
+
+    def counting(call, allowed, is_causal):
+        masked.append(allowed is not None)
+        return sdpa_attention(call, allowed, is_causal)
+
+    monkeypatch.setattr(duo, "sdpa_attention", counting)
     model = tm.build(name)
     patch_model(model, "sliding_window", window=5, sinks=2)
     ids, mask = tm.text_batch(length=20, left_pad=left_pad)
@@ -390,6 +400,7 @@ def test_sliding_window_decodes_from_a_cache_of_sinks_and_window(name, left_pad)
             steps.append(model(input_ids=follow[:, t:t + 1], attention_mask=mask, **cache_kwargs(model, cache),
                                use_cache=True).logits[:, -1])
         assert all(isinstance(layer, DuoHeadLayer) for layer in cache.layers)
+        assert len(masked) == 6 * len(cache.layers) and all(masked) == bool(left_pad) and any(masked) == bool(left_pad)
         # stored: at most the sinks of the padded row and of the other, plus the newest window - 1
         assert all(layer.stream_keys.shape[-2] <= 2 + 3 + 4 for layer in cache.layers)
         whole = torch.cat([ids, follow], 1)

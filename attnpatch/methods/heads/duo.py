@@ -93,7 +93,7 @@ class DuoHeads(Method):
         lq = call.query.shape[-2]
         if call.mask is not None:  # padding among the new tokens
             layer.mark_new_padding(call.mask[..., -lq:].any(dim=-2).any(dim=1))
-        all_valid = bool(layer.valid.all())
+        all_valid = not layer.padded
         groups = call.kv_groups
         if self.retrieval:
             q = _query_heads(self.retrieval, groups)
@@ -117,7 +117,7 @@ def window_cache_attention(call, layer: DuoHeadLayer, sinks: int, window: int, a
     tokens, attended under an explicit mask."""
     lq = call.query.shape[-2]
     positions = layer.stream_positions
-    all_valid = bool(layer.valid.all()) if all_valid is None else all_valid
+    all_valid = not layer.padded if all_valid is None else all_valid
 
     def windowed(c):
         return sliding_window_attention(c.query, c.key, c.value, c.mask, window=window, sinks=sinks, causal=True,
@@ -130,6 +130,11 @@ def window_cache_attention(call, layer: DuoHeadLayer, sinks: int, window: int, a
         if all_valid or pads is None:
             return windowed(whole)
         return run_rows_without_padding(windowed, whole, pads)
+    if lq == 1 and all_valid and layer.trimmed_at == layer.seen_tokens - 1:
+        # a decoding step right after the trim for the previous token: the store holds this query's
+        # sinks and window and nothing else (its own key included), so nothing needs masking
+        sub = dataclasses.replace(call, key=layer.stream_keys, value=layer.stream_values, mask=None, causal=False)
+        return sdpa_attention(sub, None, False)
     q_positions = torch.arange(layer.seen_tokens - lq, layer.seen_tokens, device=positions.device)
     if all_valid:  # no padding: a position is its own rank among real tokens (no pass over the sequence)
         k_rank, q_rank = positions[None, None, :], q_positions[None, :, None]

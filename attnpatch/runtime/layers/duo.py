@@ -26,6 +26,8 @@ class DuoHeadLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         self.retrieval, self.streaming = retrieval, streaming
         self.sinks, self.window = sinks, window
         self.stream_keys = self.stream_values = self.stream_positions = self.valid = None
+        self.padded = False  # some stored entry of `valid` is False (only mark_new_padding makes one)
+        self.trimmed_at = -1  # seen_tokens at the latest trim: then the store is what the next query sees
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -35,16 +37,25 @@ class DuoHeadLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         self.stream_values = value_states[:, self.streaming, :0]
         self.stream_positions = torch.zeros(0, dtype=torch.long, device=key_states.device)
         self.valid = torch.zeros(key_states.shape[0], 0, dtype=torch.bool, device=key_states.device)
+        self.all_streaming = self.streaming == list(range(key_states.shape[1]))  # sliding_window: no head copies
+        self.padded, self.trimmed_at = False, -1
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states[:, self.retrieval]], dim=-2)
-        self.values = torch.cat([self.values, value_states[:, self.retrieval]], dim=-2)
-        self.stream_keys = torch.cat([self.stream_keys, key_states[:, self.streaming]], dim=-2)
-        self.stream_values = torch.cat([self.stream_values, value_states[:, self.streaming]], dim=-2)
+        # a decoding step is a few tiny tensors per layer, so its cost is its number of kernels: a
+        # retrieval store without heads is not touched (the streaming store keeps its length, read by
+        # trim, even without heads), and a streaming store of every head takes the states as they are
+        if self.retrieval:
+            self.keys = torch.cat([self.keys, key_states[:, self.retrieval]], dim=-2)
+            self.values = torch.cat([self.values, value_states[:, self.retrieval]], dim=-2)
+        keys, values = key_states, value_states
+        if not self.all_streaming:
+            keys, values = key_states[:, self.streaming], value_states[:, self.streaming]
+        self.stream_keys = torch.cat([self.stream_keys, keys], dim=-2)
+        self.stream_values = torch.cat([self.stream_values, values], dim=-2)
         new = torch.arange(self.seen_tokens, self.seen_tokens + n, device=self.stream_positions.device)
         self.stream_positions = torch.cat([self.stream_positions, new])
         self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], n)], dim=-1)
@@ -54,21 +65,27 @@ class DuoHeadLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
     def mark_new_padding(self, new_valid: torch.Tensor) -> None:
         """new_valid (B or 1, n): which of the tokens of the last update are real (padding is not)."""
         self.valid[:, -new_valid.shape[-1]:] &= new_valid.expand(self.valid.shape[0], -1)
+        self.padded = self.padded or not bool(new_valid.all())
 
     def trim(self) -> None:
         """Streaming heads keep the sinks and the newest window - 1 tokens (what the next query sees).
         A left-padded sequence's sinks are its first real tokens: every sequence's are kept."""
         positions = self.stream_positions
-        first_real = int(leading_invalid(self.valid).max())
-        keep = (positions < first_real + self.sinks) | (positions > self.seen_tokens - self.window)
-        if self.sliding_window is not None:  # what the model's own window hides from every later query
-            keep &= positions > self.seen_tokens - self.sliding_window
-        if bool(keep.all()):
+        self.trimmed_at = self.seen_tokens
+        first_real = int(leading_invalid(self.valid).max()) if self.padded else 0
+        # stored positions ascend, so what is kept is one run of sinks and one run of recent tokens: the
+        # model's own window (if any) hides positions below `oldest`, ours the non-sinks below `recent`
+        oldest = 0 if self.sliding_window is None else self.seen_tokens - self.sliding_window + 1
+        recent = max(oldest, self.seen_tokens - self.window + 1)
+        bounds = torch.tensor([oldest, first_real + self.sinks, recent], device=positions.device)
+        sinks_from, sinks_to, recent_from = torch.searchsorted(positions, bounds).tolist()
+        sinks_to = max(sinks_from, sinks_to)
+        runs = [(sinks_from, sinks_to), (max(sinks_to, recent_from), positions.numel())]
+        runs = [(a, b - a) for a, b in runs if b > a]
+        if sum(length for _, length in runs) == positions.numel():
             return
-        index = keep.nonzero().squeeze(-1)
-        self.stream_keys = self.stream_keys.index_select(-2, index).contiguous()
-        self.stream_values = self.stream_values.index_select(-2, index).contiguous()
-        self.stream_positions = positions[index]
+        self.stream_keys, self.stream_values = _kept(self.stream_keys, -2, runs), _kept(self.stream_values, -2, runs)
+        self.stream_positions = _kept(positions, 0, runs)
 
     @property
     def nbytes(self) -> int:
@@ -81,6 +98,7 @@ class DuoHeadLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
     def reset(self) -> None:
         self.keys = self.values = self.stream_keys = self.stream_values = None
         self.stream_positions = self.valid = None
+        self.padded, self.trimmed_at = False, -1
         self.seen_tokens = 0
         self.is_initialized = False
 
@@ -92,3 +110,10 @@ class DuoHeadLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
             value = getattr(self, name)
             if isinstance(value, torch.Tensor):
                 setattr(self, name, fn(value))
+
+
+def _kept(tensor: torch.Tensor, dim: int, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """A copy of the (start, length) runs of `tensor` along `dim` (a copy, so that the dropped entries'
+    memory is released now, not at the next update)."""
+    parts = [tensor.narrow(dim, start, length) for start, length in runs] or [tensor.narrow(dim, 0, 0)]
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0].clone()
