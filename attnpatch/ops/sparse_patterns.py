@@ -108,10 +108,11 @@ def _block_stat(key: torch.Tensor, valid: torch.Tensor | None, block_size: int, 
 def block_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, pooling: str,
                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hkv, nQ, nK) importance of key block kb for query block qb: the largest estimate of
-    q . k over the block's queries and the kv head's query group (causal: -inf past the diagonal). pooling 'mean': q . mean(k)
-    (MoBA); 'maxmin': Quest's upper bound sum_d max(q_d max_d k, q_d min_d k) = q+ . max + q- . min.
-    Query blocks are scored a chunk at a time, so memory stays bounded at any length. Selection is not
-    differentiable, so neither are the scores."""
+    q . k over the block's queries and the kv head's query group (causal: -inf past the diagonal).
+    pooling 'mean': q . mean(k) (MoBA); 'maxmin': Quest's upper bound
+    sum_d max(q_d max_d k, q_d min_d k) = q+ . max + q- . min. Query blocks are scored a chunk at a
+    time, so memory stays bounded at any length. Selection is not differentiable, so neither are the
+    scores."""
     query, key = query.detach(), key.detach()
     b, hq, _, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
@@ -130,9 +131,9 @@ def block_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, *, cau
     stats = [_block_stat(key, valid, block_size, how).transpose(-1, -2) for how in hows]  # (B, Hkv, D, nK)
     nk = stats[0].shape[-1]
     # causal: a chunk of query blocks scores only the key blocks up to its last row's diagonal (about
-    # half the work); later blocks are inadmissible and score -inf
+    # half the work); later blocks are inadmissible and score -inf (set once, after the loop)
     first = grid(query.shape[-2], lk, block_size, causal)[0]
-    scores = q.new_full((b, hkv, nq, nk), float("-inf")) if causal else q.new_empty(b, hkv, nq, nk)
+    scores = q.new_empty(b, hkv, nq, nk)
     step = max(1, _SCORE_ELEMENTS // (b * hq * block_size * nk))
     for start in range(0, nq, step):
         stop = min(nq, start + step)
@@ -147,7 +148,7 @@ def block_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, *, cau
             if start <= j < stop:
                 per_query[:, :, j - start].masked_fill_(~rows_ok[j][:, None], float("-inf"))
         scores[:, :, start:stop, :width] = per_query.flatten(3, 4).amax(dim=-2)
-    if causal:  # the blocks past the diagonal that a chunk's earlier rows computed
+    if causal:  # every block past a row's diagonal: those no chunk computed and those its earlier rows did
         diagonal = torch.arange(first, first + nq, device=q.device)[:, None]
         scores.masked_fill_(torch.arange(nk, device=q.device) > diagonal, float("-inf"))
     return scores
