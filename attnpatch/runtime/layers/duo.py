@@ -98,7 +98,6 @@ class DuoHeadLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
     def reset(self) -> None:
         self.keys = self.values = self.stream_keys = self.stream_values = None
         self.stream_positions = self.valid = None
-        self.padded, self.trimmed_at = False, -1
         self.seen_tokens = 0
         self.is_initialized = False
 
