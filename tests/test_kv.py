@@ -461,3 +461,72 @@ def test_evict_every_k_steps_holds_at_most_budget_plus_k_minus_1(method):
     assert held == [{7}, {8}, {6}, {7}, {8}, {6}, {7}]  # back to the budget on every third step
     assert all(layer.stored_tokens == 6 + 3 for layer in cache.layers)  # slots: the budget + 3 steps
     unpatch_model(model)
+
+
+def _streaming_decode(ids, mask, budget, sinks, ring=True, steps=9, padded_step=None):
+    """Greedy steps of a streaming-patched tiny Llama (row 0's token of `padded_step` masked out), the
+    ring on or off; returns the steps' logits, each step's kept positions per layer, row and kv head,
+    the cache, and how many slots the ring freed."""
+    from attnpatch.methods.kv.streaming import StreamingLLM
+
+    freed, free = [], CompressedKVLayer.free
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CompressedKVLayer, "free", lambda layer, slots: (freed.append(slots), free(layer, slots)))
+        if not ring:
+            patch.setattr(StreamingLLM, "fixed_eviction", lambda self, layer, lq: None)
+        model = tm.build("llama")
+        patch_model(model, "streaming", budget=budget, sinks=sinks)
+        cache, logits, kept = DynamicCache(config=model.config), [], []
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+            for step in range(steps):
+                mask = torch.cat([mask, mask.new_tensor([[int(step != padded_step)], [1]])], dim=1)
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, use_cache=True,
+                            **cache_kwargs(model, cache))
+                logits.append(out.logits)
+                kept.append([sorted(layer.positions[b, h][layer.valid[b, h]].tolist())
+                             for layer in cache.layers for b in range(2) for h in range(2)])
+    return logits, kept, cache, len(freed)
+
+
+@pytest.mark.parametrize("prompt,budget,sinks,left_pad", [(20, 7, 2, 0), (5, 7, 2, 0), (20, 6, 0, 0), (20, 7, 2, 3)])
+def test_streaming_decodes_through_a_ring_over_its_window(prompt, budget, sinks, left_pad):
+    """StreamingLLM's held steps free the slot after the one freed last (a ring over the window's
+    slots, no scores): every step keeps exactly its definition (each row's first `sinks` real tokens
+    and its newest budget - sinks) and gives bitwise what the scored eviction gives."""
+    ids, mask = tm.text_batch(length=prompt, left_pad=left_pad)
+    logits, kept, cache, freed = _streaming_decode(ids, mask, budget, sinks)
+    over_budget_steps = 9 - max(0, budget - prompt)  # a short prompt first grows to the budget
+    assert freed == len(cache.layers) * over_budget_steps  # every held step freed its slot by the ring
+    for step, rows in enumerate(kept):
+        for index, row in enumerate(rows):
+            seen = list(range(left_pad if (index // 2) % 2 == 0 else 0, prompt + step + 1))
+            assert row == (seen if len(seen) <= budget else seen[:sinks] + seen[len(seen) - (budget - sinks):]), step
+    scored_logits, scored_kept, _, scored_freed = _streaming_decode(ids, mask, budget, sinks, ring=False)
+    assert scored_freed == 0 and scored_kept == kept
+    assert all(torch.equal(a, b) for a, b in zip(logits, scored_logits))
+
+
+def test_streaming_leaves_its_ring_at_a_padded_step():
+    ids, mask = tm.text_batch(length=20)
+    logits, kept, cache, freed = _streaming_decode(ids, mask, 7, 2, padded_step=3)
+    assert freed == len(cache.layers) * 3  # the three steps before it; the scored path afterwards
+    assert all(layer.ring is False for layer in cache.layers)
+    scored_logits, scored_kept, _, _ = _streaming_decode(ids, mask, 7, 2, ring=False, padded_step=3)
+    assert scored_kept == kept and all(torch.equal(a, b) for a, b in zip(logits, scored_logits))
+
+
+def test_streaming_starts_its_ring_only_on_the_sinks_then_the_window_in_order():
+    from attnpatch.methods.kv.streaming import StreamingLLM
+
+    layer = CompressedKVLayer()
+    layer.update(torch.zeros(2, 2, 8, 4), torch.zeros(2, 2, 8, 4))  # 8 entries, positions 0-7
+    layer.budget = torch.tensor([7, 7])
+    assert StreamingLLM._start_ring(layer, 2) == (2, 6)  # sinks 0, 1; the window 2-7 from slot 2
+    layer.positions[1, 0, 2:4] = torch.tensor([3, 2], dtype=torch.int32)  # one row's window out of order
+    assert StreamingLLM._start_ring(layer, 2) is False
+    layer.positions[1, 0, 2:4] = torch.tensor([2, 3], dtype=torch.int32)
+    layer.budget = torch.tensor([7, 6])  # budgets that differ between sequences
+    assert StreamingLLM._start_ring(layer, 2) is False
+    layer.budget = torch.tensor([8, 8])  # not over budget yet
+    assert StreamingLLM._start_ring(layer, 2) is None

@@ -83,6 +83,11 @@ class KVCompressionMethod(KVCacheMethod):
         sequence keeps what it would keep alone)."""
         return 0
 
+    def fixed_eviction(self, layer: CompressedKVLayer, lq: int) -> torch.Tensor | None:
+        """The slots (B, Hkv, e) a held decoding step frees, where the method knows them without
+        scores (StreamingLLM); None: score and select."""
+        return None
+
     def new_cache_layer(self, sliding_window=None):
         if self.config["budget"] is None and self.config["compression"] == 0:
             return None  # nothing is ever evicted: the model's own cache, exactly dense
@@ -120,6 +125,11 @@ class KVCompressionMethod(KVCacheMethod):
         else:  # held: evict every `evict_every` steps (scores that accumulate are updated every step)
             layer.pending += 1
             if layer.pending < self.config["evict_every"] and not self.accumulates:
+                return out
+            freed = self.fixed_eviction(layer, lq)
+            if freed is not None:  # the slots to free are known without scoring anything
+                layer.pending = 0
+                layer.free(freed)
                 return out
         scores = self._scores(call, layer, prefill, attention)
         if not prefill and layer.pending < self.config["evict_every"]:

@@ -31,6 +31,43 @@ class StreamingLLM(KVCompressionMethod):
     def score(self, keys, attention, valid):  # sinks and recent entries are all it keeps
         return torch.zeros_like(valid, dtype=torch.float32)
 
+    def fixed_eviction(self, layer, lq):
+        """Its held eviction needs no scores: with every slot valid and the slots holding the sinks,
+        then the window in position order, the entry leaving the window is in the slot after the one
+        freed last (a ring over the window's slots, each refilled by the next token). The layout is
+        checked once, where the ring starts; a step with padding leaves the ring for good (the scored
+        path, which picks the same entries, takes over)."""
+        if layer.ring is False or lq != 1 or self.config["evict_every"] != 1:
+            return None
+        sinks = self.config["sinks"]
+        if not layer.all_valid() or (layer.ring is not None and layer.length != sinks + layer.ring[1]):
+            layer.ring = False
+            return None
+        if layer.ring is None:
+            layer.ring = self._start_ring(layer, sinks)
+            if not layer.ring:
+                return None
+        slot, size = layer.ring
+        layer.ring = (sinks + (slot - sinks + 1) % size, size)
+        return torch.full((*layer.valid.shape[:2], 1), slot, dtype=torch.long, device=layer.valid.device)
+
+    @staticmethod
+    def _start_ring(layer, sinks: int) -> tuple[int, int] | bool | None:
+        """(the slot of the entry leaving the window, the window's slots) when this step is the first
+        one over a budget shared by every sequence and the slots hold the sinks then the window in
+        order; None: not yet over budget; False: another layout (the scored path for good)."""
+        budget = int(layer.budget[0])
+        if layer.length < budget + 1:
+            return None
+        if layer.length > budget + 1 or budget <= sinks or bool((layer.budget != budget).any()):
+            return False
+        positions, newest = layer.positions, layer.seen_tokens - 1
+        window = torch.arange(newest - (budget - sinks), newest + 1, dtype=positions.dtype, device=positions.device)
+        first = positions[..., :1] + torch.arange(sinks, dtype=positions.dtype, device=positions.device)
+        if not (bool((positions[..., sinks:] == window).all()) and bool((positions[..., :sinks] == first).all())):
+            return False
+        return sinks, budget + 1 - sinks
+
     def compute_output(self, call, layer, prefill, with_weights=False):
         if not prefill:
             return super().compute_output(call, layer, prefill, with_weights)

@@ -44,6 +44,9 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         self.decode = None  # "grow" for a compressed context: its method's decode policy is overridden
         self.pending = 0  # decoding steps since the last eviction (a method may evict every few steps)
         self._valid_before_evict = False
+        # a method whose held eviction follows the slots in a fixed order (StreamingLLM) keeps
+        # (next slot, ring size) here once it has checked the layout; False: it never will
+        self.ring = None
 
     # --- the views: the first `length` slots of each buffer
     def _view(self, name):
@@ -153,7 +156,7 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         self._storage.update(gathered)
         self._all_valid = False
         self.length = index.shape[-1]
-        self.new_slots = self.freed = None
+        self.new_slots = self.freed = self.ring = None
 
     def evict(self, kept: torch.Tensor, freed: torch.Tensor | None = None) -> None:
         """Free every entry not in `kept` (B, Hkv, length) in place: its slot is reused by the next token.
@@ -162,10 +165,17 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         self.valid &= kept  # (through the setter: the all-valid flag is reset)
         self.freed = freed
 
+    def free(self, freed: torch.Tensor) -> None:
+        """`evict` when the slots are known: free `freed` (B, Hkv, e), valid entries, in place."""
+        self._valid_before_evict = self._all_valid
+        self.valid.scatter_(-1, freed, False)
+        self._all_valid = False
+        self.freed = freed
+
     def truncate(self, length: int) -> None:
         """Forget every entry written after the first `length` tokens (never evicted: nothing was yet)."""
         self.length = self.seen_tokens = length
-        self.new_slots = self.freed = None
+        self.new_slots = self.freed = self.ring = None
         self._all_valid = False
 
     @property
@@ -182,7 +192,7 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         self.seen_tokens = self.length = 0
         self._all_valid = False
         self._storage = dict.fromkeys(_FIELDS)
-        self.budget = self.new_slots = self.freed = None
+        self.budget = self.new_slots = self.freed = self.ring = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed KV cache cannot be rolled back: evicted entries are gone")
