@@ -463,9 +463,9 @@ def test_evict_every_k_steps_holds_at_most_budget_plus_k_minus_1(method):
     unpatch_model(model)
 
 
-def _streaming_decode(ids, mask, budget, sinks, ring=True, steps=9, padded_step=None):
-    """Greedy steps of a streaming-patched tiny Llama (row 0's token of `padded_step` masked out), the
-    ring on or off; returns the steps' logits, each step's kept positions per layer, row and kv head,
+def _streaming_decode(ids, mask, budget, sinks, ring=True, steps=9, padded_step=None, double_step=None):
+    """Greedy steps of a streaming-patched tiny Llama (row 0's token of `padded_step` masked out, two
+    tokens fed at `double_step`), the ring on or off; returns the steps' logits, each step's kept positions per layer, row and kv head,
     the cache, and how many slots the ring freed."""
     from attnpatch.methods.kv.streaming import StreamingLLM
 
@@ -480,9 +480,11 @@ def _streaming_decode(ids, mask, budget, sinks, ring=True, steps=9, padded_step=
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
             for step in range(steps):
-                mask = torch.cat([mask, mask.new_tensor([[int(step != padded_step)], [1]])], dim=1)
-                out = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, use_cache=True,
-                            **cache_kwargs(model, cache))
+                new = out.logits[:, -1:].argmax(-1)
+                if step == double_step:
+                    new = torch.cat([new, new.flip(0)], dim=1)
+                mask = torch.cat([mask, mask.new_tensor([[int(step != padded_step)], [1]]).expand(2, new.shape[1])], dim=1)
+                out = model(input_ids=new, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
                 logits.append(out.logits)
                 kept.append([sorted(layer.positions[b, h][layer.valid[b, h]].tolist())
                              for layer in cache.layers for b in range(2) for h in range(2)])
@@ -507,12 +509,13 @@ def test_streaming_decodes_through_a_ring_over_its_window(prompt, budget, sinks,
     assert all(torch.equal(a, b) for a, b in zip(logits, scored_logits))
 
 
-def test_streaming_leaves_its_ring_at_a_padded_step():
+@pytest.mark.parametrize("step", ["padded_step", "double_step"])
+def test_streaming_leaves_its_ring_at_a_padded_or_multi_token_step(step):
     ids, mask = tm.text_batch(length=20)
-    logits, kept, cache, freed = _streaming_decode(ids, mask, 7, 2, padded_step=3)
+    logits, kept, cache, freed = _streaming_decode(ids, mask, 7, 2, **{step: 3})
     assert freed == len(cache.layers) * 3  # the three steps before it; the scored path afterwards
     assert all(layer.ring is False for layer in cache.layers)
-    scored_logits, scored_kept, _, _ = _streaming_decode(ids, mask, 7, 2, ring=False, padded_step=3)
+    scored_logits, scored_kept, _, _ = _streaming_decode(ids, mask, 7, 2, ring=False, **{step: 3})
     assert scored_kept == kept and all(torch.equal(a, b) for a, b in zip(logits, scored_logits))
 
 

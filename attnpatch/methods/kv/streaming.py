@@ -35,12 +35,12 @@ class StreamingLLM(KVCompressionMethod):
         """Its held eviction needs no scores: with every slot valid and the slots holding the sinks,
         then the window in position order, the entry leaving the window is in the slot after the one
         freed last (a ring over the window's slots, each refilled by the next token). The layout is
-        checked once, where the ring starts; a step with padding leaves the ring for good (the scored
-        path, which picks the same entries, takes over)."""
-        if layer.ring is False or lq != 1 or self.config["evict_every"] != 1:
+        checked once, where the ring starts; a step with padding or several tokens leaves the ring for
+        good (the scored path, which picks the same entries, takes over)."""
+        if layer.ring is False or self.config["evict_every"] != 1:
             return None
         sinks = self.config["sinks"]
-        if not layer.all_valid() or (layer.ring is not None and layer.length != sinks + layer.ring[1]):
+        if lq != 1 or not layer.all_valid() or (layer.ring is not None and layer.length != sinks + layer.ring[1]):
             layer.ring = False
             return None
         if layer.ring is None:
