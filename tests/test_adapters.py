@@ -206,3 +206,34 @@ def test_pixart_cross_attention_only_when_asked():
     patch_model(model, "linear", include_cross_attention=True)
     patched = [n for n, m in model.named_modules() if "_attnpatch_original_processor" in m.__dict__]
     assert any(n.endswith("attn2") for n in patched)
+
+
+def test_source_checks_see_through_decorated_init_and_forward():
+    """transformers 5.25 wraps LlamaAttention.__init__ in a decorator whose own source names nothing
+    of the model and keeps the original only in a closure cell; the adapter's source checks (does
+    __init__ read config.head_dim, does forward route through the attention interface) must still
+    read the original, or a pruned checkpoint silently keeps the full head count."""
+    import functools
+
+    from attnpatch.adapters.hf_transformers import _reads_config_head_dim, _routes_through_interface
+
+    def closure_wrapped(function):  # the 5.25 pattern: no functools.wraps, original in the closure
+        def new_function(self, *args, **kwargs):
+            return function(self, *args, **kwargs)
+        return new_function
+
+    def wraps_wrapped(function):
+        @functools.wraps(function)
+        def wrapper(self, *args, **kwargs):
+            return function(self, *args, **kwargs)
+        return wrapper
+
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    for wrap in (closure_wrapped, wraps_wrapped):
+        wrapped = type("WrappedAttention", (LlamaAttention,), {"__init__": wrap(LlamaAttention.__init__),
+                                                                "forward": wrap(LlamaAttention.forward)})
+        assert _reads_config_head_dim(wrapped) and _routes_through_interface(wrapped), wrap.__name__
+    plain = type("PlainAttention", (torch.nn.Module,), {"__init__": lambda self, config: None,
+                                                        "forward": lambda self, x: x})
+    assert not _reads_config_head_dim(plain) and not _routes_through_interface(plain)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import types
 
 from torch import nn
 
@@ -37,12 +38,36 @@ _COUNT_ATTRS = (("num_heads", "heads"), ("num_attention_heads", "heads"), ("num_
 def _source_mentions(cls: type, function: str, needles: tuple[str, ...], cache: dict[type, bool]) -> bool:
     """Whether the source of cls.<function> contains any of `needles` (memoised per class)."""
     if cls not in cache:
-        try:
-            source = inspect.getsource(getattr(cls, function))
-        except (OSError, TypeError):
-            source = ""
-        cache[cls] = any(needle in source for needle in needles)
+        sources = []
+        for body in _wrapped_bodies(getattr(cls, function)):
+            try:
+                sources.append(inspect.getsource(body))
+            except (OSError, TypeError):
+                pass
+        cache[cls] = any(needle in source for source in sources for needle in needles)
     return cache[cls]
+
+
+def _wrapped_bodies(function, depth: int = 6) -> list:
+    """The function and the functions it wraps: transformers 5.25 wraps LlamaAttention.__init__ in a
+    kernels decorator whose own source says nothing about the model and keeps the original only in a
+    closure cell (no __wrapped__), so both the __wrapped__ chain and closure-held functions are read."""
+    bodies, todo = [], [function]
+    while todo and len(bodies) < depth:
+        body = todo.pop(0)
+        bodies.append(body)
+        inner = [getattr(body, "__wrapped__", None)]
+        inner += [cell.cell_contents for cell in (getattr(body, "__closure__", None) or ()) if _cell_filled(cell)]
+        todo += [f for f in inner if isinstance(f, types.FunctionType) and f not in bodies]
+    return bodies
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 def _routes_through_interface(cls: type) -> bool:
