@@ -19,8 +19,13 @@ folder and run with PYTHONPATH=.fla; Triton comes with CUDA builds of torch). Pa
 the torch path (`backends` in the report) and part 2 times `linear` on both.
 
 Writes report.md, results.json and speed plots into --out (default eval/results/gpu, or
-eval/results/gpu-cpu-quick for --device cpu --quick) and exits non-zero when a parity row or the
-recipe fails. Every part catches its own errors, so one broken method does not hide the others.
+eval/results/gpu-cpu-quick for --device cpu --quick) after every part (a run cut off by its lease
+still leaves what it measured) and exits non-zero when a parity row or the recipe fails. Every part
+catches its own errors, so one broken method does not hide the others; `--budget-s` skips what
+would start after that many seconds, and the report names what was skipped.
+
+Where SmolLM2's weights are not installed (the device machine: its GGUF is over what a call
+carries), part 2 times the same architecture with random weights, and the report says so.
 """
 
 from __future__ import annotations
@@ -57,9 +62,30 @@ PREFILL_METHODS = ["linear", "sliding_window", "a_shape", "block_topk", "lolcats
 OTHER_BACKEND = {"cuda": ["a_shape:backend=torch", "block_topk:backend=torch", "linear:backend=torch"],
                  "cpu": ["block_topk:backend=flex"]}
 DECODE_METHODS = ["linear", "lolcats", "snapkv:compression=0.75", "streaming:compression=0.75"]
+# SmolLM2-135M's architecture (its config.json), for timing where the checkpoint is not installed
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_act="silu",
+                    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=2)
+# the FlexAttention kernel is compiled once per shape: the parity rows' many tiny shapes and dtypes
+# would pass dynamo's default of 8 recompiles, after which it runs eagerly (an L x L score matrix)
+FLEX_RECOMPILE_LIMIT = 128
 SIZES = {"full": {"lengths": [8192, 32768, 131072], "decode_contexts": [8192, 32768], "new_tokens": 32,
                   "repeats": 2},
          "quick": {"lengths": [256, 512], "decode_contexts": [256], "new_tokens": 4, "repeats": 1}}
+
+
+class Deadline:
+    """Seconds left of --budget-s; a part or row that would start after it is skipped, and says so."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return self.end is not None and time.monotonic() > self.end
+
+
+SKIPPED = "skipped: past --budget-s"
 
 
 def _short_error(exc: BaseException) -> str:
@@ -69,7 +95,7 @@ def _short_error(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- 1. parity
 
 
-def parity(device: torch.device, half_dtypes) -> list[dict]:
+def parity(device: torch.device, half_dtypes, deadline: Deadline) -> list[dict]:
     dense_error: dict = {}
 
     def dense_half_error(model_name, dtype):
@@ -83,6 +109,10 @@ def parity(device: torch.device, half_dtypes) -> list[dict]:
     rows = []
     for name, model_name in matrix.method_model_pairs():
         row = {"method": name, "model": model_name, "passed": False}
+        if deadline.passed():
+            row["error"] = SKIPPED
+            rows.append(row)
+            continue
         try:
             model = tm.build(model_name)
             matrix.patch(model, name, model_name)
@@ -154,13 +184,28 @@ def backend_parity(device: torch.device) -> list[dict]:
 # ----------------------------------------------------------------------------- 2. speed
 
 
-def speed(device: torch.device, sizes: dict) -> dict:
+def speed_model():
+    """(SmolLM2-135M, what it is): the checkpoint where installed, else its architecture with random
+    weights (the same shapes and arithmetic, so the same time)."""
     from attnpatch.models import load_default_model
 
+    try:
+        return load_default_model()[0], "SmolLM2-135M"
+    except (FileNotFoundError, ImportError) as exc:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        print(f"speed: SmolLM2's checkpoint is not installed ({_short_error(exc)}); timing its architecture "
+              "with random weights", flush=True)
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)), "SmolLM2-135M architecture, random weights"
+
+
+def speed(device: torch.device, sizes: dict, deadline: Deadline, result: dict, save) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, _ = load_default_model()
+    model, weights = speed_model()
     model.to(device, dtype).eval()
-    result = {"dtype": str(dtype).removeprefix("torch."), "prefill": {}, "decode": {}, "errors": {}}
+    result.update({"dtype": str(dtype).removeprefix("torch."), "weights": weights, "prefill": {}, "decode": {},
+                   "errors": {}})
     lengths, repeats = sizes["lengths"], sizes["repeats"]
     try:
         floor = floor_speed(model, lengths, sizes["decode_contexts"][0], sizes["new_tokens"], repeats=repeats)
@@ -171,6 +216,9 @@ def speed(device: torch.device, sizes: dict) -> dict:
         result["errors"]["floor"] = _short_error(exc)
     for spec in ["dense"] + PREFILL_METHODS + OTHER_BACKEND.get(device.type, []):
         rows = []
+        if deadline.passed():
+            result["errors"][spec] = SKIPPED
+            continue
         try:
             if spec != "dense":
                 patch_model(model, parse_method_spec(spec))
@@ -184,7 +232,11 @@ def speed(device: torch.device, sizes: dict) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         result["prefill"][spec] = rows
+        save()
         print(f"prefill {spec:<16} " + "  ".join(f"{r['tokens']}: {r['seconds']:.3f} s" for r in rows), flush=True)
+    if deadline.passed():
+        result["errors"]["decode"] = SKIPPED
+        return result
     contenders = {"dense": model, "floor": model}
     for spec in DECODE_METHODS:
         contenders[spec] = patch_model(copy.deepcopy(model), parse_method_spec(spec))
@@ -196,6 +248,7 @@ def speed(device: torch.device, sizes: dict) -> dict:
                   flush=True)
         except Exception as exc:
             result["errors"][f"decode {context}"] = _short_error(exc)
+        save()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
@@ -243,6 +296,9 @@ def report_lines(result: dict) -> list[str]:
     lines = [f"# GPU check ({result['mode']}, device {result['device']})", "",
              f"torch {env['torch']}, transformers {env['transformers']}, {result.get('device_name', env['cpu'])}, "
              f"{env['date']}; `{result['command']}`", ""]
+    if result.get("part_seconds"):
+        lines += ["Seconds per part: " + ", ".join(f"{k} {v}" for k, v in result["part_seconds"].items())
+                  + (f"; torch.compile: {result['dynamo']}" if result.get("dynamo") else ""), ""]
     rows = result["parity"]
     passed = sum(r["passed"] for r in rows)
     lines += [f"## Parity: {passed} of {len(rows)} method x model rows pass", "",
@@ -267,6 +323,7 @@ def report_lines(result: dict) -> list[str]:
         floor = {r["tokens"]: r for r in sp["prefill"].get("floor", [])}
         lengths = sorted({r["tokens"] for rows in sp["prefill"].values() for r in rows})
         lines += ["", f"## Prefill on SmolLM2-135M ({sp['dtype']}): seconds (dense / method, method / floor), peak MB",
+                  "", f"Model: {sp.get('weights', 'SmolLM2-135M')}.",
                   "", "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
         for spec, rows in sp["prefill"].items():
             by_length = {r["tokens"]: r for r in rows}
@@ -288,10 +345,11 @@ def report_lines(result: dict) -> list[str]:
             t = r["decode_tokens_per_s"]
             lines.append(f"| {name} | {t:.1f} | {t / d:.2f}x | {f / t:.2f}x | {r['kv_bytes']:,} |")
     if sp.get("errors"):
-        lines += ["", "Speed rows that failed: " + "; ".join(f"{k}: {v}" for k, v in sp["errors"].items())]
+        lines += ["", "Speed rows that failed or were skipped: " + "; ".join(f"{k}: {v}" for k, v in sp["errors"].items())]
     rc = result["recipe"]
-    lines += ["", f"## Recipe: {'ok' if rc.get('passed') else 'FAILED'} (two-stage LoLCATs on a tiny Llama, "
-              f"rc {rc.get('returncode')}, {rc.get('seconds', 0):.0f} s)"]
+    if rc:
+        lines += ["", f"## Recipe: {'ok' if rc.get('passed') else 'FAILED'} (two-stage LoLCATs on a tiny Llama, "
+                  f"rc {rc.get('returncode')}, {rc.get('seconds', 0):.0f} s)"]
     return lines
 
 
@@ -322,33 +380,90 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def dynamo_counts() -> dict:
+    """How often torch.compile captured and recompiled (the FlexAttention kernel is its only user here)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {group: dict(counters[group]) for group in ("stats", "recompiles") if counters.get(group)}
+
+
+def merge(folders: list[Path], out: Path) -> int:
+    """One report from runs that each did some parts (`--skip`), side by side on one device."""
+    runs = [json.loads((folder / "results.json").read_text()) for folder in folders if (folder / "results.json").is_file()]
+    if not runs:
+        raise SystemExit(f"no results.json in {', '.join(map(str, folders))}")
+    result = {**runs[0], "command": "; ".join(run["command"] for run in runs), "part_seconds": {}, "dynamo": {}}
+    for run in runs:
+        result["part_seconds"].update(run.get("part_seconds", {}))
+        for key in ("parity", "backends", "speed", "recipe"):
+            if run.get(key):
+                result[key] = run[key]
+        for group, counts in run.get("dynamo", {}).items():
+            for name, count in counts.items():
+                result["dynamo"].setdefault(group, {})[name] = result["dynamo"].get(group, {}).get(name, 0) + count
+    result["seconds"] = max(run.get("seconds", 0) for run in runs)
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (out / "report.md").write_text("\n".join(report_lines(result)) + "\n")
+    plot(result, out / "prefill_time_memory.png")
+    print(f"wrote {out}/report.md from {len(runs)} runs")
+    failed = [r for r in result["parity"] + result.get("backends", []) if not r["passed"]]
+    return 1 if failed or (result["recipe"] and not result["recipe"].get("passed")) else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes (CI, or a first look)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "speed", "recipe"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "backends", "speed", "recipe"])
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="write one report from the results.json of runs that each did some parts "
+                             "(a lease short enough to run them side by side)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip the rows and parts that would start after this many seconds (a lease's end)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     mode = "quick" if args.quick else "full"
     out = args.out or ROOT / "eval" / "results" / ("gpu" if device.type == "cuda" else f"gpu-{device.type}-{mode}")
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge(args.merge, out)
     halves = [torch.bfloat16, torch.float16]
     result = {"command": " ".join(["python", "eval/gpu_check.py", *sys.argv[1:]]), "mode": mode, "device": str(device),
-              "environment": environment(0), "parity": [], "speed": {}, "recipe": {}}
+              "environment": environment(0), "parity": [], "speed": {}, "recipe": {}, "part_seconds": {}}
     if device.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(device)
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+    deadline = Deadline(args.budget_s)
     t0 = time.perf_counter()
-    if "parity" not in args.skip:
-        result["parity"] = parity(device, halves)
-        result["backends"] = backend_parity(device)
-    if "speed" not in args.skip:
-        result["speed"] = speed(device, SIZES[mode])
-    if "recipe" not in args.skip:
-        result["recipe"] = recipe(device, args.quick)
-    result["seconds"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    (out / "report.md").write_text("\n".join(report_lines(result)) + "\n")
+
+    def save():
+        result["seconds"] = time.perf_counter() - t0
+        result["dynamo"] = dynamo_counts()
+        (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        (out / "report.md").write_text("\n".join(report_lines(result)) + "\n")
+
+    def part(name, run):
+        if name in args.skip:
+            return
+        if deadline.passed():
+            result["part_seconds"][name] = SKIPPED
+            print(f"{name}: {SKIPPED}", flush=True)
+            return
+        started = time.perf_counter()
+        run()
+        result["part_seconds"][name] = round(time.perf_counter() - started, 1)
+        save()
+
+    part("parity", lambda: result.update(parity=parity(device, halves, deadline)))
+    part("backends", lambda: result.update(backends=backend_parity(device)))
+    part("recipe", lambda: result.update(recipe=recipe(device, args.quick)))
+    part("speed", lambda: speed(device, SIZES[mode], deadline, result["speed"], save))
+    save()
     plot(result, out / "prefill_time_memory.png")
     print(f"wrote {out}/report.md ({result['seconds']:.0f} s)")
     failed = [r for r in result["parity"] + result.get("backends", []) if not r["passed"]]

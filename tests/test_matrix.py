@@ -135,8 +135,10 @@ def encoder_outputs(model, dtype):
 
 @torch.no_grad()
 def diffusion_outputs(model, dtype):
-    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)).to(next(model.parameters()).device, dtype)
-    return model(sample, timestep=torch.tensor([3, 7]), class_labels=torch.tensor([1, 2])).sample.float(), None
+    device = next(model.parameters()).device
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    return model(sample, timestep=torch.tensor([3, 7], device=device),
+                 class_labels=torch.tensor([1, 2], device=device)).sample.float(), None
 
 
 def outputs(model, model_name: str, dtype):
