@@ -144,30 +144,43 @@ def parity(device: torch.device, half_dtypes, deadline: Deadline) -> list[dict]:
     return rows
 
 
+# each method's `auto` backend against its torch path: fla for linear, FlexAttention for the block
+# layouts (64- and 32-token blocks: the kernel tiles that SmolLM2's defaults and smaller blocks use)
+BACKEND_ROWS = [("linear (hedgehog)", "linear", {"feature_map": "hedgehog"}),
+                ("linear (elu)", "linear", {"feature_map": "elu"}),
+                ("a_shape (64-token blocks)", "a_shape", {"block_size": 64}),
+                ("block_topk (64-token blocks)", "block_topk", {"block_size": 64, "top_k": 3}),
+                ("bigbird (32-token blocks)", "bigbird", {"block_size": 32}),
+                ("star (32-token blocks)", "star", {"block_size": 32})]
+BACKEND_PROMPT, BACKEND_STEPS = 512, 4
+
+
 def backend_parity(device: torch.device) -> list[dict]:
-    """`linear`'s fla backend against its torch path on the device: a 256-token prefill of a tiny
-    Llama and 4 decoding steps from the state the prefill left (the matrix's prompts are shorter than
-    one fla chunk, so its parity rows run the torch path). Off a GPU, or without
-    flash-linear-attention, `auto` runs torch and the row says so instead of failing."""
+    """Each method's `auto` backend (flash-linear-attention for linear, FlexAttention for the block
+    layouts, on CUDA) against its torch path on the device: a 512-token prefill of a tiny Llama and 4
+    decoding steps from the cache it left (the matrix's prompts are shorter than one fla chunk or
+    kernel tile, so its parity rows run the torch paths). Off a GPU, or without flash-linear-attention,
+    `auto` runs torch and the row says so instead of failing."""
     from attnpatch import patched_methods
     from attnpatch.runtime.cache import cache_kwargs
     from transformers import DynamicCache
 
     rows = []
-    for feature_map in ("hedgehog", "elu"):
-        row = {"method": f"linear ({feature_map})", "passed": False}
+    total = BACKEND_PROMPT + BACKEND_STEPS
+    for label, method, params in BACKEND_ROWS:
+        row = {"method": label, "passed": False}
         try:
             model = tm.build("llama").to(device)
-            ids = torch.randint(3, tm.V - 2, (2, 260), generator=torch.Generator().manual_seed(0)).to(device)
+            ids = torch.randint(3, tm.V - 2, (2, total), generator=torch.Generator().manual_seed(0)).to(device)
             logits, ran = {}, {}
             for backend in ("torch", "auto"):
-                patch_model(model, "linear", feature_map=feature_map, backend=backend)
+                patch_model(model, method, backend=backend, **params)
                 with torch.no_grad():
                     cache = DynamicCache(config=model.config)
-                    out = [model(input_ids=ids[:, :256], **cache_kwargs(model, cache)).logits]
+                    out = [model(input_ids=ids[:, :BACKEND_PROMPT], **cache_kwargs(model, cache)).logits]
                     ran[backend] = sorted({m.last_backend for m in patched_methods(model)})
                     out += [model(input_ids=ids[:, t:t + 1], **cache_kwargs(model, cache)).logits
-                            for t in range(256, 260)]
+                            for t in range(BACKEND_PROMPT, total)]
                 logits[backend] = torch.cat(out, dim=1).float()
                 unpatch_model(model)
             row["ran"] = ran["auto"]
@@ -176,7 +189,7 @@ def backend_parity(device: torch.device) -> list[dict]:
         except Exception as exc:
             row["exception"] = _short_error(exc)
         rows.append(row)
-        print(f"backends {row['method']:<18} auto ran {row.get('ran')}: {'ok' if row['passed'] else 'FAIL'} "
+        print(f"backends {row['method']:<28} auto ran {row.get('ran')}: {'ok' if row['passed'] else 'FAIL'} "
               f"{row.get('error', row.get('exception'))}", flush=True)
     return rows
 
@@ -311,7 +324,8 @@ def report_lines(result: dict) -> list[str]:
         lines.append(f"| {r['method']} | {r['model']} | {r.get('float32_vs_cpu', float('nan')):.1e} | "
                      + " | ".join(halves) + f" | {verdict} |")
     if result.get("backends"):
-        lines += ["", "## Backends: `linear` auto (fla on CUDA when importable) vs torch, 256-token prefill + 4 steps",
+        lines += ["", "## Backends: `auto` (fla for linear, FlexAttention for block layouts, on CUDA) vs the torch path, "
+                  f"{BACKEND_PROMPT}-token prefill + {BACKEND_STEPS} steps, float32",
                   "", "| method | auto ran | logits error vs torch | result |", "|---|---|---|---|"]
         for r in result["backends"]:
             error = f"{r['error']:.1e}" if "error" in r else r.get("exception", "-")

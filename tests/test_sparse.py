@@ -118,6 +118,50 @@ def test_flex_backend_on_a_model(method):
         patch_model(model, "vertical_slash", backend="flex")
 
 
+def test_flex_kernel_tiles_divide_the_blocks_and_auto_avoids_blocks_without_one():
+    """The compiled kernel's BLOCK_M x BLOCK_N tiles must divide the block (its 128 x 64 default failed
+    on 64-token blocks on an H200): tiles follow the block size, a block size with no tile of >= 16
+    raises by name, and `auto` keeps such blocks on the torch kernel even on a GPU."""
+    from types import SimpleNamespace
+
+    from attnpatch import patched_methods
+    from attnpatch.ops.block_sparse_flex import flex_kernel_options
+
+    assert flex_kernel_options(64, torch.bfloat16) == {"BLOCK_M": 64, "BLOCK_N": 64}
+    assert flex_kernel_options(128, torch.bfloat16) == {"BLOCK_M": 128, "BLOCK_N": 64}
+    assert flex_kernel_options(128, torch.float32) == {"BLOCK_M": 64, "BLOCK_N": 64}
+    assert flex_kernel_options(48, torch.float16) == {"BLOCK_M": 16, "BLOCK_N": 16}
+    with pytest.raises(ValueError, match="block_size=8 has no FlexAttention kernel tile"):
+        flex_kernel_options(8, torch.bfloat16)
+    on_gpu = SimpleNamespace(query=SimpleNamespace(is_cuda=True))
+    model = tm.build("llama")
+    for block_size, expected in ((8, False), (24, False), (32, True), (64, True)):
+        patch_model(model, "block_topk", block_size=block_size)
+        assert patched_methods(model)[0].uses_flex(on_gpu) is expected, block_size
+        unpatch_model(model)
+
+
+def test_a_shape_plain_prefill_takes_the_span_path_unless_flex_is_named(monkeypatch):
+    """`auto` runs a plain causal prefill through the overlapping key spans on every device (on an H200
+    they beat FlexAttention at 8k-128k); only backend='flex' sends it to FlexAttention."""
+    import attnpatch.methods.sparse.a_shape as a_shape_module
+    from attnpatch import patched_methods
+
+    calls = []
+    span_path = a_shape_module.a_shape_prefill
+    monkeypatch.setattr(a_shape_module, "a_shape_prefill", lambda *a, **k: calls.append(1) or span_path(*a, **k))
+    model = tm.build("llama")
+    ids = torch.randint(3, tm.V - 2, (1, 48), generator=torch.Generator().manual_seed(0))
+    for backend, expected_calls in (("auto", model.config.num_hidden_layers), ("flex", 0)):
+        calls.clear()
+        patch_model(model, "a_shape", block_size=8, local_blocks=2, backend=backend)
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert len(calls) == expected_calls, backend
+        assert {m.last_backend for m in patched_methods(model)} == {"torch" if backend == "auto" else "flex"}
+        unpatch_model(model)
+
+
 def test_every_block_kept_is_dense_attention():
     q, k, v = qkv(50, 50)
     for causal in (True, False):

@@ -7,6 +7,11 @@ tokens (`extra_keys`, vertical_slash's columns) have no block-mask form: such la
 the method's `auto` backend keeps them on the torch path. On CUDA the kernel is compiled once per
 process (`torch.compile`); elsewhere FlexAttention runs eagerly, which is correct but slow: that
 is for parity tests, not speed.
+
+The compiled kernel walks each block in tiles of BLOCK_M queries x BLOCK_N keys that must divide the
+block (its defaults, 128 x 64 in half precision, reject 64-token blocks: measured on an H200 with
+torch 2.11): the tiles are chosen from the block size, and a block size with no tile of at least 16
+(Triton's smallest matrix tile) cannot run compiled.
 """
 
 from __future__ import annotations
@@ -24,6 +29,26 @@ def flex_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+FLEX_MIN_TILE = 16
+FLEX_MAX_TILE_M = {torch.float32: 64}  # the kernel's own defaults: 128 x 64, and 64 x 64 in float32
+FLEX_MAX_TILE_N = 64
+
+
+def flex_tile(block_size: int) -> int | None:
+    """The largest power of two that divides block_size, or None below FLEX_MIN_TILE."""
+    tile = block_size & -block_size
+    return tile if tile >= FLEX_MIN_TILE else None
+
+
+def flex_kernel_options(block_size: int, dtype: torch.dtype) -> dict:
+    """BLOCK_M x BLOCK_N tiles that divide the layout's blocks (the compiled kernel's requirement)."""
+    tile = flex_tile(block_size)
+    if tile is None:
+        raise ValueError(f"block_size={block_size} has no FlexAttention kernel tile (a power of two >= "
+                         f"{FLEX_MIN_TILE} dividing it): use a block size such as 64 or 128, or backend='torch'")
+    return {"BLOCK_M": min(tile, FLEX_MAX_TILE_M.get(dtype, 128)), "BLOCK_N": min(tile, FLEX_MAX_TILE_N)}
 
 
 @functools.cache
@@ -99,6 +124,9 @@ def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
     block_mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=bs, mask_mod=mask_mod,
                                           seq_lengths=(nq * bs, nk * bs))
     score_mod = None if softcap is None else _softcapped(softcap)
-    attend = _compiled_flex() if query.is_cuda else flex_attention
-    out = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
+    if query.is_cuda:
+        out = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                               enable_gqa=groups > 1, kernel_options=flex_kernel_options(bs, query.dtype))
+    else:
+        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
     return out[:, :, pad:pad + lq]

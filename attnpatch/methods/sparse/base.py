@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from ...errors import PatchError
 from ...ops.block_sparse import block_sparse_attention
-from ...ops.block_sparse_flex import flex_available, flex_block_sparse_attention
+from ...ops.block_sparse_flex import flex_available, flex_block_sparse_attention, flex_tile
 from ...runtime.exact import exact_attention
 from ..base import Method, ParamSpec
 
 BLOCK_SIZE = ParamSpec("block_size", int, 64, "tokens per query and key block", low=1, high=8192)
 BACKEND = ParamSpec("backend", str, "auto", "kernel for the kept blocks: 'torch' (gathers the kept keys, "
                     "chunked SDPA-style math; the CPU default), 'flex' (PyTorch FlexAttention with a block mask; "
-                    "compiled on CUDA), 'auto' (flex on CUDA when the layout allows it, else torch)",
+                    "compiled on CUDA), 'auto' (flex on CUDA when the layout and block size allow it, else torch)",
                     choices=("auto", "torch", "flex"))
 
 
@@ -52,7 +52,9 @@ class BlockSparseMethod(Method):
 
     def uses_flex(self, call) -> bool:
         backend = self.config.get("backend", "torch")
-        return backend == "flex" or (backend == "auto" and call.query.is_cuda and not self.extra_keys and flex_available())
+        # auto: the compiled kernel needs a tile of >= 16 tokens dividing the block (block_size 64 or 128 has one)
+        return backend == "flex" or (backend == "auto" and call.query.is_cuda and not self.extra_keys
+                                     and flex_tile(self.config["block_size"]) is not None and flex_available())
 
     @classmethod
     def check_params(cls, params):
