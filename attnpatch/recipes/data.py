@@ -1,5 +1,5 @@
-"""Training text through `datasets`: local text/JSON files or a hub dataset, tokenised and packed
-into fixed-length blocks."""
+"""Training text: local text files (read directly), local JSON files or a hub dataset (through
+`datasets`), tokenised and packed into fixed-length blocks."""
 
 from __future__ import annotations
 
@@ -11,20 +11,23 @@ from .config import DataConfig
 
 
 def _load_text(sources: list[str], data: DataConfig, split: str) -> str:
-    from datasets import load_dataset
-
     if not sources:
         return ""
     if len(sources) == 1 and not Path(sources[0]).exists():  # a hub dataset id
+        from datasets import load_dataset
+
         ds = load_dataset(sources[0], data.hub_config, split=split)
         return "\n\n".join(t for t in ds[data.text_field] if t)
     missing = [s for s in sources if not Path(s).exists()]
     if missing:
         raise FileNotFoundError(f"data files not found: {missing}")
-    suffix = Path(sources[0]).suffix.lower()
-    builder = "json" if suffix in (".json", ".jsonl") else "text"
-    kwargs = {"sample_by": "document"} if builder == "text" else {}
-    ds = load_dataset(builder, data_files={"data": [str(Path(s).resolve()) for s in sources]}, split="data", **kwargs)
+    if Path(sources[0]).suffix.lower() not in (".json", ".jsonl"):
+        # plain text, one document per file (what `datasets`' text builder gives with sample_by=document),
+        # read directly: a GPU image without `datasets` still trains on local files
+        return "\n\n".join(t for t in (Path(s).read_text(encoding="utf-8") for s in sources) if t)
+    from datasets import load_dataset
+
+    ds = load_dataset("json", data_files={"data": [str(Path(s).resolve()) for s in sources]}, split="data")
     return "\n\n".join(t for t in ds[data.text_field] if t)
 
 

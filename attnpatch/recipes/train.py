@@ -171,9 +171,9 @@ def convert(config: RecipeConfig) -> Path:
         summary["final_state_digest"] = state_digest(model)  # what this process held when it saved final/
         # a probe for "the artifact reloads to identical outputs"
         probe = (evaluation if len(evaluation) else train)[:1, : min(64, data.seq_len)]
-        with torch.no_grad():
-            torch.save({"input_ids": probe, "logits": model(input_ids=probe, use_cache=False).logits},
-                       out / "probe.pt")
+        with torch.no_grad():  # run where the model is (a GPU), kept on the CPU for any reader
+            logits = model(input_ids=probe.to(next(model.parameters()).device), use_cache=False).logits
+            torch.save({"input_ids": probe.cpu(), "logits": logits.cpu()}, out / "probe.pt")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_progress(summary, out / "perplexity_vs_tokens.png")
         accelerator.print(f"wrote {final} (open it with attnpatch.load_patched) and {out / 'summary.json'}")
