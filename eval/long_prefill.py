@@ -96,6 +96,24 @@ def child(length: int, args) -> list[dict]:
              "peak_mb": max(m["peak_bytes"]) / 2**20, "density": m["density"]} for row, m in measured.items()]
 
 
+def model_arithmetic(config) -> dict:
+    """FLOPs per token per layer of the floor (the q/k/v/o projections and the MLP: what costs anything
+    when attention returns V) and of attention per (query, key) pair per layer (QK and PV, all heads)."""
+    c = config.get_text_config()
+    hq, hkv = c.num_attention_heads, c.num_key_value_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // hq
+    projections = c.hidden_size * head_dim * (2 * hq + 2 * hkv)
+    return {"floor_flops_per_token_layer": 2 * (projections + 3 * c.hidden_size * c.intermediate_size),
+            "attention_flops_per_pair_layer": 4 * hq * head_dim}
+
+
+def arithmetic_bound(arithmetic: dict, tokens: int, density: float) -> float:
+    """The least `method / floor` a row computing this share of the causal (query, key) pairs can reach
+    when its attention runs at the floor's FLOP rate: 1 + attention FLOPs / floor FLOPs."""
+    pairs = density * tokens * (tokens + 1) / 2
+    return 1 + pairs * arithmetic["attention_flops_per_pair_layer"] / (tokens * arithmetic["floor_flops_per_token_layer"])
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
     by_length: dict[int, dict[str, dict]] = {}
     for r in rows:
@@ -109,14 +127,18 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def markdown(results: dict) -> str:
-    rows = results["rows"]
-    lines = ["| tokens | row | seconds | method / floor | dense / method | peak memory growth (MB) | density |",
-             "|---|---|---|---|---|---|---|"]
+    """The table; `arithmetic bound` (rows whose share of the causal pairs is known: dense, and the
+    block-sparse rows' measured density) is the least `method / floor` their attention FLOPs allow."""
+    rows, arithmetic = results["rows"], results.get("arithmetic")
+    lines = ["| tokens | row | seconds | method / floor | arithmetic bound | dense / method | peak memory growth (MB) "
+             "| density |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
         density = "-" if r["density"] is None else f"{r['density']:.3f}"
+        share = 1.0 if r["row"] == "dense" else r["density"]
+        bound = None if share is None or arithmetic is None else arithmetic_bound(arithmetic, r["tokens"], share)
         name = r["row"] if r.get("spec", r["row"]) == r["row"] else f"{r['row']} (`{r['spec']}`)"
-        lines.append(f"| {r['tokens']} | {name} | {r['seconds']:.1f} | {ratio(r['vs_floor'])} "
+        lines.append(f"| {r['tokens']} | {name} | {r['seconds']:.1f} | {ratio(r['vs_floor'])} | {ratio(bound)} "
                      f"| {ratio(r['dense_over_method'])} | {r['peak_mb']:.0f} | {density} |")
     return "\n".join(lines)
 
@@ -174,10 +196,13 @@ def main(argv=None) -> None:
     if args.child is not None:
         print(json.dumps(child(args.child, args)))
         return
+    from attnpatch.models import load_model_config
+
+    arithmetic = model_arithmetic(load_model_config())
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
-        merged = {**parts[0], "commands": [part.get("command") for part in parts],
-                  "rows": with_ratios([row for part in parts for row in part["rows"]])}
+        merged = {**parts[0], "commands": [c for part in parts for c in (part.get("commands") or [part.get("command")])],
+                  "arithmetic": arithmetic, "rows": with_ratios([row for part in parts for row in part["rows"]])}
         write(merged, args.out)
         return
 
@@ -188,7 +213,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"environment": environment(0), "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
-               "rows": []}
+               "arithmetic": arithmetic, "rows": []}
     forwarded = ["--methods", *args.methods, "--density", *map(str, args.density),
                  "--density-max-length", str(args.density_max_length), "--dense-max", str(args.dense_max), "--repeats", str(args.repeats),
                  "--repeats-long", str(args.repeats_long), "--threads", str(args.threads)]
