@@ -1,6 +1,6 @@
 """The GPU check: what a session lent a GPU runs first, and what CI runs on CPU so that it cannot rot.
 
-    python eval/gpu_check.py                          # a GPU machine: CUDA, 8k-128k tokens (~8 min on one H200)
+    python eval/gpu_check.py                          # a GPU machine: CUDA, 8k-128k tokens (~7 min on one H200)
     python eval/gpu_check.py --device cpu --quick     # CI: the same code paths at small sizes (~2 min, 2 cores)
 
 1. parity: every method of the test matrix (tests/test_matrix.py CASES) on its tiny models (Llama,
@@ -14,9 +14,9 @@
 3. a recipe: a two-stage LoLCATs conversion of a tiny Llama through `accelerate launch` on the device.
 
 `linear`'s flash-linear-attention backend runs when `fla` imports (the device machine reaches no
-package index: carry a `pip install --no-deps --target .fla flash-linear-attention fla-core einops`
-folder and run with PYTHONPATH=.fla; Triton comes with CUDA builds of torch). Part 1 then holds it to
-the torch path (`backends` in the report) and part 2 times `linear` on both.
+package index: carry wheels, fla-core's is enough for the kernel; eval/results/README.md, "On a GPU",
+gives the steps). Part 1 then holds it to the torch path (`backends` in the report) and part 2 times
+`linear` on both.
 
 Writes report.md, results.json and speed plots into --out (default eval/results/gpu, or
 eval/results/gpu-cpu-quick for --device cpu --quick) after every part (a run cut off by its lease
