@@ -1,6 +1,7 @@
 """The GPU check: what a session lent a GPU runs first, and what CI runs on CPU so that it cannot rot.
 
     python eval/gpu_check.py                          # a GPU machine: CUDA, 8k-128k tokens (~7 min on one H200)
+    python eval/gpu_check.py --parallel --budget-s 400 --out $OUT/gpu   # a short lease: ~4 min, 6 files
     python eval/gpu_check.py --device cpu --quick     # CI: the same code paths at small sizes (~2 min, 2 cores)
 
 1. parity: every method of the test matrix (tests/test_matrix.py CASES) on its tiny models (Llama,
@@ -309,6 +310,8 @@ def report_lines(result: dict) -> list[str]:
     lines = [f"# GPU check ({result['mode']}, device {result['device']})", "",
              f"torch {env['torch']}, transformers {env['transformers']}, {result.get('device_name', env['cpu'])}, "
              f"{env['date']}; `{result['command']}`", ""]
+    if result.get("note"):
+        lines += [result["note"] + ".", ""]
     if result.get("part_seconds"):
         lines += ["Seconds per part: " + ", ".join(f"{k} {v}" for k, v in result["part_seconds"].items())
                   + (f"; torch.compile: {result['dynamo']}" if result.get("dynamo") else ""), ""]
@@ -394,6 +397,32 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+PARALLEL_PARTS = {"parity": ["speed", "recipe"], "speed": ["parity", "backends", "recipe"],
+                  "recipe": ["parity", "backends", "speed"]}  # each process's --skip
+
+
+def run_parallel(args, out: Path) -> int:
+    """The parts as three child processes at once (a short lease), then one merged report; each
+    child's output goes to log_<part>.txt beside it."""
+    parts = Path(tempfile.mkdtemp(prefix="attnpatch-gpu-check-parts-"))
+    common = ["--device", args.device] + (["--quick"] if args.quick else [])
+    common += [] if args.budget_s is None else ["--budget-s", str(args.budget_s)]
+    children = {}
+    for name, skip in PARALLEL_PARTS.items():
+        log = open(out / f"log_{name}.txt", "w")
+        command = [sys.executable, __file__, *common, "--skip", *skip, "--out", str(parts / name)]
+        children[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log)
+    exits = {}
+    for name, (child, log) in children.items():
+        exits[name] = child.wait()
+        log.close()
+        print(f"{name}: exit {exits[name]}", flush=True)
+    note = ("Run with `--parallel`: parity + backends, speed and the recipe in three processes at once (the "
+            "speed rows shared the CPUs with the other two); exits " + ", ".join(f"{k} {v}" for k, v in exits.items()))
+    code = merge([parts / name for name in PARALLEL_PARTS], out, note)
+    return code or int(any(exits.values()))
+
+
 def dynamo_counts() -> dict:
     """How often torch.compile captured and recompiled (the FlexAttention kernel is its only user here)."""
     try:
@@ -403,7 +432,7 @@ def dynamo_counts() -> dict:
     return {group: dict(counters[group]) for group in ("stats", "recompiles") if counters.get(group)}
 
 
-def merge(folders: list[Path], out: Path) -> int:
+def merge(folders: list[Path], out: Path, note: str | None = None) -> int:
     """One report from runs that each did some parts (`--skip`), side by side on one device."""
     runs = [json.loads((folder / "results.json").read_text()) for folder in folders if (folder / "results.json").is_file()]
     if not runs:
@@ -418,6 +447,8 @@ def merge(folders: list[Path], out: Path) -> int:
             for name, count in counts.items():
                 result["dynamo"].setdefault(group, {})[name] = result["dynamo"].get(group, {}).get(name, 0) + count
     result["seconds"] = max(run.get("seconds", 0) for run in runs)
+    if note:
+        result["note"] = note
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (out / "report.md").write_text("\n".join(report_lines(result)) + "\n")
     plot(result, out / "prefill_time_memory.png")
@@ -434,6 +465,10 @@ def main() -> int:
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="write one report from the results.json of runs that each did some parts "
                              "(a lease short enough to run them side by side)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="parity + backends, speed and the recipe as three processes side by side, merged "
+                             "into one report (~4 min on one H200 instead of ~7; the speed rows then share the "
+                             "CPUs with the other two, which the report says)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip the rows and parts that would start after this many seconds (a lease's end)")
     parser.add_argument("--out", type=Path, default=None)
@@ -444,6 +479,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         return merge(args.merge, out)
+    if args.parallel:
+        return run_parallel(args, out)
     halves = [torch.bfloat16, torch.float16]
     result = {"command": " ".join(["python", "eval/gpu_check.py", *sys.argv[1:]]), "mode": mode, "device": str(device),
               "environment": environment(0), "parity": [], "speed": {}, "recipe": {}, "part_seconds": {}}
