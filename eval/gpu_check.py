@@ -15,8 +15,8 @@
 3. a recipe: a two-stage LoLCATs conversion of a tiny Llama through `accelerate launch` on the device.
 
 `linear`'s flash-linear-attention backend runs when `fla` imports (the device machine reaches no
-package index: carry wheels, fla-core's is enough for the kernel; eval/results/README.md, "On a GPU",
-gives the steps). Part 1 then holds it to the torch path (`backends` in the report) and part 2 times
+package index: carry the wheels `eval/gpu_wheels.sh` downloads, fla-core's among them; eval/results/README.md,
+"On a GPU", gives the steps). Part 1 then holds it to the torch path (`backends` in the report) and part 2 times
 `linear` on both.
 
 Writes report.md, results.json and speed plots into --out (default eval/results/gpu, or
