@@ -2,6 +2,8 @@
 every pattern's definition, full budgets equal dense, models (decoders with padding, encoders),
 decoding through a dense cache, and clear errors."""
 
+import shutil
+
 import pytest
 import tiny_models as tm
 import torch
@@ -71,7 +73,7 @@ def test_kernel_equals_naive_under_random_layouts(causal, lq, lk, bs, padded):
 
 
 @pytest.mark.parametrize("causal,lq,lk,bs", [(True, 37, 37, 8), (True, 11, 37, 8), (False, 20, 20, 7),
-                                             (True, 64, 64, 16)])
+                                             (True, 64, 64, 16), (True, 45, 83, 8)])
 @pytest.mark.parametrize("padded", [False, True])
 def test_flex_backend_equals_the_torch_kernel(causal, lq, lk, bs, padded):
     """The FlexAttention path (BlockMask from the same layout) against the torch kernel, which the
@@ -86,10 +88,12 @@ def test_flex_backend_equals_the_torch_kernel(causal, lq, lk, bs, padded):
     blocks = torch.rand(B, HKV, nq, nk, generator=torch.Generator().manual_seed(2)) < 0.5
     layout = layout_from_block_mask(blocks, bs, first)
     mask = padding_mask(lq, lk) if padded else None
-    for softcap in (None, 2.0):
+    for softcap, bucket in ((None, False), (2.0, False), (None, True), (2.0, True)):
+        # bucket: the grid padded to powers of two of blocks, as on CUDA (one compiled kernel per bucket)
         expected = block_sparse_attention(q, k, v, layout, mask, causal=causal, scaling=D**-0.5, softcap=softcap)
-        got = flex_block_sparse_attention(q, k, v, layout, mask, causal=causal, scaling=D**-0.5, softcap=softcap)
-        assert (got - expected).abs().max() <= 1e-5, (softcap, (got - expected).abs().max())
+        got = flex_block_sparse_attention(q, k, v, layout, mask, causal=causal, scaling=D**-0.5, softcap=softcap,
+                                          bucket=bucket)
+        assert (got - expected).abs().max() <= 1e-5, (softcap, bucket, (got - expected).abs().max())
     extra = torch.full((B, HKV, nq, 1), 0)
     with pytest.raises(ValueError, match="extra keys"):
         flex_block_sparse_attention(q, k, v, layout_from_block_mask(blocks, bs, first, extra_keys=extra), mask,
@@ -116,6 +120,39 @@ def test_flex_backend_on_a_model(method):
     assert (outputs["flex"][real] - outputs["torch"][real]).abs().max() <= 1e-4
     with pytest.raises(PatchError, match="FlexAttention"):
         patch_model(model, "vertical_slash", backend="flex")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_flex_compiles_once_per_bucket(monkeypatch):
+    """On CUDA FlexAttention is compiled and specialised to its shapes: one compile per bucket of block
+    counts, not per prompt length (measured here on CPU, where dynamo's guards are the same: 300, 330
+    and 360 tokens in 16-token blocks share one graph; unbucketed, each length compiled its own)."""
+    import torch.nn.attention.flex_attention as flex_module
+    from torch._dynamo.utils import counters
+
+    from attnpatch.ops.block_sparse_flex import flex_block_sparse_attention
+    from attnpatch.ops.sparse_patterns import a_shape
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(flex_module, "flex_attention", torch.compile(flex_module.flex_attention, dynamic=False))
+    try:
+        graphs = []
+        for length in (300, 330, 360):
+            q, k, v = (torch.randn(1, h, length, 16, generator=torch.Generator().manual_seed(length)) for h in (4, 2, 2))
+            layout = a_shape(length, length, 16, causal=True, sink_blocks=1, local_blocks=2, device=q.device)
+            got = flex_block_sparse_attention(q, k, v, layout, causal=True, scaling=0.25, bucket=True)
+            expected = block_sparse_attention(q, k, v, layout, causal=True, scaling=0.25)
+            assert (got - expected).abs().max() <= 1e-5
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs[0] >= 1 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs
+    finally:
+        torch._dynamo.reset()
+
+
+def test_flex_shape_buckets():
+    from attnpatch.ops.block_sparse_flex import shape_bucket
+
+    assert [shape_bucket(n) for n in (1, 2, 3, 4, 5, 255, 256, 257, 2048)] == [1, 2, 4, 4, 8, 256, 256, 512, 2048]
 
 
 def test_flex_kernel_tiles_divide_the_blocks_and_auto_avoids_blocks_without_one():

@@ -12,6 +12,13 @@ The compiled kernel walks each block in tiles of BLOCK_M queries x BLOCK_N keys 
 block (its defaults, 128 x 64 in half precision, reject 64-token blocks: measured on an H200 with
 torch 2.11): the tiles are chosen from the block size, and a block size with no tile of at least 16
 (Triton's smallest matrix tile) cannot run compiled.
+
+The compiled kernel is specialised to its shapes and to every Python number its mask reads (~10 s to
+compile on an H200, and after 8 specialisations dynamo falls back to eager FlexAttention, which
+materialises the L x L scores). So on CUDA the block grid is padded to a power of two of blocks
+(padded query rows list no block and padded key blocks are never listed: no extra work) and the
+lengths the mask needs travel as tensors: every length of a bucket shares one compiled kernel. Calls
+with the model's own mask (padded batches) still specialise to its length.
 """
 
 from __future__ import annotations
@@ -58,6 +65,11 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def shape_bucket(blocks: int) -> int:
+    """The smallest power of two >= blocks: the block counts the compiled kernel is specialised to."""
+    return 1 << max(0, blocks - 1).bit_length()
+
+
 def _kv_block_lists(layout: BlockLayout, batch: int, heads: int, groups: int):
     """kv_num_blocks (B, Hq, nQ) and kv_indices (B, Hq, nQ, nK) int32: each row's kept blocks, ascending."""
     blocks = layout.kv_blocks
@@ -82,8 +94,9 @@ def _softcapped(softcap: float):
 
 def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: BlockLayout,
                                 mask: torch.Tensor | None = None, *, causal: bool, scaling: float,
-                                softcap: float | None = None) -> torch.Tensor:
-    """query (B, Hq, Lq, D); key/value (B, Hkv, Lk, D); mask boolean broadcastable to (B, Hq|1, Lq, Lk)."""
+                                softcap: float | None = None, bucket: bool | None = None) -> torch.Tensor:
+    """query (B, Hq, Lq, D); key/value (B, Hkv, Lk, D); mask boolean broadcastable to (B, Hq|1, Lq, Lk).
+    bucket: pad the block grid to powers of two (default: on CUDA, where the kernel is compiled)."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     if layout.extra_keys is not None and bool((layout.extra_keys >= 0).any()):
@@ -93,36 +106,41 @@ def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
     hkv, lk = key.shape[1], key.shape[2]
     groups, bs = hq // hkv, layout.block_size
     first, pad, nq, nk = layout_grid(layout, lq, lk, causal)
+    bucket = query.is_cuda if bucket is None else bucket
+    grid_q, grid_k = (shape_bucket(nq), shape_bucket(nk)) if bucket else (nq, nk)
     # queries padded at the front so that query block r starts at absolute block first + r; keys
-    # padded to whole blocks (the padding is masked below)
-    q = torch.nn.functional.pad(query, (0, 0, pad, nq * bs - lq - pad))
-    k = torch.nn.functional.pad(key, (0, 0, 0, nk * bs - lk))
-    v = torch.nn.functional.pad(value, (0, 0, 0, nk * bs - lk))
-    offset = first * bs  # absolute position of padded query 0
+    # padded to whole blocks, then both to the grid (the padding is masked below)
+    q = torch.nn.functional.pad(query, (0, 0, pad, grid_q * bs - lq - pad))
+    k = torch.nn.functional.pad(key, (0, 0, 0, grid_k * bs - lk))
+    v = torch.nn.functional.pad(value, (0, 0, 0, grid_k * bs - lk))
+    # as tensors, not Python numbers: a compiled kernel would be specialised to each value
+    key_length, offset, front, query_length = (torch.tensor(x, device=query.device) for x in (lk, first * bs, pad, lq))
     if mask is not None:
         mask = mask.expand(mask.shape[0], mask.shape[1], lq, lk)
         per_batch, per_head = mask.shape[0] > 1, mask.shape[1] > 1
 
     counts, indices = _kv_block_lists(layout, b, hq, groups)
+    counts = torch.nn.functional.pad(counts, (0, grid_q - nq))  # padded query rows: no block
+    indices = torch.nn.functional.pad(indices, (0, grid_k - nk, 0, grid_q - nq))
     # the mask_mod is exact on its own (eager FlexAttention applies only it; kernels use the block
     # lists to skip blocks): the layout's blocks, causality, the key padding, the model's mask
-    kept = torch.zeros(b, hq, nq, nk + 1, dtype=torch.bool, device=query.device)
-    kept.scatter_(-1, torch.where(torch.arange(indices.shape[-1], device=query.device) < counts[..., None],
-                                  indices.long(), nk), True)
-    kept = kept[..., :nk]
+    kept = torch.zeros(b, hq, grid_q, grid_k + 1, dtype=torch.bool, device=query.device)
+    kept.scatter_(-1, torch.where(torch.arange(grid_k, device=query.device) < counts[..., None],
+                                  indices.long(), grid_k), True)
+    kept = kept[..., :grid_k]
 
     def mask_mod(batch, head, q_idx, kv_idx):
-        keep = (kv_idx < lk) & kept[batch, head, q_idx // bs, (kv_idx // bs).clamp(max=nk - 1)]
+        keep = (kv_idx < key_length) & kept[batch, head, q_idx // bs, (kv_idx // bs).clamp(max=grid_k - 1)]
         if causal:
             keep = keep & (q_idx + offset >= kv_idx)
         if mask is not None:
-            row = (q_idx - pad).clamp(0, lq - 1)
-            seen = mask[batch if per_batch else 0, head if per_head else 0, row, kv_idx.clamp(max=lk - 1)]
+            row = torch.minimum(torch.clamp(q_idx - front, min=0), query_length - 1)
+            seen = mask[batch if per_batch else 0, head if per_head else 0, row, torch.minimum(kv_idx, key_length - 1)]
             keep = keep & seen
         return keep
 
     block_mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=bs, mask_mod=mask_mod,
-                                          seq_lengths=(nq * bs, nk * bs))
+                                          seq_lengths=(grid_q * bs, grid_k * bs))
     score_mod = None if softcap is None else _softcapped(softcap)
     if query.is_cuda:
         out = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling,
