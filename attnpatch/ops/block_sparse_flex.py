@@ -4,9 +4,9 @@ FlexAttention `BlockMask`, so that on a GPU the fused kernel skips the unkept bl
 Same contract as `block_sparse.block_sparse_attention` (absolute block alignment, bottom-right
 causality, the model's boolean mask, softcap, rows with no visible key are 0). Single extra key
 tokens (`extra_keys`, vertical_slash's columns) have no block-mask form: such layouts raise, and
-the method's `auto` backend keeps them on the torch path. On CUDA the kernel is compiled once per
-process (`torch.compile`); elsewhere FlexAttention runs eagerly, which is correct but slow: that
-is for parity tests, not speed.
+the method's `auto` backend keeps them on the torch path. On CUDA the kernel runs compiled
+(`torch.compile`, below); elsewhere FlexAttention runs eagerly, which is correct but slow: that is
+for parity tests, not speed.
 
 The compiled kernel walks each block in tiles of BLOCK_M queries x BLOCK_N keys that must divide the
 block (its defaults, 128 x 64 in half precision, reject 64-token blocks: measured on an H200 with
