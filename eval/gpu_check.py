@@ -68,8 +68,8 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_act="silu",
                     max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
                     bos_token_id=1, eos_token_id=2, pad_token_id=2)
-# the FlexAttention kernel is compiled once per shape: the parity rows' many tiny shapes and dtypes
-# would pass dynamo's default of 8 recompiles, after which it runs eagerly (an L x L score matrix)
+# the FlexAttention kernel is compiled once per shape bucket and dtype: the backend rows' and the speed
+# rows' together may pass dynamo's default of 8, after which it runs eagerly (an L x L score matrix)
 FLEX_RECOMPILE_LIMIT = 128
 SIZES = {"full": {"lengths": [8192, 32768, 131072], "decode_contexts": [8192, 32768], "new_tokens": 32,
                   "repeats": 2},
@@ -423,6 +423,17 @@ def run_parallel(args, out: Path) -> int:
     return code or int(any(exits.values()))
 
 
+def write_results(result: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (out / "report.md").write_text("\n".join(report_lines(result)) + "\n")
+
+
+def exit_code(result: dict, recipe_expected: bool) -> int:
+    """1 when a parity or backend row failed, or the recipe did (when it was to run)."""
+    failed = [r for r in result["parity"] + result.get("backends", []) if not r["passed"]]
+    return 1 if failed or (recipe_expected and not result["recipe"].get("passed")) else 0
+
+
 def dynamo_counts() -> dict:
     """How often torch.compile captured and recompiled (the FlexAttention kernel is its only user here)."""
     try:
@@ -449,12 +460,10 @@ def merge(folders: list[Path], out: Path, note: str | None = None) -> int:
     result["seconds"] = max(run.get("seconds", 0) for run in runs)
     if note:
         result["note"] = note
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    (out / "report.md").write_text("\n".join(report_lines(result)) + "\n")
+    write_results(result, out)
     plot(result, out / "prefill_time_memory.png")
     print(f"wrote {out}/report.md from {len(runs)} runs")
-    failed = [r for r in result["parity"] + result.get("backends", []) if not r["passed"]]
-    return 1 if failed or (result["recipe"] and not result["recipe"].get("passed")) else 0
+    return exit_code(result, recipe_expected=bool(result["recipe"]))
 
 
 def main() -> int:
@@ -495,8 +504,7 @@ def main() -> int:
     def save():
         result["seconds"] = time.perf_counter() - t0
         result["dynamo"] = dynamo_counts()
-        (out / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-        (out / "report.md").write_text("\n".join(report_lines(result)) + "\n")
+        write_results(result, out)
 
     def part(name, run):
         if name in args.skip:
@@ -517,9 +525,7 @@ def main() -> int:
     save()
     plot(result, out / "prefill_time_memory.png")
     print(f"wrote {out}/report.md ({result['seconds']:.0f} s)")
-    failed = [r for r in result["parity"] + result.get("backends", []) if not r["passed"]]
-    recipe_failed = "recipe" not in args.skip and not result["recipe"].get("passed")
-    return 1 if failed or recipe_failed else 0
+    return exit_code(result, recipe_expected="recipe" not in args.skip)
 
 
 if __name__ == "__main__":
