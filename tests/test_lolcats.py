@@ -52,7 +52,7 @@ def test_hybrid_equals_quadratic_definition(fmap, causal, window, block):
 def test_prefill_segments_state_and_gradients_match_the_definition(monkeypatch, window, block):
     import attnpatch.ops.hybrid as hybrid_ops
 
-    monkeypatch.setattr(hybrid_ops, "SEGMENT_BYTES", 1)  # one chunk per segment: the segment loop runs
+    monkeypatch.setattr(hybrid_ops, "RECYCLED_SEGMENT_BYTES", 1)  # one chunk per segment: the segment loop runs
     q, k, v, gate = inputs(30)
     fq, fk = features("hedgehog", q, k)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, fq, fk, gate)]

@@ -78,7 +78,7 @@ def test_causal_linear_padding_prefix_and_state_continuation(name):
 def test_causal_linear_segments_chunked_continuation_and_gradients(monkeypatch):
     from attnpatch.ops import linear as linear_ops
 
-    monkeypatch.setattr(linear_ops, "SEGMENT_BYTES", 1)  # one chunk per segment: the segment loop runs
+    monkeypatch.setattr(linear_ops, "RECYCLED_SEGMENT_BYTES", 1)  # one chunk per segment: the segment loop runs
     q, k, v = (t.requires_grad_() for t in qkv(37))
     fq, fk = EluFeatureMap()(q, True), EluFeatureMap()(k, False)
     out, state = causal_linear_attention(fq, fk, v, chunk_size=4)
@@ -211,3 +211,27 @@ def test_naive_attention_matches_sdpa():
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     assert torch.allclose(naive_attention(q, k, v, causal=True), sdpa, atol=1e-6)
+
+
+def test_segments_are_sized_for_cpu_caches_on_the_cpu_and_by_memory_elsewhere(monkeypatch):
+    """Off the CPU each kernel launch costs host time, so chunked kernels take DEVICE_SEGMENT_BYTES
+    segments there (read at call time: a benchmark sweeps it); the CPU keeps its cache-sized ones."""
+    from attnpatch.ops import reference
+
+    assert reference.segment_bytes(torch.device("cpu"), 4 << 20) == 4 << 20
+    assert reference.segment_bytes(torch.device("cuda", 0), 4 << 20) == reference.DEVICE_SEGMENT_BYTES > 4 << 20
+    monkeypatch.setattr(reference, "DEVICE_SEGMENT_BYTES", 1 << 20)
+    assert reference.segment_bytes("cuda", 4 << 20) == 4 << 20  # never below the CPU's size
+    assert reference.segment_bytes("cuda", 64 << 20) == 64 << 20
+
+
+def test_exclusive_prefix_sum_loop_and_cumsum_agree():
+    """The CPU's loop of adds and the cumsum autograd (and accelerators) take: the state before each chunk."""
+    from attnpatch.ops.linear import exclusive_prefix_sum
+
+    chunks, initial = torch.randn(2, 3, 7, 4, 5), torch.randn(2, 3, 4, 5)
+    expected = torch.stack([initial + chunks[:, :, :j].sum(2) for j in range(7)], dim=2)
+    for needs_grad in (False, True):
+        assert torch.allclose(exclusive_prefix_sum(chunks, initial, needs_grad), expected, atol=1e-5)
+    meta = exclusive_prefix_sum(chunks.to("meta"), initial.to("meta"), False)  # the accelerator branch: one op
+    assert meta.shape == chunks.shape and meta.device.type == "meta"

@@ -317,7 +317,7 @@ def test_block_scores_follow_their_definition_in_small_chunks(monkeypatch, pooli
     truncation (each chunk scores only the key blocks up to its last diagonal)."""
     import attnpatch.ops.sparse_patterns as patterns
 
-    monkeypatch.setattr(patterns, "_SCORE_ELEMENTS", B * HQ * 8 * 6 * 2)
+    monkeypatch.setattr(patterns, "RECYCLED_SEGMENT_BYTES", B * HQ * 8 * 6 * 2 * 4)
     q, k, _ = qkv(lq, lk, seed=3)
     scores = block_scores(q, k, 8, causal=causal, pooling=pooling)
     start = lk - lq if causal else 0

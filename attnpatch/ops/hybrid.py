@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .linear import LinearState, accumulate_state, exclusive_prefix_sum, zero_state
-from .reference import RECYCLED_SEGMENT_BYTES as SEGMENT_BYTES
+from .reference import RECYCLED_SEGMENT_BYTES, segment_bytes
 from .reference import repeat_kv
 
 
@@ -142,7 +142,7 @@ def _causal_prefill(query, key, value, fq, fk, gate, window, scaling, key_valid,
     carried_end = front + max(0, length - (window - 1))  # padded position of the first key still in a window
     carried_chunk, carried_state = carried_end // chunk, None
     out = q.new_empty(b, n_chunks * chunk, hkv, groups, dv)
-    step = max(1, SEGMENT_BYTES // (b * hq * chunk * max(span, f, dv) * 4))
+    step = max(1, segment_bytes(q.device, RECYCLED_SEGMENT_BYTES) // (b * hq * chunk * max(span, f, dv) * 4))
     for c0 in range(0, n_chunks, step):
         c1 = min(n_chunks, c0 + step)
         n, items = c1 - c0, b * hkv * (c1 - c0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .reference import RECYCLED_SEGMENT_BYTES as SEGMENT_BYTES
+from .reference import RECYCLED_SEGMENT_BYTES, segment_bytes
 
 _EPS = 1e-12
 
@@ -180,9 +180,10 @@ def accumulate_state(state: LinearState, fk: torch.Tensor, v: torch.Tensor) -> L
 
 
 def exclusive_prefix_sum(chunk_states: torch.Tensor, initial: torch.Tensor, needs_grad: bool) -> torch.Tensor:
-    """State before each chunk along dim 2: `initial` plus the chunks before it. Without autograd a
-    loop of adds into one buffer (torch's cumsum over a middle dim is ~5x slower on CPU)."""
-    if needs_grad:
+    """State before each chunk along dim 2: `initial` plus the chunks before it. On the CPU without
+    autograd a loop of adds into one buffer (torch's cumsum over a middle dim is ~5x slower there); on
+    an accelerator one cumsum (the loop was ~30k kernel launches per 32k-token lolcats prefill)."""
+    if needs_grad or chunk_states.device.type != "cpu":
         return chunk_states.cumsum(dim=2) - chunk_states + initial[:, :, None]
     prefix = torch.empty_like(chunk_states)
     prefix[:, :, 0] = initial
@@ -236,7 +237,7 @@ def causal_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor,
     chunk = max(1, min(chunk_size, lq))
     # the largest per-segment intermediates are (B, Hq, segment, max(chunk, F, Dv)) floats
     per_token_bytes = batch * kv_heads * groups * max(chunk, f, dv) * 4
-    segment = max(1, SEGMENT_BYTES // (per_token_bytes * chunk)) * chunk
+    segment = max(1, segment_bytes(fq.device, RECYCLED_SEGMENT_BYTES) // (per_token_bytes * chunk)) * chunk
     out = fq.new_empty(batch, lq, kv_heads, groups, dv)  # written in the (B, L, H, D) layout the model wants
     full = lq - lq % chunk
     for start in range(0, full, segment):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import SEGMENT_BYTES, naive_attention, query_positions, repeat_kv, window_mask
+from .reference import SEGMENT_BYTES, naive_attention, segment_bytes, query_positions, repeat_kv, window_mask
 
 
 def _key_range(q_lo: int, q_hi: int, lk: int, window: int, causal: bool) -> tuple[int, int]:
@@ -110,7 +110,8 @@ def _prefill_full_blocks(query, key, value, out, window: int, sinks: int, scalin
     if sinks:  # sinks lie before every span here, so outside every window: each counted once
         allowed = torch.cat([allowed.new_ones(block, sinks), allowed], dim=-1)
     allowed = allowed.repeat(groups, 1)  # each kv head's query group folded into the query dim
-    step = max(1, SEGMENT_BYTES // (b * hq * block * (sinks + span) * query.element_size()))
+    per_block = b * hq * block * (sinks + span) * query.element_size()
+    step = max(1, segment_bytes(query.device, SEGMENT_BYTES) // per_block)
     out_layout = out.transpose(1, 2)  # (B, L, Hq, Dv)
     for c0 in range(first, stop, step):
         c1 = min(stop, c0 + step)

@@ -11,11 +11,7 @@ import math
 import torch
 
 from .block_sparse import BlockLayout, grid
-from .reference import RECYCLED_SEGMENT_BYTES
-
-# per-query block scores materialised at once by block_scores: a few MiB that the allocator recycles
-# (64 MiB chunks measured 1.25-1.5x slower at 16k-32k: fresh pages every chunk)
-_SCORE_ELEMENTS = RECYCLED_SEGMENT_BYTES // 4
+from .reference import RECYCLED_SEGMENT_BYTES, segment_bytes
 
 
 def _allowed_blocks(first: int, nq: int, nk: int, causal: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,7 +130,10 @@ def block_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, *, cau
     # half the work); later blocks are inadmissible and score -inf (set once, after the loop)
     first = grid(query.shape[-2], lk, block_size, causal)[0]
     scores = q.new_empty(b, hkv, nq, nk)
-    step = max(1, _SCORE_ELEMENTS // (b * hq * block_size * nk))
+    # per-query block scores materialised at once: on the CPU a few MiB that the allocator recycles
+    # (64 MiB chunks measured 1.25-1.5x slower at 16k-32k: fresh pages every chunk)
+    score_elements = segment_bytes(q.device, RECYCLED_SEGMENT_BYTES) // 4
+    step = max(1, score_elements // (b * hq * block_size * nk))
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         width = min(nk, first + stop) if causal else nk
