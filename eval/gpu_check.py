@@ -14,10 +14,10 @@
    tokens/s after a prefill with every contender's steps alternating in one run.
 3. a recipe: a two-stage LoLCATs conversion of a tiny Llama through `accelerate launch` on the device.
 
-`linear`'s flash-linear-attention backend runs when `fla` imports (the device machine reaches no
-package index: carry the wheels `eval/gpu_wheels.sh` downloads, fla-core's among them; eval/results/README.md,
-"On a GPU", gives the steps). Part 1 then holds it to the torch path (`backends` in the report) and part 2 times
-`linear` on both.
+`linear`'s flash-linear-attention backend (`backend=fla`; `auto` is its torch path, measured faster)
+runs when `fla` imports (the device machine reaches no package index: carry the wheels
+`eval/gpu_wheels.sh` downloads, fla-core's among them; eval/results/README.md, "On a GPU", gives the
+steps). Part 1 then holds it to the torch path (`backends` in the report) and part 2 times `linear` on both.
 
 Writes report.md, results.json and speed plots into --out (default eval/results/gpu, or
 eval/results/gpu-cpu-quick for --device cpu --quick) after every part (a run cut off by its lease
@@ -58,9 +58,9 @@ from attnpatch.evaluation.speed import decode_speed_side_by_side, floor_speed, p
 # float32 on another device: kernels sum in another order (and may use TF32 where allowed)
 FLOAT32_TOLERANCE = 2e-3
 PREFILL_METHODS = ["linear", "sliding_window", "a_shape", "block_topk", "lolcats"]
-# the backends side by side: `auto` is FlexAttention (block-sparse) and flash-linear-attention (linear,
-# when importable) on CUDA, and the torch kernels elsewhere
-OTHER_BACKEND = {"cuda": ["a_shape:backend=torch", "block_topk:backend=torch", "linear:backend=torch"],
+# the backends side by side: `auto` is FlexAttention for block_topk on CUDA (a_shape's span path and
+# linear's torch path measured faster there) and the torch kernels elsewhere
+OTHER_BACKEND = {"cuda": ["a_shape:backend=flex", "block_topk:backend=torch", "linear:backend=fla"],
                  "cpu": ["block_topk:backend=flex"]}
 DECODE_METHODS = ["linear", "lolcats", "snapkv:compression=0.75", "streaming:compression=0.75"]
 # SmolLM2-135M's architecture (its config.json), for timing where the checkpoint is not installed
@@ -145,36 +145,40 @@ def parity(device: torch.device, half_dtypes, deadline: Deadline) -> list[dict]:
     return rows
 
 
-# each method's `auto` backend against its torch path: fla for linear, FlexAttention for the block
-# layouts (64- and 32-token blocks: the kernel tiles that SmolLM2's defaults and smaller blocks use)
-BACKEND_ROWS = [("linear (hedgehog)", "linear", {"feature_map": "hedgehog"}),
-                ("linear (elu)", "linear", {"feature_map": "elu"}),
-                ("a_shape (64-token blocks)", "a_shape", {"block_size": 64}),
-                ("block_topk (64-token blocks)", "block_topk", {"block_size": 64, "top_k": 3}),
-                ("bigbird (32-token blocks)", "bigbird", {"block_size": 32}),
-                ("star (32-token blocks)", "star", {"block_size": 32})]
+# the other backends against the torch path: fla for linear (by name: `auto` is torch), `auto` for the
+# block layouts (FlexAttention on CUDA; 64- and 32-token blocks: the kernel tiles that SmolLM2's defaults
+# and smaller blocks use)
+BACKEND_ROWS = [("linear (hedgehog)", "linear", {"feature_map": "hedgehog"}, "fla"),
+                ("linear (elu)", "linear", {"feature_map": "elu"}, "fla"),
+                ("a_shape (64-token blocks)", "a_shape", {"block_size": 64}, "auto"),
+                ("block_topk (64-token blocks)", "block_topk", {"block_size": 64, "top_k": 3}, "auto"),
+                ("bigbird (32-token blocks)", "bigbird", {"block_size": 32}, "auto"),
+                ("star (32-token blocks)", "star", {"block_size": 32}, "auto")]
 BACKEND_PROMPT, BACKEND_STEPS = 512, 4
 
 
 def backend_parity(device: torch.device) -> list[dict]:
-    """Each method's `auto` backend (flash-linear-attention for linear, FlexAttention for the block
-    layouts, on CUDA) against its torch path on the device: a 512-token prefill of a tiny Llama and 4
-    decoding steps from the cache it left (the matrix's prompts are shorter than one fla chunk or
-    kernel tile, so its parity rows run the torch paths). Off a GPU, or without flash-linear-attention,
-    `auto` runs torch and the row says so instead of failing."""
+    """Each row's other backend (flash-linear-attention for linear, `auto` for the block layouts:
+    FlexAttention on CUDA) against its torch path on the device: a 512-token prefill of a tiny Llama
+    and 4 decoding steps from the cache it left (the matrix's prompts are shorter than one fla chunk or
+    kernel tile, so its parity rows run the torch paths). Off a GPU `auto` runs torch, and without
+    flash-linear-attention linear's rows test `auto`; the rows say what ran instead of failing."""
     from attnpatch import patched_methods
+    from attnpatch.ops.linear_fla import fla_kernel
     from attnpatch.runtime.cache import cache_kwargs
     from transformers import DynamicCache
 
     rows = []
     total = BACKEND_PROMPT + BACKEND_STEPS
-    for label, method, params in BACKEND_ROWS:
+    for label, method, params, other in BACKEND_ROWS:
         row = {"method": label, "passed": False}
+        if other == "fla" and (device.type != "cuda" or fla_kernel() is None):
+            other = "auto"
         try:
             model = tm.build("llama").to(device)
             ids = torch.randint(3, tm.V - 2, (2, total), generator=torch.Generator().manual_seed(0)).to(device)
             logits, ran = {}, {}
-            for backend in ("torch", "auto"):
+            for backend in ("torch", other):
                 patch_model(model, method, backend=backend, **params)
                 with torch.no_grad():
                     cache = DynamicCache(config=model.config)
@@ -184,13 +188,13 @@ def backend_parity(device: torch.device) -> list[dict]:
                             for t in range(BACKEND_PROMPT, total)]
                 logits[backend] = torch.cat(out, dim=1).float()
                 unpatch_model(model)
-            row["ran"] = ran["auto"]
-            row["error"] = matrix.relative_error(logits["auto"].cpu(), logits["torch"].cpu())
-            row["passed"] = row["error"] <= FLOAT32_TOLERANCE and bool(torch.isfinite(logits["auto"]).all())
+            row["backend"], row["ran"] = other, ran[other]
+            row["error"] = matrix.relative_error(logits[other].cpu(), logits["torch"].cpu())
+            row["passed"] = row["error"] <= FLOAT32_TOLERANCE and bool(torch.isfinite(logits[other]).all())
         except Exception as exc:
             row["exception"] = _short_error(exc)
         rows.append(row)
-        print(f"backends {row['method']:<28} auto ran {row.get('ran')}: {'ok' if row['passed'] else 'FAIL'} "
+        print(f"backends {row['method']:<28} {other} ran {row.get('ran')}: {'ok' if row['passed'] else 'FAIL'} "
               f"{row.get('error', row.get('exception'))}", flush=True)
     return rows
 
@@ -327,12 +331,12 @@ def report_lines(result: dict) -> list[str]:
         lines.append(f"| {r['method']} | {r['model']} | {r.get('float32_vs_cpu', float('nan')):.1e} | "
                      + " | ".join(halves) + f" | {verdict} |")
     if result.get("backends"):
-        lines += ["", "## Backends: `auto` (fla for linear, FlexAttention for block layouts, on CUDA) vs the torch path, "
-                  f"{BACKEND_PROMPT}-token prefill + {BACKEND_STEPS} steps, float32",
-                  "", "| method | auto ran | logits error vs torch | result |", "|---|---|---|---|"]
+        lines += ["", "## Backends: fla for linear, `auto` (FlexAttention on CUDA) for block layouts, vs the torch "
+                  f"path, {BACKEND_PROMPT}-token prefill + {BACKEND_STEPS} steps, float32",
+                  "", "| method | backend | ran | logits error vs torch | result |", "|---|---|---|---|---|"]
         for r in result["backends"]:
             error = f"{r['error']:.1e}" if "error" in r else r.get("exception", "-")
-            lines.append(f"| {r['method']} | {', '.join(r.get('ran', [])) or '-'} | {error} | "
+            lines.append(f"| {r['method']} | {r.get('backend', 'auto')} | {', '.join(r.get('ran', [])) or '-'} | {error} | "
                          f"{'ok' if r['passed'] else 'FAIL'} |")
     sp = result["speed"]
     if sp.get("prefill"):
