@@ -520,3 +520,27 @@ def test_density_counts_computed_blocks():
     assert abs(layout.density(64, True) - 21 / 36) < 1e-9
     full = layout_from_block_mask(torch.ones(1, 1, 8, 8, dtype=torch.bool), 8, 0)
     assert full.density(64, False) == 1.0
+
+
+@pytest.mark.parametrize("method,params", [("block_topk", {"block_size": 4, "top_k": 2}),
+                                           ("a_shape", {"block_size": 4, "local_blocks": 2})])
+def test_density_is_worked_out_when_read_not_in_every_call(monkeypatch, method, params):
+    """A forward computes no density (on a GPU each would wait for the device, once per layer);
+    reading `last_density` gives the latest call's, the same as its layout's."""
+    from attnpatch import patched_methods
+    from attnpatch.ops.block_sparse import BlockLayout
+
+    counted = []
+    original = BlockLayout.density
+    monkeypatch.setattr(BlockLayout, "density", lambda self, *a: counted.append(1) or original(self, *a))
+    model = tm.build("llama")
+    patch_model(model, method, **params)
+    ids, _ = tm.text_batch(length=30)
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert counted == []
+    methods = patched_methods(model)
+    densities = [m.last_density for m in methods]
+    assert len(counted) == len(methods) and all(0 < d < 1 for d in densities)
+    if method == "a_shape":  # the span path's value: its layout's, as the block kernel would compute it
+        assert densities[0] == original(a_shape(30, 30, 4, causal=True, sink_blocks=1, local_blocks=2), 30, True)

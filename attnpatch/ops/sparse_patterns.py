@@ -120,7 +120,7 @@ def block_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, *, cau
     rows_ok = torch.ones(nq, block_size, dtype=torch.bool, device=q.device)  # grid rows that are real queries
     rows_ok.view(-1)[:pad] = False
     rows_ok.view(-1)[rows_ok.numel() - back:] = False
-    partial = [j for j in {0, nq - 1} if not bool(rows_ok[j].all())]
+    partial = sorted({j for j, padded in ((0, pad), (nq - 1, back)) if padded})  # blocks with padding rows
     # (B, Hkv, nQ, G, bs, D): a query block's rows of the whole group side by side, reduced by one max
     q = q.view(b, hkv, groups, nq, block_size, d).transpose(2, 3)
     hows = ("mean",) if pooling == "mean" else ("max", "min")
@@ -182,10 +182,11 @@ def block_topk(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causa
     """Per query block and kv head: the `local_blocks` nearest blocks (the diagonal first), the
     first `sink_blocks`, and the `top_k` best-scoring other admissible blocks (`block_scores`, or
     the given (B, Hkv, nQ, nK) `scores`). top_k: an int, or a (Hkv,) tensor of per-head budgets."""
+    limit = max(1, int(torch.as_tensor(top_k).max()))  # from the given budgets: a GPU copy would be waited for
     budgets = torch.as_tensor(top_k, device=query.device).reshape(-1)  # (1,) or (Hkv,)
     first, fixed, ranked = _topk_ranking(query, key, block_size, causal=causal, pooling=pooling,
                                          sink_blocks=sink_blocks, local_blocks=local_blocks, valid=valid,
-                                         limit=max(1, int(budgets.max())), scores=scores)
+                                         limit=limit, scores=scores)
     mask = fixed.expand(*ranked.values.shape[:-1], fixed.shape[-1]).clone()
     rank = torch.arange(ranked.indices.shape[-1], device=query.device)
     take = (rank < budgets.view(1, -1, 1, 1)) & torch.isfinite(ranked.values)

@@ -28,7 +28,10 @@ class AShapeAttention(BlockSparseMethod):
             # a plain causal prefill: the sliding window's overlapping key spans, no gathered key blocks;
             # `auto` takes it on a GPU too, where it measured faster than FlexAttention (H200, bf16,
             # SmolLM2: 0.064 / 0.093 / 0.278 s against 0.102 / 0.128 / 0.353 s at 8k / 32k / 128k)
-            self.last_density = self.layout(call).density(call.key.shape[-2], True)
+            lq, lk = call.query.shape[-2], call.key.shape[-2]
+            self._density_of_last_call = lambda: a_shape(lq, lk, c["block_size"], causal=True,
+                                                         sink_blocks=c["sink_blocks"],
+                                                         local_blocks=c["local_blocks"]).density(lk, True)
             self.last_backend = "torch"
             return a_shape_prefill(call.query, call.key, call.value, sink_blocks=c["sink_blocks"],
                                    local_blocks=c["local_blocks"], block=c["block_size"], scaling=call.scaling)

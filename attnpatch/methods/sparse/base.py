@@ -23,8 +23,14 @@ class BlockSparseMethod(Method):
     family = "sparse"
     params = (BLOCK_SIZE, BACKEND)
     extra_keys = False  # layouts with single extra keys (vertical_slash) have no FlexAttention form
-    last_density: float | None = None  # computed / dense key blocks of the latest sparse call
     last_backend: str | None = None  # the kernel the latest sparse call ran ("torch" or "flex")
+    _density_of_last_call = None  # a function giving it, called only when `last_density` is read
+
+    @property
+    def last_density(self) -> float | None:
+        """Computed / dense key blocks of the latest sparse call (for benchmarks). Worked out when read:
+        on a GPU reading a count waits for the device, which every layer's call would otherwise do."""
+        return None if self._density_of_last_call is None else self._density_of_last_call()
 
     def layout(self, call):
         raise NotImplementedError
@@ -41,7 +47,8 @@ class BlockSparseMethod(Method):
         if not self.skips_blocks(call):
             return exact_attention(call)
         layout = self.layout(call)
-        self.last_density = layout.density(lk, call.causal)  # for benchmarks: fraction of blocks computed
+        causal = call.causal
+        self._density_of_last_call = lambda: layout.density(lk, causal)
         if self.uses_flex(call):
             self.last_backend = "flex"
             return flex_block_sparse_attention(call.query, call.key, call.value, layout, call.mask,
