@@ -1,11 +1,14 @@
 """eval/gpu_check.py in CI's CPU mode, so that the script a GPU session runs first cannot rot:
 every parity row passes, every speed row is measured (floor included), the recipe writes final/."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +40,39 @@ def test_gpu_check_runs_on_cpu_quick(tmp_path):
     assert report.startswith("# GPU check") and "Run with `--parallel`" in report and "exits parity 0, speed 0, recipe 0" in report
     assert "## Parity:" in report and "## Backends:" in report and "## Prefill on SmolLM2-135M" in report and "## Recipe: ok" in report
     assert (tmp_path / "prefill_time_memory.png").stat().st_size > 1000
+
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_parallel_times_speed_alone_on_a_gpu(monkeypatch, tmp_path, device):
+    """On a GPU `--parallel` starts the speed process only after the others have ended (their kernel
+    compilations slowed its rows), with what is left of the budget; on the CPU all three run at once.
+    The children are stand-ins that record when they start and end."""
+    monkeypatch.syspath_prepend(str(ROOT / "eval"))
+    import gpu_check
+
+    events = []
+
+    class Child:
+        def __init__(self, command, stdout, stderr):
+            self.name = Path(command[command.index("--out") + 1]).name
+            events.append(("start", self.name, float(command[command.index("--budget-s") + 1])))
+
+        def wait(self):
+            events.append(("end", self.name))
+            return 0
+
+    monkeypatch.setattr(gpu_check.subprocess, "Popen", Child)
+    monkeypatch.setattr(gpu_check, "merge", lambda folders, out, note: events.append(("merge", note)) or 0)
+    assert gpu_check.run_parallel(argparse.Namespace(device=device, quick=True, budget_s=400.0), tmp_path) == 0
+    order = [event[:2] for event in events[:-1]]
+    if device == "cuda":
+        assert order == [("start", "parity"), ("start", "recipe"), ("end", "parity"), ("end", "recipe"),
+                         ("start", "speed"), ("end", "speed")]
+        assert events[4][2] <= 400 and "then speed alone" in events[-1][1]
+    else:
+        assert [kind for kind, _ in order] == ["start"] * 3 + ["end"] * 3
+    assert events[-1][1].endswith("exits parity 0, speed 0, recipe 0")
 
 
 def test_long_prefill_sweep_runs_small(tmp_path):
