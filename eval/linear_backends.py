@@ -7,7 +7,6 @@ per feature map and length; then one training step (forward + backward) of the h
 """
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -17,20 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import speed_model  # noqa: E402
 
 from attnpatch import patch_model, patched_methods, unpatch_model  # noqa: E402
-from attnpatch.evaluation.speed import random_ids  # noqa: E402
+from attnpatch.evaluation.speed import best_seconds, random_ids  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
     """Best of `repeats` synchronised calls after one untimed (kernel compilation, autotuning)."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_seconds(fn, repeats, torch.device("cuda"))
 
 
 def main() -> None:

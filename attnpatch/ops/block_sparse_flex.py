@@ -114,7 +114,8 @@ def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
     k = torch.nn.functional.pad(key, (0, 0, 0, grid_k * bs - lk))
     v = torch.nn.functional.pad(value, (0, 0, 0, grid_k * bs - lk))
     # as tensors, not Python numbers: a compiled kernel would be specialised to each value
-    key_length, offset, front, query_length = (torch.tensor(x, device=query.device) for x in (lk, first * bs, pad, lq))
+    # (one copy to the device: each copy of a host number waits for it)
+    key_length, offset, front, query_length = torch.tensor([lk, first * bs, pad, lq], device=query.device).unbind()
     if mask is not None:
         mask = mask.expand(mask.shape[0], mask.shape[1], lq, lk)
         per_batch, per_head = mask.shape[0] > 1, mask.shape[1] > 1

@@ -182,8 +182,9 @@ def block_topk(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causa
     """Per query block and kv head: the `local_blocks` nearest blocks (the diagonal first), the
     first `sink_blocks`, and the `top_k` best-scoring other admissible blocks (`block_scores`, or
     the given (B, Hkv, nQ, nK) `scores`). top_k: an int, or a (Hkv,) tensor of per-head budgets."""
-    limit = max(1, int(torch.as_tensor(top_k).max()))  # from the given budgets: a GPU copy would be waited for
-    budgets = torch.as_tensor(top_k, device=query.device).reshape(-1)  # (1,) or (Hkv,)
+    budgets = torch.as_tensor(top_k).reshape(-1)  # (1,) or (Hkv,)
+    limit = max(1, int(budgets.max()))  # read where the budgets were given: a GPU copy would be waited for
+    budgets = budgets.to(query.device)
     first, fixed, ranked = _topk_ranking(query, key, block_size, causal=causal, pooling=pooling,
                                          sink_blocks=sink_blocks, local_blocks=local_blocks, valid=valid,
                                          limit=limit, scores=scores)

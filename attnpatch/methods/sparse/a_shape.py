@@ -17,9 +17,12 @@ class AShapeAttention(BlockSparseMethod):
               ParamSpec("local_blocks", int, 4, "nearest key blocks (the diagonal included)", low=1))
 
     def layout(self, call):
+        return self.layout_for(call.query.shape[-2], call.key.shape[-2], call.causal, call.query.device)
+
+    def layout_for(self, lq: int, lk: int, causal: bool, device=None):
         c = self.config
-        return a_shape(call.query.shape[-2], call.key.shape[-2], c["block_size"], causal=call.causal,
-                       sink_blocks=c["sink_blocks"], local_blocks=c["local_blocks"], device=call.query.device)
+        return a_shape(lq, lk, c["block_size"], causal=causal, sink_blocks=c["sink_blocks"],
+                       local_blocks=c["local_blocks"], device=device)
 
     def attention(self, call):
         c = self.config
@@ -29,9 +32,7 @@ class AShapeAttention(BlockSparseMethod):
             # `auto` takes it on a GPU too, where it measured faster than FlexAttention (H200, bf16,
             # SmolLM2: 0.064 / 0.093 / 0.278 s against 0.102 / 0.128 / 0.353 s at 8k / 32k / 128k)
             lq, lk = call.query.shape[-2], call.key.shape[-2]
-            self._density_of_last_call = lambda: a_shape(lq, lk, c["block_size"], causal=True,
-                                                         sink_blocks=c["sink_blocks"],
-                                                         local_blocks=c["local_blocks"]).density(lk, True)
+            self._density_of_last_call = lambda: self.layout_for(lq, lk, True).density(lk, True)
             self.last_backend = "torch"
             return a_shape_prefill(call.query, call.key, call.value, sink_blocks=c["sink_blocks"],
                                    local_blocks=c["local_blocks"], block=c["block_size"], scaling=call.scaling)
