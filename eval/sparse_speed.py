@@ -25,7 +25,8 @@ from attnpatch.evaluation.floor import attention_free
 from attnpatch.evaluation.report import environment
 from attnpatch.evaluation.speed import best_seconds, style_speedup_axes
 from attnpatch.ops.block_sparse import block_sparse_attention
-from attnpatch.ops.sparse_patterns import a_shape, block_topk
+from attnpatch.ops.block_selection import block_topk
+from attnpatch.ops.sparse_patterns import a_shape
 
 METHODS = ("a_shape", "block_topk", "bigbird", "star", "vertical_slash", "seer_gate")
 

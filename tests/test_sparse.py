@@ -11,11 +11,10 @@ import torch
 from attnpatch import PatchError, patch_model, unpatch_model
 from attnpatch.ops.block_sparse import block_sparse_attention, dense_mask
 from attnpatch.ops.reference import causal_mask, naive_attention, repeat_kv
+from attnpatch.ops.block_selection import block_scores, block_topk
 from attnpatch.ops.sparse_patterns import (
     a_shape,
     bigbird,
-    block_scores,
-    block_topk,
     layout_from_block_mask,
     star,
     vertical_slash,
@@ -315,7 +314,7 @@ def test_block_scores_follow_their_definition_in_small_chunks(monkeypatch, pooli
     """Each score is the largest estimate over the query block's real rows and the kv head's group;
     causal scores past the diagonal are -inf. Chunks of two query blocks exercise the causal
     truncation (each chunk scores only the key blocks up to its last diagonal)."""
-    import attnpatch.ops.sparse_patterns as patterns
+    import attnpatch.ops.block_selection as patterns
 
     monkeypatch.setattr(patterns, "RECYCLED_SEGMENT_BYTES", B * HQ * 8 * 6 * 2 * 4)
     q, k, _ = qkv(lq, lk, seed=3)

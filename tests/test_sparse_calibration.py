@@ -17,7 +17,7 @@ from attnpatch import (
 )
 from attnpatch.ops.block_sparse import dense_mask
 from attnpatch.ops.reference import causal_mask, repeat_kv
-from attnpatch.ops.sparse_patterns import block_topk, block_topk_recall
+from attnpatch.ops.block_selection import block_topk, block_topk_recall
 
 
 def brute_force_recall(q, k, bs, causal, mask, budget, **kw):

@@ -14,7 +14,8 @@ import math
 import torch
 
 from .block_sparse import BlockLayout, grid
-from .sparse_patterns import _allowed_blocks, _block_stat, _padded_queries, layout_from_block_mask
+from .block_selection import _block_stat, _padded_queries
+from .sparse_patterns import _allowed_blocks, layout_from_block_mask
 
 
 def pooled_queries(query: torch.Tensor, lk: int, block_size: int, causal: bool) -> torch.Tensor:

@@ -1,17 +1,14 @@
 """Sparse attention patterns as block layouts (see block_sparse.py): which key blocks each query
-block computes. Static patterns (A-shape, BigBird, Star) depend only on positions; dynamic ones
-(block top-k, vertical-slash) score blocks from the queries and keys at hand. Every builder works
+block computes. Static patterns (A-shape, BigBird, Star) depend only on positions; vertical-slash
+ranks lines by the last queries' attention (block top-k: block_selection.py). Every builder works
 on the block grid of a call: `first` (absolute index of query block row 0), `nq` rows, `nk` key
 blocks; rows may only keep key blocks <= their own index when causal."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .block_sparse import BlockLayout, grid
-from .reference import RECYCLED_SEGMENT_BYTES, segment_bytes
 
 
 def _allowed_blocks(first: int, nq: int, nk: int, causal: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,169 +72,6 @@ def star(lq: int, lk: int, block_size: int, *, causal: bool, context_blocks: int
     same_chunk = (qb // context_blocks) == (kb // context_blocks)
     global_rows = (qb + 1) * block_size > lk - query_tokens
     return layout_from_block_mask(allowed & (same_chunk | (kb < anchor_blocks) | global_rows), block_size, first)
-
-
-def _padded_queries(query: torch.Tensor, lk: int, block_size: int, causal: bool) -> torch.Tensor:
-    """(B, Hq, nQ * bs, D) queries on the block grid (zero rows where the grid has no query)."""
-    lq = query.shape[-2]
-    _, pad, nq, _ = grid(lq, lk, block_size, causal)
-    return torch.nn.functional.pad(query, (0, 0, pad, nq * block_size - lq - pad))
-
-
-def _block_stat(key: torch.Tensor, valid: torch.Tensor | None, block_size: int, how: str) -> torch.Tensor:
-    """(B, Hkv, nK, D) mean / max / min of each key block over its valid keys."""
-    b, h, lk, d = key.shape
-    nk = math.ceil(lk / block_size)
-    padded = torch.nn.functional.pad(key.float(), (0, 0, 0, nk * block_size - lk)).view(b, h, nk, block_size, d)
-    ok = torch.arange(nk * block_size, device=key.device) < lk
-    ok = ok.view(1, 1, nk, block_size, 1)
-    if valid is not None:
-        ok = ok & torch.nn.functional.pad(valid, (0, nk * block_size - lk)).view(b, 1, nk, block_size, 1)
-    if how == "mean":
-        return (padded * ok).sum(-2) / ok.sum(-2).clamp_min(1)
-    fill = float("-inf") if how == "max" else float("inf")
-    stat = padded.masked_fill(~ok, fill)
-    stat = stat.amax(-2) if how == "max" else stat.amin(-2)
-    return torch.nan_to_num(stat.masked_fill(~ok.any(-2), 0.0), posinf=0.0, neginf=0.0)
-
-
-def block_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, pooling: str,
-                 valid: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, Hkv, nQ, nK) importance of key block kb for query block qb: the largest estimate of
-    q . k over the block's queries and the kv head's query group (causal: -inf past the diagonal).
-    pooling 'mean': q . mean(k) (MoBA); 'maxmin': Quest's upper bound
-    sum_d max(q_d max_d k, q_d min_d k) = q+ . max + q- . min. Query blocks are scored a chunk at a
-    time, so memory stays bounded at any length. Selection is not differentiable, so neither are the
-    scores."""
-    query, key = query.detach(), key.detach()
-    b, hq, _, d = query.shape
-    hkv, lk = key.shape[1], key.shape[2]
-    groups = hq // hkv
-    q = _padded_queries(query.float(), lk, block_size, causal)
-    nq = q.shape[-2] // block_size
-    _, pad, _, _ = grid(query.shape[-2], lk, block_size, causal)
-    back = nq * block_size - query.shape[-2] - pad
-    rows_ok = torch.ones(nq, block_size, dtype=torch.bool, device=q.device)  # grid rows that are real queries
-    rows_ok.view(-1)[:pad] = False
-    rows_ok.view(-1)[rows_ok.numel() - back:] = False
-    partial = sorted({j for j, padded in ((0, pad), (nq - 1, back)) if padded})  # blocks with padding rows
-    # (B, Hkv, nQ, G, bs, D): a query block's rows of the whole group side by side, reduced by one max
-    q = q.view(b, hkv, groups, nq, block_size, d).transpose(2, 3)
-    hows = ("mean",) if pooling == "mean" else ("max", "min")
-    stats = [_block_stat(key, valid, block_size, how).transpose(-1, -2) for how in hows]  # (B, Hkv, D, nK)
-    nk = stats[0].shape[-1]
-    # causal: a chunk of query blocks scores only the key blocks up to its last row's diagonal (about
-    # half the work); later blocks are inadmissible and score -inf (set once, after the loop)
-    first = grid(query.shape[-2], lk, block_size, causal)[0]
-    scores = q.new_empty(b, hkv, nq, nk)
-    # per-query block scores materialised at once: on the CPU a few MiB that the allocator recycles
-    # (64 MiB chunks measured 1.25-1.5x slower at 16k-32k: fresh pages every chunk)
-    score_elements = segment_bytes(q.device, RECYCLED_SEGMENT_BYTES) // 4
-    step = max(1, score_elements // (b * hq * block_size * nk))
-    for start in range(0, nq, step):
-        stop = min(nq, start + step)
-        width = min(nk, first + stop) if causal else nk
-        rows = q[:, :, start:stop].reshape(b, hkv, -1, d)  # one matmul per kv head
-        if pooling == "mean":
-            per_query = rows @ stats[0][..., :width]
-        else:
-            per_query = rows.clamp_min(0) @ stats[0][..., :width] + rows.clamp_max(0) @ stats[1][..., :width]
-        per_query = per_query.view(b, hkv, -1, groups, block_size, width)
-        for j in partial:  # padding rows of the first / last block must not win the max with their 0
-            if start <= j < stop:
-                per_query[:, :, j - start].masked_fill_(~rows_ok[j][:, None], float("-inf"))
-        scores[:, :, start:stop, :width] = per_query.flatten(3, 4).amax(dim=-2)
-    if causal:  # every block past a row's diagonal: those no chunk computed and those its earlier rows did
-        diagonal = torch.arange(first, first + nq, device=q.device)[:, None]
-        scores.masked_fill_(torch.arange(nk, device=q.device) > diagonal, float("-inf"))
-    return scores
-
-
-def _topk_ranking(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, pooling: str,
-                  sink_blocks: int, local_blocks: int, valid: torch.Tensor | None, limit: int | None = None,
-                  scores: torch.Tensor | None = None):
-    """(first, fixed (nQ, nK) blocks always kept, ranked): `ranked` holds, per (B, Hkv, query block),
-    the other admissible blocks from best to worst score as (values, indices) of a full topk (the
-    best `limit` only, when given); values are -inf past the last candidate. `scores` (B, Hkv, nQ,
-    nK) replaces the pooled-key estimate (a learned gate's)."""
-    lq, lk = query.shape[-2], key.shape[-2]
-    first, _, nq, nk = grid(lq, lk, block_size, causal)
-    qb, kb, allowed = _allowed_blocks(first, nq, nk, causal, query.device)
-    fixed = allowed & (((qb - kb) < local_blocks) & ((qb - kb) > -local_blocks) | (kb < sink_blocks))
-    if scores is None:
-        scores = block_scores(query, key, block_size, causal=causal, pooling=pooling, valid=valid)
-    if valid is not None:  # blocks of padding only are never worth computing
-        block_has_key = torch.nn.functional.pad(valid, (0, nk * block_size - lk)).view(valid.shape[0], nk, -1).any(-1)
-        allowed = allowed & block_has_key[:, None, None, :]
-    scores = scores.masked_fill(~(allowed & ~fixed), float("-inf"))
-    if limit is not None and limit < nk:  # a partial selection is O(nK) per row; a full sort is not
-        return first, fixed, scores.topk(limit, dim=-1)
-    ranked = scores.sort(dim=-1, descending=True)
-    return first, fixed, ranked
-
-
-def block_topk(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, top_k,
-               pooling: str = "mean", sink_blocks: int = 0, local_blocks: int = 1,
-               valid: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> BlockLayout:
-    """Per query block and kv head: the `local_blocks` nearest blocks (the diagonal first), the
-    first `sink_blocks`, and the `top_k` best-scoring other admissible blocks (`block_scores`, or
-    the given (B, Hkv, nQ, nK) `scores`). top_k: an int, or a (Hkv,) tensor of per-head budgets."""
-    budgets = torch.as_tensor(top_k).reshape(-1)  # (1,) or (Hkv,)
-    limit = max(1, int(budgets.max()))  # read where the budgets were given: a GPU copy would be waited for
-    budgets = budgets.to(query.device)
-    first, fixed, ranked = _topk_ranking(query, key, block_size, causal=causal, pooling=pooling,
-                                         sink_blocks=sink_blocks, local_blocks=local_blocks, valid=valid,
-                                         limit=limit, scores=scores)
-    mask = fixed.expand(*ranked.values.shape[:-1], fixed.shape[-1]).clone()
-    rank = torch.arange(ranked.indices.shape[-1], device=query.device)
-    take = (rank < budgets.view(1, -1, 1, 1)) & torch.isfinite(ranked.values)
-    mask.scatter_(-1, ranked.indices, take | mask.gather(-1, ranked.indices))
-    return layout_from_block_mask(mask, block_size, first)
-
-
-def block_topk_recall(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, scaling: float,
-                      pooling: str = "mean", sink_blocks: int = 0, local_blocks: int = 1,
-                      mask: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                      softcap: float | None = None, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention recall of block top-k at every budget: (recall_sum (Hkv, nK + 1), rows (Hkv,)).
-    recall_sum[h, k] sums, over the call's queries (and the kv head's query group), the softmax
-    mass that block_topk with top_k=k keeps; divide by rows for the mean. The exact softmax is
-    computed `chunk` queries at a time (the model's mask and causality apply)."""
-    b, hq, lq, d = query.shape
-    hkv, lk = key.shape[1], key.shape[2]
-    groups = hq // hkv
-    first, fixed, ranked = _topk_ranking(query, key, block_size, causal=causal, pooling=pooling,
-                                         sink_blocks=sink_blocks, local_blocks=local_blocks, valid=valid)
-    nk = ranked.values.shape[-1]
-    keys = key.float().repeat_interleave(groups, dim=1)
-    k_block = torch.arange(lk, device=query.device) // block_size
-    q_pos = torch.arange(lk - lq, lk, device=query.device) if causal else torch.arange(lq, device=query.device)
-    recall = torch.zeros(hkv, nk + 1, device=query.device)
-    rows = torch.zeros(hkv, device=query.device)
-    for start in range(0, lq, chunk):
-        q = query[:, :, start : start + chunk].float()
-        scores = (q @ keys.transpose(-1, -2)) * scaling
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=query.device)
-        if causal:
-            allowed = q_pos[start : start + chunk, None] >= torch.arange(lk, device=query.device)[None, :]
-        if mask is not None:
-            allowed = allowed & mask[..., start : start + chunk, :] if mask.shape[-2] > 1 else allowed & mask
-        weights = torch.nan_to_num(scores.masked_fill(~allowed, float("-inf")).softmax(-1), nan=0.0)
-        # mass per key block: (B, Hq, n, nK)
-        mass = torch.zeros(*weights.shape[:-1], nk, device=query.device).index_add_(-1, k_block, weights)
-        qb = (q_pos[start : start + chunk] // block_size - first).clamp(0, ranked.indices.shape[-2] - 1)
-        order = ranked.indices.repeat_interleave(groups, dim=1)[:, :, qb]  # (B, Hq, n, nK) best first
-        finite = torch.isfinite(ranked.values).repeat_interleave(groups, dim=1)[:, :, qb]
-        in_order = mass.gather(-1, order) * finite
-        base = (mass * fixed[qb]).sum(-1, keepdim=True)
-        curve = torch.cat([base, base + in_order.cumsum(-1)], dim=-1)  # (B, Hq, n, nK + 1)
-        has_key = weights.sum(-1) > 0  # rows with no visible key (padding) do not count
-        curve = (curve * has_key[..., None]).view(b, hkv, groups, -1, nk + 1).sum(dim=(0, 2, 3))
-        recall += curve
-        rows += has_key.view(b, hkv, groups, -1).sum(dim=(0, 2, 3))
-    return recall, rows
 
 
 def vertical_slash(query: torch.Tensor, key: torch.Tensor, block_size: int, *, scaling: float, last_q: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...ops.sparse_patterns import block_topk, block_topk_recall
+from ...ops.block_selection import block_topk, block_topk_recall
 from ...runtime.exact import exact_attention
 from ..base import ParamSpec
 from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod

@@ -19,7 +19,7 @@ from torch import nn
 from ...errors import PatchError
 from ...ops.seer_gate import (block_attention_target, fixed_blocks, gate_distillation_loss, gate_log_probs,
                               threshold_layout)
-from ...ops.sparse_patterns import block_topk
+from ...ops.block_selection import block_topk
 from ...runtime.exact import exact_attention_weights
 from ..base import ParamSpec
 from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
