@@ -46,9 +46,12 @@ def child(length: int, args) -> list[dict]:
         from sparse_speed import budget_params
 
         for density in args.density:
-            for method in ("a_shape", "block_topk"):
-                params = budget_params(method, length, 64, density)
-                specs[f"{method} @{density:.0%} of blocks"] = f"{method}:" + ",".join(f"{k}={v}" for k, v in params.items())
+            for variant in args.density_methods:  # "block_topk" or "block_topk:query_pooling=mean"
+                method, _, extra = variant.partition(":")
+                params = {**budget_params(method, length, 64, density),
+                          **dict(item.split("=", 1) for item in extra.split(",") if item)}
+                label = f"{method} ({extra})" if extra else method
+                specs[f"{label} @{density:.0%} of blocks"] = f"{method}:" + ",".join(f"{k}={v}" for k, v in params.items())
         rows += [label for label in specs if label not in rows]
 
     @torch.no_grad()
@@ -186,6 +189,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats-long", type=int, default=1, help="timed repeats per row above 16k tokens")
     parser.add_argument("--density", type=float, nargs="*", default=[0.1],
                         help="also a_shape and block_topk with budgets keeping this share of causal key blocks")
+    parser.add_argument("--density-methods", nargs="+", default=["a_shape", "block_topk"],
+                        help="methods the --density rows run, each with optional fixed parameters "
+                             "(block_topk:query_pooling=mean)")
     parser.add_argument("--density-max-length", type=int, default=32768, help="longest prompt the --density rows run on")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("eval/results/long-prefill"))
@@ -214,7 +220,7 @@ def main(argv=None) -> None:
     results = {"environment": environment(0), "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
                "arithmetic": arithmetic, "rows": []}
-    forwarded = ["--methods", *args.methods, "--density", *map(str, args.density),
+    forwarded = ["--methods", *args.methods, "--density", *map(str, args.density), "--density-methods", *args.density_methods,
                  "--density-max-length", str(args.density_max_length), "--dense-max", str(args.dense_max), "--repeats", str(args.repeats),
                  "--repeats-long", str(args.repeats_long), "--threads", str(args.threads)]
     for length in args.lengths:

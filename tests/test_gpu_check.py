@@ -80,12 +80,14 @@ def test_long_prefill_sweep_runs_small(tmp_path):
     floor, the density rows labelled with their spec, memory growth read, files written."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "eval/long_prefill.py"), "--lengths", "512", "--methods", "linear",
-                           "--density", "0.1", "--density-max-length", "512", "--repeats", "1", "--threads", "1",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+                           "--density", "0.1", "--density-methods", "a_shape", "block_topk", "block_topk:query_pooling=mean",
+                           "--density-max-length", "512", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     rows = {row["row"]: row for row in json.loads((tmp_path / "prefill.json").read_text())["rows"]}
-    assert set(rows) == {"dense", "floor", "linear", "a_shape @10% of blocks", "block_topk @10% of blocks"}
+    variant = "block_topk (query_pooling=mean) @10% of blocks"
+    assert set(rows) == {"dense", "floor", "linear", "a_shape @10% of blocks", "block_topk @10% of blocks", variant}
     assert rows["floor"]["vs_floor"] == 1.0 and all(row["seconds"] > 0 and row["peak_mb"] > 0 for row in rows.values())
     assert rows["a_shape @10% of blocks"]["spec"].startswith("a_shape:block_size=64")
     assert 0 < rows["block_topk @10% of blocks"]["density"] <= 1
+    assert rows[variant]["spec"] == rows["block_topk @10% of blocks"]["spec"] + ",query_pooling=mean"
     assert (tmp_path / "prefill.png").stat().st_size > 1000 and "| 512 | linear |" in (tmp_path / "prefill.md").read_text()

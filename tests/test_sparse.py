@@ -341,6 +341,69 @@ def test_block_scores_follow_their_definition_in_small_chunks(monkeypatch, pooli
                 assert torch.allclose(scores[:, :, row, kb], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "maxmin"])
+@pytest.mark.parametrize("causal,lq,lk", [(True, 27, 45), (True, 45, 45), (False, 30, 45)])
+def test_mean_query_scores_follow_their_definition(pooling, causal, lq, lk):
+    """query_pooling='mean': each score estimates q . k for the mean of the query block's real rows
+    (padding rows of a partial block are left out), per query head, then the largest over the kv
+    head's group; causal scores past the diagonal are -inf."""
+    q, k, _ = qkv(lq, lk, seed=3)
+    scores = block_scores(q, k, 8, causal=causal, pooling=pooling, query_pooling="mean")
+    start = lk - lq if causal else 0
+    first, pad = divmod(start, 8)
+    nq, nk, groups = -(-(lq + pad) // 8), -(-lk // 8), HQ // HKV
+    assert scores.shape == (B, HKV, nq, nk)
+    for row in range(nq):
+        queries = [i for i in range(lq) if (start + i) // 8 == first + row]
+        mean_query = q[:, :, queries].mean(-2).view(B, HKV, groups, D)
+        for kb in range(nk):
+            keys = k[:, :, kb * 8 : (kb + 1) * 8, None]  # (B, Hkv, <=8, 1, D)
+            if pooling == "mean":
+                estimate = (mean_query * keys.mean(2)).sum(-1)
+            else:
+                estimate = (mean_query.clamp_min(0) * keys.amax(2) + mean_query.clamp_max(0) * keys.amin(2)).sum(-1)
+            if causal and kb > first + row:
+                assert torch.isneginf(scores[:, :, row, kb]).all()
+            else:
+                assert torch.allclose(scores[:, :, row, kb], estimate.amax(-1), atol=1e-5)
+
+
+def test_query_poolings_agree_on_one_query_blocks():
+    q, k, _ = qkv(21, 21, seed=6)
+    for pooling in ("mean", "maxmin"):
+        each = block_scores(q, k, 1, causal=True, pooling=pooling)
+        pooled = block_scores(q, k, 1, causal=True, pooling=pooling, query_pooling="mean")
+        assert torch.allclose(each, pooled, atol=1e-6)
+    with pytest.raises(ValueError, match="query_pooling"):
+        block_scores(q, k, 4, causal=True, pooling="mean", query_pooling="median")
+
+
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_block_topk_mean_query_pooling_on_models(monkeypatch, name):
+    """query_pooling='mean' reaches every layer's selection (the per-query scorer never runs) and
+    keeps what top_k asks: as many blocks as per-query scoring."""
+    import attnpatch.ops.block_selection as selection
+    from attnpatch import patched_methods
+
+    per_query = selection._per_query_scores
+    calls = []
+    monkeypatch.setattr(selection, "_per_query_scores", lambda *a: calls.append(1) or per_query(*a))
+    model = tm.build(name)
+    densities = {}
+    for query_pooling in ("mean", "max"):
+        calls.clear()
+        patch_model(model, "block_topk", block_size=4, top_k=1, sink_blocks=0, query_pooling=query_pooling)
+        with torch.no_grad():
+            tm.run(name, model)
+        methods = patched_methods(model)
+        densities[query_pooling] = [m.last_density for m in methods]
+        assert len(calls) == (0 if query_pooling == "mean" else len(methods))
+        unpatch_model(model)
+    assert densities["mean"] == pytest.approx(densities["max"]) and all(d < 1 for d in densities["mean"])
+    with pytest.raises(PatchError, match="query_pooling"):
+        patch_model(model, "block_topk", query_pooling="median")
+
+
 def test_kernel_in_chunks_reuses_its_buffers_and_keeps_gradients(monkeypatch):
     """Many small chunks of mixed widths, some of consecutive query blocks (read and written as
     slices) and some not: without autograd the gathers go to reused buffers (counted), with autograd

@@ -129,8 +129,8 @@ def _allocate(curves: dict[int, torch.Tensor], mean_top_k: float) -> dict[int, t
 
 
 def calibrate_block_topk(model, batches, *, recall: float | None = 0.95, mean_top_k: float | None = None,
-                         block_size: int = 64, pooling: str = "mean", sink_blocks: int = 1, local_blocks: int = 1,
-                         towers=None, progress: bool = True) -> SparseCalibration:
+                         block_size: int = 64, pooling: str = "mean", query_pooling: str = "max", sink_blocks: int = 1,
+                         local_blocks: int = 1, towers=None, progress: bool = True) -> SparseCalibration:
     """Per-layer, per-kv-head block top-k budgets from the attention recall measured on `batches`.
 
     Two ways to choose: `recall` gives every head the smallest budget whose mean recall reaches
@@ -140,7 +140,8 @@ def calibrate_block_topk(model, batches, *, recall: float | None = 0.95, mean_to
     input_ids tensors. The model runs densely (each layer's output is exact), so later layers are
     measured on the activations they will really see with dense earlier layers."""
     _check_choice(recall, mean_top_k)  # before the model runs
-    fixed = dict(block_size=block_size, pooling=pooling, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    fixed = dict(block_size=block_size, pooling=pooling, query_pooling=query_pooling, sink_blocks=sink_blocks,
+                 local_blocks=local_blocks)
     patch_model(model, "block_topk", towers=towers, **fixed)
     try:
         methods = patched_methods(model)

@@ -13,16 +13,33 @@ from .reference import RECYCLED_SEGMENT_BYTES, segment_bytes
 from .sparse_patterns import _allowed_blocks, layout_from_block_mask
 
 def _padded_queries(query: torch.Tensor, lk: int, block_size: int, causal: bool) -> torch.Tensor:
-    """(B, Hq, nQ * bs, D) queries on the block grid (zero rows where the grid has no query)."""
+    """(B, Hq, nQ * bs, D) queries on the block grid (zero rows where the grid has no query); the
+    queries themselves when they fill it (no copy)."""
     lq = query.shape[-2]
     _, pad, nq, _ = grid(lq, lk, block_size, causal)
+    if pad == 0 and nq * block_size == lq:
+        return query
     return torch.nn.functional.pad(query, (0, 0, pad, nq * block_size - lq - pad))
+
+
+def pooled_queries(query: torch.Tensor, lk: int, block_size: int, causal: bool) -> torch.Tensor:
+    """(B, Hq, nQ, D): the mean of each query block's real rows on the call's block grid."""
+    lq = query.shape[-2]
+    _, pad, nq, _ = grid(lq, lk, block_size, causal)
+    rows = _padded_queries(query, lk, block_size, causal)
+    real = torch.zeros(nq * block_size, dtype=query.dtype, device=query.device)
+    real[pad:pad + lq] = 1
+    summed = rows.unflatten(-2, (nq, block_size)).sum(-2)
+    return summed / real.view(nq, block_size).sum(-1).clamp_min(1)[:, None]
 
 
 def _block_stat(key: torch.Tensor, valid: torch.Tensor | None, block_size: int, how: str) -> torch.Tensor:
     """(B, Hkv, nK, D) mean / max / min of each key block over its valid keys."""
     b, h, lk, d = key.shape
     nk = math.ceil(lk / block_size)
+    if valid is None and nk * block_size == lk:  # whole blocks of real keys: no mask, no copy
+        blocks = key.float().view(b, h, nk, block_size, d)
+        return blocks.mean(-2) if how == "mean" else blocks.amax(-2) if how == "max" else blocks.amin(-2)
     padded = torch.nn.functional.pad(key.float(), (0, 0, 0, nk * block_size - lk)).view(b, h, nk, block_size, d)
     ok = torch.arange(nk * block_size, device=key.device) < lk
     ok = ok.view(1, 1, nk, block_size, 1)
@@ -36,34 +53,61 @@ def _block_stat(key: torch.Tensor, valid: torch.Tensor | None, block_size: int, 
     return torch.nan_to_num(stat.masked_fill(~ok.any(-2), 0.0), posinf=0.0, neginf=0.0)
 
 
+def _estimate(q: torch.Tensor, stats: list[torch.Tensor], pooling: str) -> torch.Tensor:
+    """(..., n, nK) estimates of q . k for (..., n, D) queries and (..., D, nK) key-block summaries:
+    q . mean(k), or Quest's bound q+ . max + q- . min."""
+    if pooling == "mean":
+        return q @ stats[0]
+    return q.clamp_min(0) @ stats[0] + q.clamp_max(0) @ stats[1]
+
+
 def block_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, pooling: str,
-                 valid: torch.Tensor | None = None) -> torch.Tensor:
+                 valid: torch.Tensor | None = None, query_pooling: str = "max") -> torch.Tensor:
     """(B, Hkv, nQ, nK) importance of key block kb for query block qb: the largest estimate of
     q . k over the block's queries and the kv head's query group (causal: -inf past the diagonal).
     pooling 'mean': q . mean(k) (MoBA); 'maxmin': Quest's upper bound
-    sum_d max(q_d max_d k, q_d min_d k) = q+ . max + q- . min. Query blocks are scored a chunk at a
-    time, so memory stays bounded at any length. Selection is not differentiable, so neither are the
-    scores."""
-    query, key = query.detach(), key.detach()
-    b, hq, _, d = query.shape
+    sum_d max(q_d max_d k, q_d min_d k) = q+ . max + q- . min. query_pooling 'max' scores every
+    query (a block counts as much as its most interested query); 'mean' scores each query block's
+    mean query instead (MInference's block-sparse estimate): block_size times fewer products, the
+    largest over the query group kept. Query blocks are scored a chunk at a time, so memory stays
+    bounded at any length. Selection is not differentiable, so neither are the scores."""
+    if query_pooling not in ("max", "mean"):
+        raise ValueError(f"query_pooling must be 'max' or 'mean', got {query_pooling!r}")
+    query, key = query.detach().float(), key.detach()
+    b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
+    first, _, nq, nk = grid(lq, lk, block_size, causal)
+    hows = ("mean",) if pooling == "mean" else ("max", "min")
+    stats = [_block_stat(key, valid, block_size, how).transpose(-1, -2) for how in hows]  # (B, Hkv, D, nK)
+    if query_pooling == "mean":
+        means = pooled_queries(query, lk, block_size, causal).view(b, hkv, hq // hkv, nq, d)
+        scores = _estimate(means[:, :, 0], stats, pooling)  # (B, Hkv, nQ, nK)
+        for g in range(1, hq // hkv):
+            torch.maximum(scores, _estimate(means[:, :, g], stats, pooling), out=scores)
+    else:
+        scores = _per_query_scores(query, stats, pooling, lk, block_size, causal)
+    if causal:  # every block past a row's diagonal (the per-query chunks leave some unset)
+        diagonal = torch.arange(first, first + nq, device=query.device)[:, None]
+        scores.masked_fill_(torch.arange(nk, device=query.device) > diagonal, float("-inf"))
+    return scores
+
+
+def _per_query_scores(query: torch.Tensor, stats: list[torch.Tensor], pooling: str, lk: int, block_size: int,
+                      causal: bool) -> torch.Tensor:
+    """block_scores with query_pooling='max', from the float queries (B, Hq, Lq, D)."""
+    b, hq, lq, d = query.shape
+    hkv, nk = stats[0].shape[1], stats[0].shape[-1]
     groups = hq // hkv
-    q = _padded_queries(query.float(), lk, block_size, causal)
-    nq = q.shape[-2] // block_size
-    _, pad, _, _ = grid(query.shape[-2], lk, block_size, causal)
-    back = nq * block_size - query.shape[-2] - pad
-    rows_ok = torch.ones(nq, block_size, dtype=torch.bool, device=q.device)  # grid rows that are real queries
+    first, pad, nq, _ = grid(lq, lk, block_size, causal)
+    back = nq * block_size - lq - pad
+    rows_ok = torch.ones(nq, block_size, dtype=torch.bool, device=query.device)  # grid rows that are real queries
     rows_ok.view(-1)[:pad] = False
     rows_ok.view(-1)[rows_ok.numel() - back:] = False
     partial = sorted({j for j, padded in ((0, pad), (nq - 1, back)) if padded})  # blocks with padding rows
     # (B, Hkv, nQ, G, bs, D): a query block's rows of the whole group side by side, reduced by one max
-    q = q.view(b, hkv, groups, nq, block_size, d).transpose(2, 3)
-    hows = ("mean",) if pooling == "mean" else ("max", "min")
-    stats = [_block_stat(key, valid, block_size, how).transpose(-1, -2) for how in hows]  # (B, Hkv, D, nK)
-    nk = stats[0].shape[-1]
+    q = _padded_queries(query, lk, block_size, causal).view(b, hkv, groups, nq, block_size, d).transpose(2, 3)
     # causal: a chunk of query blocks scores only the key blocks up to its last row's diagonal (about
-    # half the work); later blocks are inadmissible and score -inf (set once, after the loop)
-    first = grid(query.shape[-2], lk, block_size, causal)[0]
+    # half the work); later blocks are inadmissible (block_scores sets them to -inf)
     scores = q.new_empty(b, hkv, nq, nk)
     # per-query block scores materialised at once: on the CPU a few MiB that the allocator recycles
     # (64 MiB chunks measured 1.25-1.5x slower at 16k-32k: fresh pages every chunk)
@@ -73,24 +117,18 @@ def block_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, *, cau
         stop = min(nq, start + step)
         width = min(nk, first + stop) if causal else nk
         rows = q[:, :, start:stop].reshape(b, hkv, -1, d)  # one matmul per kv head
-        if pooling == "mean":
-            per_query = rows @ stats[0][..., :width]
-        else:
-            per_query = rows.clamp_min(0) @ stats[0][..., :width] + rows.clamp_max(0) @ stats[1][..., :width]
+        per_query = _estimate(rows, [s[..., :width] for s in stats], pooling)
         per_query = per_query.view(b, hkv, -1, groups, block_size, width)
         for j in partial:  # padding rows of the first / last block must not win the max with their 0
             if start <= j < stop:
                 per_query[:, :, j - start].masked_fill_(~rows_ok[j][:, None], float("-inf"))
         scores[:, :, start:stop, :width] = per_query.flatten(3, 4).amax(dim=-2)
-    if causal:  # every block past a row's diagonal: those no chunk computed and those its earlier rows did
-        diagonal = torch.arange(first, first + nq, device=q.device)[:, None]
-        scores.masked_fill_(torch.arange(nk, device=q.device) > diagonal, float("-inf"))
     return scores
 
 
 def _topk_ranking(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, pooling: str,
-                  sink_blocks: int, local_blocks: int, valid: torch.Tensor | None, limit: int | None = None,
-                  scores: torch.Tensor | None = None):
+                  query_pooling: str, sink_blocks: int, local_blocks: int, valid: torch.Tensor | None,
+                  limit: int | None = None, scores: torch.Tensor | None = None):
     """(first, fixed (nQ, nK) blocks always kept, ranked): `ranked` holds, per (B, Hkv, query block),
     the other admissible blocks from best to worst score as (values, indices) of a full topk (the
     best `limit` only, when given); values are -inf past the last candidate. `scores` (B, Hkv, nQ,
@@ -100,7 +138,8 @@ def _topk_ranking(query: torch.Tensor, key: torch.Tensor, block_size: int, *, ca
     qb, kb, allowed = _allowed_blocks(first, nq, nk, causal, query.device)
     fixed = allowed & (((qb - kb) < local_blocks) & ((qb - kb) > -local_blocks) | (kb < sink_blocks))
     if scores is None:
-        scores = block_scores(query, key, block_size, causal=causal, pooling=pooling, valid=valid)
+        scores = block_scores(query, key, block_size, causal=causal, pooling=pooling, valid=valid,
+                              query_pooling=query_pooling)
     if valid is not None:  # blocks of padding only are never worth computing
         block_has_key = torch.nn.functional.pad(valid, (0, nk * block_size - lk)).view(valid.shape[0], nk, -1).any(-1)
         allowed = allowed & block_has_key[:, None, None, :]
@@ -112,7 +151,7 @@ def _topk_ranking(query: torch.Tensor, key: torch.Tensor, block_size: int, *, ca
 
 
 def block_topk(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, top_k,
-               pooling: str = "mean", sink_blocks: int = 0, local_blocks: int = 1,
+               pooling: str = "mean", query_pooling: str = "max", sink_blocks: int = 0, local_blocks: int = 1,
                valid: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> BlockLayout:
     """Per query block and kv head: the `local_blocks` nearest blocks (the diagonal first), the
     first `sink_blocks`, and the `top_k` best-scoring other admissible blocks (`block_scores`, or
@@ -121,8 +160,8 @@ def block_topk(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causa
     limit = max(1, int(budgets.max()))  # read where the budgets were given: a GPU copy would be waited for
     budgets = budgets.to(query.device)
     first, fixed, ranked = _topk_ranking(query, key, block_size, causal=causal, pooling=pooling,
-                                         sink_blocks=sink_blocks, local_blocks=local_blocks, valid=valid,
-                                         limit=limit, scores=scores)
+                                         query_pooling=query_pooling, sink_blocks=sink_blocks,
+                                         local_blocks=local_blocks, valid=valid, limit=limit, scores=scores)
     mask = fixed.expand(*ranked.values.shape[:-1], fixed.shape[-1]).clone()
     rank = torch.arange(ranked.indices.shape[-1], device=query.device)
     take = (rank < budgets.view(1, -1, 1, 1)) & torch.isfinite(ranked.values)
@@ -131,8 +170,8 @@ def block_topk(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causa
 
 
 def block_topk_recall(query: torch.Tensor, key: torch.Tensor, block_size: int, *, causal: bool, scaling: float,
-                      pooling: str = "mean", sink_blocks: int = 0, local_blocks: int = 1,
-                      mask: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                      pooling: str = "mean", query_pooling: str = "max", sink_blocks: int = 0,
+                      local_blocks: int = 1, mask: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                       softcap: float | None = None, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention recall of block top-k at every budget: (recall_sum (Hkv, nK + 1), rows (Hkv,)).
     recall_sum[h, k] sums, over the call's queries (and the kv head's query group), the softmax
@@ -142,7 +181,8 @@ def block_topk_recall(query: torch.Tensor, key: torch.Tensor, block_size: int, *
     hkv, lk = key.shape[1], key.shape[2]
     groups = hq // hkv
     first, fixed, ranked = _topk_ranking(query, key, block_size, causal=causal, pooling=pooling,
-                                         sink_blocks=sink_blocks, local_blocks=local_blocks, valid=valid)
+                                         query_pooling=query_pooling, sink_blocks=sink_blocks,
+                                         local_blocks=local_blocks, valid=valid)
     nk = ranked.values.shape[-1]
     keys = key.float().repeat_interleave(groups, dim=1)
     k_block = torch.arange(lk, device=query.device) // block_size

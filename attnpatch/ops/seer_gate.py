@@ -14,19 +14,8 @@ import math
 import torch
 
 from .block_sparse import BlockLayout, grid
-from .block_selection import _block_stat, _padded_queries
+from .block_selection import _block_stat, pooled_queries
 from .sparse_patterns import _allowed_blocks, layout_from_block_mask
-
-
-def pooled_queries(query: torch.Tensor, lk: int, block_size: int, causal: bool) -> torch.Tensor:
-    """(B, Hq, nQ, D): the mean of each query block's real rows on the call's block grid."""
-    lq = query.shape[-2]
-    _, pad, nq, _ = grid(lq, lk, block_size, causal)
-    rows = _padded_queries(query, lk, block_size, causal)
-    real = torch.zeros(nq * block_size, dtype=query.dtype, device=query.device)
-    real[pad:pad + lq] = 1
-    summed = rows.unflatten(-2, (nq, block_size)).sum(-2)
-    return summed / real.view(nq, block_size).sum(-1).clamp_min(1)[:, None]
 
 
 def pooled_keys(key: torch.Tensor, valid: torch.Tensor | None, block_size: int) -> torch.Tensor:

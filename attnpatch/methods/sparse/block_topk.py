@@ -18,6 +18,9 @@ class BlockTopKAttention(BlockSparseMethod):
     params = (BLOCK_SIZE, BACKEND,
               ParamSpec("top_k", int, 8, "key blocks chosen per query block, besides the local and sink blocks", low=0),
               ParamSpec("pooling", str, "mean", "key-block summary used for scoring", choices=("mean", "maxmin")),
+              ParamSpec("query_pooling", str, "max", "'max': every query scores the key blocks and a block counts as "
+                        "much as its most interested query; 'mean': the query block's mean query scores them "
+                        "(MInference's estimate, block_size times cheaper)", choices=("max", "mean")),
               ParamSpec("local_blocks", int, 1, "nearest key blocks always computed", low=1),
               ParamSpec("sink_blocks", int, 1, "initial key blocks always computed (the attention sink)", low=0),
               ParamSpec("head_top_k", list, None, "per-kv-head top_k (overrides top_k)", low=0, optional=True))
@@ -29,8 +32,8 @@ class BlockTopKAttention(BlockSparseMethod):
             c = self.config
             self.recorder.add(*block_topk_recall(
                 call.query, call.key, c["block_size"], causal=call.causal, scaling=call.scaling, pooling=c["pooling"],
-                sink_blocks=c["sink_blocks"], local_blocks=c["local_blocks"], mask=call.mask, valid=call.key_valid(),
-                softcap=call.softcap))
+                query_pooling=c["query_pooling"], sink_blocks=c["sink_blocks"], local_blocks=c["local_blocks"],
+                mask=call.mask, valid=call.key_valid(), softcap=call.softcap))
             return exact_attention(call)
         return super().attention(call)
 
@@ -38,5 +41,5 @@ class BlockTopKAttention(BlockSparseMethod):
         c = self.config
         budgets = c["top_k"] if c["head_top_k"] is None else torch.tensor(c["head_top_k"])
         return block_topk(call.query, call.key, c["block_size"], causal=call.causal, top_k=budgets,
-                          pooling=c["pooling"], sink_blocks=c["sink_blocks"], local_blocks=c["local_blocks"],
-                          valid=call.key_valid())
+                          pooling=c["pooling"], query_pooling=c["query_pooling"], sink_blocks=c["sink_blocks"],
+                          local_blocks=c["local_blocks"], valid=call.key_valid())
