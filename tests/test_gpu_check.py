@@ -31,7 +31,7 @@ def test_gpu_check_runs_on_cpu_quick(tmp_path):
         ("block_topk", ["torch"], True), ("bigbird", ["torch"], True), ("star", ["torch"], True)]
     prefill = result["speed"]["prefill"]
     assert set(prefill) == {"floor", "dense", "linear", "sliding_window", "a_shape", "block_topk", "lolcats",
-                            "block_topk:backend=flex"}
+                            "block_topk:backend=flex", "block_topk:query_pooling=mean"}
     assert all(len(rows) == 2 for rows in prefill.values()) and not result["speed"]["errors"]
     decode = result["speed"]["decode"]["256"]
     assert decode["floor"]["kv_bytes"] == 0 and 0 < decode["snapkv:compression=0.75"]["kv_bytes"] < decode["dense"]["kv_bytes"]
