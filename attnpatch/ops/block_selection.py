@@ -104,8 +104,8 @@ def _per_query_scores(query: torch.Tensor, stats: list[torch.Tensor], pooling: s
     rows_ok.view(-1)[:pad] = False
     rows_ok.view(-1)[rows_ok.numel() - back:] = False
     partial = sorted({j for j, padded in ((0, pad), (nq - 1, back)) if padded})  # blocks with padding rows
-    # (B, Hkv, nQ, G, bs, D): a query block's rows of the whole group side by side, reduced by one max
-    q = _padded_queries(query, lk, block_size, causal).view(b, hkv, groups, nq, block_size, d).transpose(2, 3)
+    # (B, Hkv, G, nQ * bs, D): a chunk of query blocks is a slice of rows, scored per head without a copy
+    q = _padded_queries(query, lk, block_size, causal).view(b, hkv, groups, nq * block_size, d)
     # causal: a chunk of query blocks scores only the key blocks up to its last row's diagonal (about
     # half the work); later blocks are inadmissible (block_scores sets them to -inf)
     scores = q.new_empty(b, hkv, nq, nk)
@@ -116,13 +116,13 @@ def _per_query_scores(query: torch.Tensor, stats: list[torch.Tensor], pooling: s
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         width = min(nk, first + stop) if causal else nk
-        rows = q[:, :, start:stop].reshape(b, hkv, -1, d)  # one matmul per kv head
-        per_query = _estimate(rows, [s[..., :width] for s in stats], pooling)
-        per_query = per_query.view(b, hkv, -1, groups, block_size, width)
+        rows = q[:, :, :, start * block_size : stop * block_size]
+        per_query = _estimate(rows, [s[..., :width].unsqueeze(2) for s in stats], pooling)
+        per_query = per_query.view(b, hkv, groups, stop - start, block_size, width)
         for j in partial:  # padding rows of the first / last block must not win the max with their 0
             if start <= j < stop:
-                per_query[:, :, j - start].masked_fill_(~rows_ok[j][:, None], float("-inf"))
-        scores[:, :, start:stop, :width] = per_query.flatten(3, 4).amax(dim=-2)
+                per_query[:, :, :, j - start].masked_fill_(~rows_ok[j][:, None], float("-inf"))
+        scores[:, :, start:stop, :width] = per_query.amax(dim=4).amax(dim=2)
     return scores
 
 
