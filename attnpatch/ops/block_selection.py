@@ -12,6 +12,15 @@ from .block_sparse import BlockLayout, grid
 from .reference import RECYCLED_SEGMENT_BYTES, segment_bytes
 from .sparse_patterns import _allowed_blocks, layout_from_block_mask
 
+
+def _real_rows(lq: int, lk: int, block_size: int, causal: bool, device) -> torch.Tensor:
+    """(nQ, bs) boolean: which rows of the call's block grid hold a query (not front or back padding)."""
+    _, pad, nq, _ = grid(lq, lk, block_size, causal)
+    real = torch.zeros(nq * block_size, dtype=torch.bool, device=device)
+    real[pad : pad + lq] = True
+    return real.view(nq, block_size)
+
+
 def _padded_queries(query: torch.Tensor, lk: int, block_size: int, causal: bool) -> torch.Tensor:
     """(B, Hq, nQ * bs, D) queries on the block grid (zero rows where the grid has no query); the
     queries themselves when they fill it (no copy)."""
@@ -24,13 +33,9 @@ def _padded_queries(query: torch.Tensor, lk: int, block_size: int, causal: bool)
 
 def pooled_queries(query: torch.Tensor, lk: int, block_size: int, causal: bool) -> torch.Tensor:
     """(B, Hq, nQ, D): the mean of each query block's real rows on the call's block grid."""
-    lq = query.shape[-2]
-    _, pad, nq, _ = grid(lq, lk, block_size, causal)
-    rows = _padded_queries(query, lk, block_size, causal)
-    real = torch.zeros(nq * block_size, dtype=query.dtype, device=query.device)
-    real[pad:pad + lq] = 1
-    summed = rows.unflatten(-2, (nq, block_size)).sum(-2)
-    return summed / real.view(nq, block_size).sum(-1).clamp_min(1)[:, None]
+    real = _real_rows(query.shape[-2], lk, block_size, causal, query.device)
+    summed = _padded_queries(query, lk, block_size, causal).unflatten(-2, real.shape).sum(-2)  # padding rows are 0
+    return summed / real.sum(-1).clamp_min(1)[:, None].to(query.dtype)
 
 
 def _block_stat(key: torch.Tensor, valid: torch.Tensor | None, block_size: int, how: str) -> torch.Tensor:
@@ -100,9 +105,7 @@ def _per_query_scores(query: torch.Tensor, stats: list[torch.Tensor], pooling: s
     groups = hq // hkv
     first, pad, nq, _ = grid(lq, lk, block_size, causal)
     back = nq * block_size - lq - pad
-    rows_ok = torch.ones(nq, block_size, dtype=torch.bool, device=query.device)  # grid rows that are real queries
-    rows_ok.view(-1)[:pad] = False
-    rows_ok.view(-1)[rows_ok.numel() - back:] = False
+    rows_ok = _real_rows(lq, lk, block_size, causal, query.device)
     partial = sorted({j for j, padded in ((0, pad), (nq - 1, back)) if padded})  # blocks with padding rows
     # (B, Hkv, G, nQ * bs, D): a chunk of query blocks is a slice of rows, scored per head without a copy
     q = _padded_queries(query, lk, block_size, causal).view(b, hkv, groups, nq * block_size, d)
