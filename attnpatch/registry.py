@@ -1,22 +1,88 @@
-"""The method registry: the built-in methods (attnpatch/methods, one folder per family) and any a
-user adds with `register_method`, by name."""
+"""The method registry, by name. It finds the methods itself, the first time it is asked:
+
+- built-ins: every module under attnpatch/methods is scanned, and each `Method` subclass that sets
+  `name` in its own class body is a method (adding one is its file, its test and the docs);
+- plugins: the `attnpatch.methods` entry-point group of installed packages, each entry a `Method`
+  subclass or a module scanned the same way (pyproject.toml:
+  `[project.entry-points."attnpatch.methods"] my_method = "my_package.my_method:MyMethod"`);
+- methods a user adds at run time with `register_method`.
+
+It imports only the methods' contract (methods/base.py), never the methods package itself."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import pkgutil
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import PatchError
-from .methods import BUILTIN_METHODS
-from .methods.base import (  # noqa: F401
-    INTERVENTIONS,
-    INTERVENTIONS_ATTR,
-    MODEL_KINDS,
-    Method,
-    ParamSpec,
-    attnpatch_entries,
-)
+from .methods.base import INTERVENTIONS, Method
+
+BUILTIN_PACKAGE = "attnpatch.methods"
+ENTRY_POINT_GROUP = "attnpatch.methods"
 
 _REGISTRY: dict[str, type[Method]] = {}
+_BUILTINS: set[type[Method]] = set()
+_discovered = False
+
+
+def methods_declared_in(module) -> list[type[Method]]:
+    """The methods a module defines: `Method` subclasses of that module that set `name` themselves
+    (a family's base class sets none; a subclass such as pyramidkv of snapkv sets its own)."""
+    return [obj for obj in vars(module).values()
+            if isinstance(obj, type) and issubclass(obj, Method) and obj.__module__ == module.__name__
+            and "name" in vars(obj)]
+
+
+def _builtin_methods() -> list[type[Method]]:
+    root = Path(__file__).parent / "methods"
+    found = []
+    for info in sorted(pkgutil.walk_packages([str(root)], prefix=BUILTIN_PACKAGE + "."), key=lambda i: i.name):
+        found += methods_declared_in(importlib.import_module(info.name))
+    return found
+
+
+def load_plugins() -> list[str]:
+    """Register the methods of installed packages' `attnpatch.methods` entry points (run once on first
+    use; call again after installing a plugin in a running session). A plugin that fails to load or
+    takes a built-in's name is skipped with a warning, so one broken package cannot break attnpatch.
+    Returns the names registered."""
+    _discover()
+    added = []
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        where = f"entry point {entry.name!r} = {entry.value!r} (package {getattr(entry.dist, 'name', '?')})"
+        try:
+            loaded = entry.load()
+            classes = [loaded] if isinstance(loaded, type) else methods_declared_in(loaded)
+            if not classes or not all(isinstance(c, type) and issubclass(c, Method) for c in classes):
+                raise TypeError("it is neither a Method subclass nor a module that defines one")
+            for cls in classes:
+                if _REGISTRY.get(cls.name) is not cls:
+                    register_method(cls)
+                    added.append(cls.name)
+        except Exception as error:  # noqa: BLE001 - a broken plugin is reported, not fatal
+            warnings.warn(f"attnpatch: skipped the method plugin {where}: {type(error).__name__}: {error}",
+                          stacklevel=2)
+    return added
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True  # first: registering below asks for discovery again
+    try:
+        builtins = _builtin_methods()
+    except BaseException:
+        _discovered = False  # a failed scan is retried on the next call, not left half done
+        raise
+    for cls in builtins:
+        register_method(cls)
+        _BUILTINS.add(cls)
+    load_plugins()
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -39,18 +105,22 @@ def register_method(cls: type[Method]) -> type[Method]:
 def unregister_method(name: str) -> type[Method]:
     """Remove a method registered with `register_method` (e.g. a test's or an experiment's) and
     return its class; the built-in methods stay."""
+    _discover()
     if name not in _REGISTRY:
         raise PatchError(f"no method {name!r} is registered; known methods: {', '.join(sorted(_REGISTRY))}")
-    if _REGISTRY[name] in BUILTIN_METHODS:
+    if _REGISTRY.get(name) in _BUILTINS:
         raise PatchError(f"{name!r} is a built-in attnpatch method and cannot be unregistered")
     return _REGISTRY.pop(name)
 
 
 def method_names() -> list[str]:
+    _discover()
     return sorted(_REGISTRY)
 
 
+
 def get_method(name: str) -> type[Method]:
+    _discover()
     if not isinstance(name, str) or name not in _REGISTRY:
         raise PatchError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -86,6 +156,7 @@ class MethodInfo:
 
 def list_methods() -> list[MethodInfo]:
     """Every registered method with its family, model kinds, trainability and parameters."""
+    _discover()
     return [
         MethodInfo(
             name=cls.name,
@@ -100,6 +171,3 @@ def list_methods() -> list[MethodInfo]:
         for _, cls in sorted(_REGISTRY.items())
     ]
 
-
-for _builtin in BUILTIN_METHODS:
-    register_method(_builtin)

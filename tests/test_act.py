@@ -11,6 +11,9 @@ from attnpatch.analysis.act_calibration import calibrate_act, choice_scores
 from attnpatch.api import patched_methods
 from attnpatch.ops.reference import causal_mask, repeat_kv
 from attnpatch.ops.sink_recalibration import sink_calibrated_attention
+from method_cases import MatrixCase
+
+MATRIX_CASES = {"act": MatrixCase(["llama", "vit"], {"alpha": 1.0, "block_size": 4})}
 
 
 def definition(q, k, v, valid, beta, alpha, causal):

@@ -22,6 +22,9 @@ from attnpatch import (
     trainable_parameters,
     unpatch_model,
 )
+from method_cases import MatrixCase
+
+MATRIX_CASES = {"softmax": MatrixCase(["llama", "vit"])}
 
 
 def snapshot(model):

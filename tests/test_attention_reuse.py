@@ -9,6 +9,9 @@ import torch
 
 from attnpatch import PatchError, patch_model, patched_methods, unpatch_model
 from attnpatch.analysis.reuse_calibration import calibrate_reuse
+from method_cases import MatrixCase
+
+MATRIX_CASES = {"attention_reuse": MatrixCase(["dit"])}
 
 TIMESTEPS = [700, 600, 500, 400, 300, 200]  # all inside PAB's window (100-800 of 1000)
 

@@ -12,6 +12,10 @@ from attnpatch.analysis.duo_training import passkey_batches, train_duo_heads
 from attnpatch.methods.heads.duo import duo_reference_mask
 from attnpatch.ops.reference import naive_attention
 from attnpatch.runtime.call import AttentionCall
+from method_cases import MatrixCase
+
+MATRIX_CASES = {"duo_heads": MatrixCase(["llama"], {"sinks": 1, "window": 4}, cache_layer="DuoHeadLayer",
+                                        patch={"layer_params": {0: {"retrieval_heads": [1]}}})}
 
 PATTERN = {0: {"retrieval_heads": [1]}, 2: {"retrieval_heads": [0]}}  # layer 1: both kv heads stream
 

@@ -7,6 +7,9 @@ import torch
 
 from attnpatch import load_patched, patch_model, save_patched, trainable_parameters, unpatch_model
 from attnpatch.runtime.exact import exact_attention  # noqa: F401  (the gated output builds on it)
+from method_cases import MatrixCase
+
+MATRIX_CASES = {"gated": MatrixCase(["llama", "vit"])}
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "vit", "clip"])

@@ -19,6 +19,10 @@ from attnpatch.ops.grid2d import (
 )
 from attnpatch.ops.reference import naive_attention
 from attnpatch.ops.sparse_patterns import a_shape
+from method_cases import MatrixCase
+
+MATRIX_CASES = {"window_2d": MatrixCase(["vit"], {"tile": 2, "window_tiles": 1}),
+                "agent": MatrixCase(["vit"], {"agent_grid": 2})}
 
 
 def qkv(length, hq=4, hkv=4, d=8, seed=0):

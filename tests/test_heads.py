@@ -18,6 +18,10 @@ from attnpatch import (
     unpatch_model,
 )
 from attnpatch.adapters import find_adapter
+from method_cases import MatrixCase, fewer_parameters
+
+MATRIX_CASES = {"prune_heads": MatrixCase(["llama", "vit"], patch={"layers": [0], "layer_params": {0: {"heads": [0, 1]}}},
+                                          structural=True, check=fewer_parameters)}
 
 # (model, {layer: query heads removed}); tiny decoders have 4 query heads in 2 kv groups of 2
 CASES = {

@@ -11,6 +11,20 @@ from attnpatch import cache_kwargs, cache_nbytes, patch_model, unpatch_model
 from attnpatch.registry import get_method, resolve_params
 from attnpatch.runtime.call import AttentionCall
 from attnpatch.runtime.layers import CompressedKVLayer
+from method_cases import MatrixCase
+
+MATRIX_CASES = {
+    **{name: MatrixCase(["llama"], params, cache_layer="CompressedKVLayer") for name, params in {
+        "streaming": {"compression": 0.5, "sinks": 2}, "h2o": {"compression": 0.5}, "tova": {"compression": 0.5},
+        "knorm": {"compression": 0.5}, "keydiff": {"compression": 0.5}, "kvzip": {"compression": 0.5, "chunk": 8},
+        "snapkv": {"compression": 0.5, "window": 4, "kernel": 3},
+        "pyramidkv": {"compression": 0.5, "window": 4, "kernel": 3}}.items()},
+    # kv_quant's 4-bit codes move by a whole step (1/15 of a group's range) when a value crosses a boundary
+    "kv_quant": MatrixCase(["llama"], {"group": 8, "residual": 2, "sinks": 1, "bits": 4}, cache_layer="QuantizedKVLayer",
+                           half_precision_tolerance=0.03),
+}
+# tiny random keys have near-equal norms, and knorm evicts by key norm: rounding flips its choices
+MATRIX_CASES["knorm"].half_precision_tolerance = 0.25
 
 B, HQ, HKV, D, L = 2, 4, 2, 8, 24
 PAD = 5  # sequence 0 is left-padded by 5 tokens

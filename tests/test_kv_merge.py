@@ -12,6 +12,18 @@ from attnpatch.recipes.config import StageConfig
 from attnpatch.recipes.model_setup import train_only
 from attnpatch.runtime.cache import cache_nbytes
 from attnpatch.runtime.dispatch import attention_transfer
+from method_cases import MatrixCase, MatrixRun, fewer_parameters
+
+
+def fewer_kv_heads(run: MatrixRun) -> None:
+    """Structural: fewer kv heads in the projections and in the cache itself (2 -> 1 halves it)."""
+    fewer_parameters(run)
+    assert all(layer.keys.shape[1] == 1 for layer in run.cache.layers)
+    float32_bytes = cache_nbytes(run.cache) * 4 // run.cache.layers[0].keys.element_size()
+    assert float32_bytes * 2 == run.dense_cache_bytes()
+
+
+MATRIX_CASES = {"kv_merge": MatrixCase(["llama"], {"kv_heads": 1}, structural=True, check=fewer_kv_heads)}
 
 D = 16  # head_dim of the tiny decoders
 

@@ -94,3 +94,20 @@ def test_no_import_cycle():
 def test_no_module_is_over_300_lines():
     long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 300}
     assert not long, long
+
+
+# each family's folder under methods/ (the package scan registers what it finds there)
+FAMILY_OF_FOLDER = {"sparse": "sparse", "linear": "linearized", "heads": "head-pruned", "kv": "kv-compressed",
+                    "sinks": "sink-recalibrated", "tokens": "tokens", "reference": "reference"}
+
+
+def test_each_builtin_method_sits_in_its_familys_folder():
+    from attnpatch.registry import get_method, method_names
+
+    misplaced = {}
+    for name in method_names():
+        cls = get_method(name)
+        folder = cls.__module__.split(".")[2]  # attnpatch.methods.<folder>[.file]
+        if FAMILY_OF_FOLDER.get(folder) != cls.family:
+            misplaced[name] = (cls.__module__, cls.family)
+    assert not misplaced, misplaced

@@ -10,6 +10,9 @@ from attnpatch import PatchError, cache_nbytes, load_patched, patch_model, save_
 from attnpatch.ops.hybrid import hybrid_attention, naive_hybrid_attention
 from attnpatch.ops.linear import EluFeatureMap, HedgehogFeatureMap
 from attnpatch.runtime.layers import HybridWindowLayer
+from method_cases import MatrixCase
+
+MATRIX_CASES = {"lolcats": MatrixCase(["llama", "vit"], {"window": 4, "chunk_size": 4, "gate_init": 0.5})}
 
 B, HQ, HKV, D = 2, 4, 2, 8
 

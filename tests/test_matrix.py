@@ -6,7 +6,8 @@
    Tolerance (stated): no NaN or inf, and the half-precision output's largest difference from the same
    method's float32 output, relative to the float32 output's largest magnitude, is at most 3x what the
    unpatched model shows in that dtype (measured alongside: ~0.006-0.009 bfloat16, ~0.001 float16);
-   knorm, var and kv_quant, whose discrete choices flip under rounding, get 0.25, 0.06 and 0.03.
+   methods whose discrete choices flip under rounding state a larger one in their case (knorm 0.25,
+   var 0.06, kv_quant 0.03). Each method's row is its `MatrixCase`, in the test file that tests it.
 2. batch: each decoder-capable method runs `generate()` (greedy, 5 new tokens) on a batch of 2 whose
    first row is left-padded by 3, and each row agrees with generating that row alone: the same
    tokens and every step's logits within 1e-4 (for `softmax` within 1e-6: the unpatched model's own
@@ -19,6 +20,8 @@ are in the cache and hold fewer bytes than the dense cache, the structure or the
 from __future__ import annotations
 
 import functools
+import importlib
+from pathlib import Path
 
 import pytest
 import tiny_models as tm
@@ -27,56 +30,29 @@ from transformers import DynamicCache
 
 from attnpatch import cache_nbytes, compress_context, list_methods, patch_model, patched_methods, unpatch_model
 from attnpatch.runtime.cache import cache_kwargs
+from method_cases import MatrixCase, MatrixRun
 
-KV = {"streaming": {"compression": 0.5, "sinks": 2}, "h2o": {"compression": 0.5},
-      "tova": {"compression": 0.5}, "knorm": {"compression": 0.5}, "keydiff": {"compression": 0.5},
-      "kvzip": {"compression": 0.5, "chunk": 8},
-      "snapkv": {"compression": 0.5, "window": 4, "kernel": 3},
-      "pyramidkv": {"compression": 0.5, "window": 4, "kernel": 3}}
-# method -> (tiny models it runs on here, parameters that make it act at these lengths)
-CASES = {
-    "softmax": (["llama", "vit"], {}),
-    "sliding_window": (["llama", "vit"], {"window": 5, "sinks": 1, "block_size": 4}),
-    "a_shape": (["llama", "vit"], {"block_size": 4, "local_blocks": 1}),
-    "bigbird": (["llama", "vit"], {"block_size": 4, "window_blocks": 0, "random_blocks": 1}),
-    "block_topk": (["llama", "vit"], {"block_size": 4, "top_k": 1}),
-    "seer_gate": (["llama", "vit"], {"block_size": 4, "top_k": 1}),
-    "star": (["llama", "vit"], {"block_size": 4, "context_blocks": 1, "anchor_blocks": 0, "query_tokens": 1}),
-    "vertical_slash": (["llama"], {"block_size": 4, "vertical": 2, "slash": 2, "last_q": 4}),
-    "window_2d": (["vit"], {"tile": 2, "window_tiles": 1}),
-    "agent": (["vit"], {"agent_grid": 2}),
-    "linear": (["llama", "vit"], {"feature_map": "elu", "chunk_size": 4}),
-    "lolcats": (["llama", "vit"], {"window": 4, "chunk_size": 4, "gate_init": 0.5}),
-    "gated": (["llama", "vit"], {}),
-    "act": (["llama", "vit"], {"alpha": 1.0, "block_size": 4}),
-    "duo_heads": (["llama"], {"sinks": 1, "window": 4}),
-    **{name: (["llama"], params) for name, params in KV.items()},
-    "kv_quant": (["llama"], {"group": 8, "residual": 2, "sinks": 1, "bits": 4}),
-    "prune_heads": (["llama", "vit"], {}),
-    "kv_merge": (["llama"], {"kv_heads": 1}),
-    "mla": (["llama"], {"rank": 16}),
-    "visual_token_prune": (["llava"], {"ratio": 0.5}),
-    "token_merge": (["vit", "dit", "llava"], {"r": 2, "destinations": "strided"}),
-    "attention_reuse": (["dit"], {}),
-    "var": (["llava"], {"p": 1.0, "rho": 0.0, "tau": 1.5, "dims": [0, 1, 2, 3]}),
-}
+
+def collect_cases() -> dict[str, MatrixCase]:
+    """Each method's row, from the `MATRIX_CASES` of the test file that tests it (tests/method_cases.py)."""
+    cases = {}
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        if path.name != Path(__file__).name and "MATRIX_CASES" in path.read_text():
+            for name, case in importlib.import_module(path.stem).MATRIX_CASES.items():
+                assert name not in cases, f"{name} has a matrix case in two test files"
+                cases[name] = case
+    return cases
+
+
+CASES = collect_cases()
 # the half-precision error may be this many times the unpatched model's own (measured in the test)
 DENSE_ERROR_FACTOR = 3.0
-# methods whose discrete choices flip when inputs are rounded: tiny random keys have near-equal norms
-# (knorm evicts by key norm), var's massive-activation threshold sits near the tiny model's values, and
-# kv_quant's 4-bit codes move by a whole step (1/15 of a group's range) when a value crosses a boundary
-DISCRETE_CHOICE_TOLERANCE = {"knorm": 0.25, "var": 0.06, "kv_quant": 0.03}
 PROMPT, STEPS, PAD = 14, 4, 3
 
 
 def patch(model, name: str, model_name: str):
     """Patch with the case's parameters, plus the per-layer settings some methods need."""
-    params = dict(CASES[name][1])
-    if name == "duo_heads":
-        return patch_model(model, name, **params, layer_params={0: {"retrieval_heads": [1]}})
-    if name == "prune_heads":
-        return patch_model(model, name, layers=[0], layer_params={0: {"heads": [0, 1]}})
-    return patch_model(model, name, **params)
+    return patch_model(model, name, **CASES[name].params, **CASES[name].patch)
 
 
 def llava_inputs(model, left_pad: int = 0):
@@ -175,35 +151,24 @@ def dense_cache_bytes(model_name: str) -> int:
 
 
 def assert_active(name: str, model, model_name: str, cache, before_params: int):
-    """The method really ran: attention calls, its cache layers and their bytes, fewer heads or tokens."""
-    methods = patched_methods(model)
+    """The method really ran: attention calls, its cache layers and their bytes, then the case's own
+    check (fewer heads or tokens, merges, sinks found)."""
+    case, methods = CASES[name], patched_methods(model)
     assert methods, f"{name} placed nothing"
-    if name == "prune_heads":
-        assert sum(p.numel() for p in model.parameters()) < before_params
-        return
-    if name == "kv_merge":  # structural: fewer kv heads in the projections and in the cache itself
-        assert sum(p.numel() for p in model.parameters()) < before_params
-        assert all(layer.keys.shape[1] == 1 for layer in cache.layers)
-        float32_bytes = cache_nbytes(cache) * 4 // cache.layers[0].keys.element_size()
-        assert float32_bytes * 2 == dense_cache_bytes(model_name)  # 2 kv heads -> 1
-        return
-    assert all(m.calls > 0 for m in methods), f"{name}: some patched modules were never called"
-    if name in ("visual_token_prune", "token_merge") and model_name == "llava":  # fewer tokens reached the LM
-        ids = llava_inputs(model, left_pad=PAD)[0]
-        assert cache.get_seq_length() < ids.shape[1] + STEPS
-    if name == "token_merge":  # every layer merged its r tokens
-        assert methods[0].state.merges >= len(methods)
-    if name == "var":  # visual sinks were found and redistributed in some layer
-        assert any(m.sinks is not None and bool(m.sinks.any()) for m in methods)
-    if name in KV or name in ("kv_quant", "duo_heads", "mla"):
+    if not case.structural:
+        assert all(m.calls > 0 for m in methods), f"{name}: some patched modules were never called"
+    if case.cache_layer:
         layers = [cache.layers[m.site.layer] for m in methods]
-        expected = {"kv_quant": "QuantizedKVLayer", "duo_heads": "DuoHeadLayer", "mla": "LatentKVLayer"}.get(name, "CompressedKVLayer")
-        assert all(type(layer).__name__ == expected for layer in layers), (name, [type(x) for x in layers])
+        assert all(type(layer).__name__ == case.cache_layer for layer in layers), (name, [type(x) for x in layers])
         assert cache_nbytes(cache) < dense_cache_bytes(model_name)
+    if case.check:
+        prompt = llava_inputs(model, left_pad=PAD)[0].shape[1] if model_name == "llava" else PROMPT + PAD
+        case.check(MatrixRun(model, model_name, cache, before_params, lambda: dense_cache_bytes(model_name),
+                             dense_cache_tokens=prompt + STEPS))
 
 
 def method_model_pairs():
-    return [(name, model_name) for name, (models, _) in CASES.items() for model_name in models]
+    return [(name, model_name) for name, case in CASES.items() for model_name in case.models]
 
 
 def test_every_registered_method_is_in_the_matrix():
@@ -223,7 +188,7 @@ def test_half_precision_agrees_with_float32(name, model_name, dtype):
     got, cache = outputs(model, model_name, dtype)
     assert torch.isfinite(got).all(), f"{name} on {model_name} in {dtype}: NaN or inf"
     error = relative_error(got, reference)
-    tolerance = DISCRETE_CHOICE_TOLERANCE.get(name) or DENSE_ERROR_FACTOR * dense_dtype_error(model_name, dtype)
+    tolerance = CASES[name].half_precision_tolerance or DENSE_ERROR_FACTOR * dense_dtype_error(model_name, dtype)
     assert error <= tolerance, f"{name} on {model_name} in {dtype}: relative error {error:.4f} > {tolerance:.4f}"
     assert_active(name, model, model_name, cache, before_params)
 

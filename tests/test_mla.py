@@ -16,6 +16,9 @@ from attnpatch.ops.latent import (POSITION_COLUMNS, apply_rope, compress_keys, c
                                   query_energy, value_factors)
 from attnpatch.runtime.cache import cache_nbytes
 from attnpatch.runtime.dispatch import attention_transfer
+from method_cases import MatrixCase
+
+MATRIX_CASES = {"mla": MatrixCase(["llama"], {"rank": 16}, cache_layer="LatentKVLayer")}
 
 FULL = 2 * 16  # kv heads x head_dim of the tiny decoders
 

@@ -12,6 +12,9 @@ from attnpatch import PatchError, load_patched, patch_model, patched_methods, sa
 from attnpatch.ops.seer_gate import block_attention_target, gate_distillation_loss, gate_log_probs
 from attnpatch.ops.block_selection import block_topk
 from attnpatch.runtime.dispatch import attention_transfer
+from method_cases import MatrixCase
+
+MATRIX_CASES = {"seer_gate": MatrixCase(["llama", "vit"], {"block_size": 4, "top_k": 1})}
 
 
 def test_gate_and_target_match_loop_references():

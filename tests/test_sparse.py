@@ -19,6 +19,16 @@ from attnpatch.ops.sparse_patterns import (
     star,
     vertical_slash,
 )
+from method_cases import MatrixCase
+
+MATRIX_CASES = {
+    "sliding_window": MatrixCase(["llama", "vit"], {"window": 5, "sinks": 1, "block_size": 4}),
+    "a_shape": MatrixCase(["llama", "vit"], {"block_size": 4, "local_blocks": 1}),
+    "bigbird": MatrixCase(["llama", "vit"], {"block_size": 4, "window_blocks": 0, "random_blocks": 1}),
+    "block_topk": MatrixCase(["llama", "vit"], {"block_size": 4, "top_k": 1}),
+    "star": MatrixCase(["llama", "vit"], {"block_size": 4, "context_blocks": 1, "anchor_blocks": 0, "query_tokens": 1}),
+    "vertical_slash": MatrixCase(["llama"], {"block_size": 4, "vertical": 2, "slash": 2, "last_q": 4}),
+}
 
 B, HQ, HKV, D = 2, 4, 2, 8
 

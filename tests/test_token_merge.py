@@ -12,6 +12,17 @@ from attnpatch.ops.reference import naive_attention
 from attnpatch.methods.tokens.token_merge_wiring import mlp_parts
 from attnpatch.ops.token_merge import alternate_destinations, bipartite_merge, grid_destinations
 from attnpatch.runtime.call import AttentionCall
+from method_cases import MatrixCase, MatrixRun, fewer_cached_tokens
+
+
+def merged_in_every_layer(run: MatrixRun) -> None:
+    methods = patched_methods(run.model)
+    assert methods[0].state.merges >= len(methods)
+    fewer_cached_tokens(run)
+
+
+MATRIX_CASES = {"token_merge": MatrixCase(["vit", "dit", "llava"], {"r": 2, "destinations": "strided"},
+                                          check=merged_in_every_layer)}
 
 ENCODERS = ("vit", "clip", "siglip")
 DIFFUSION = ("dit", "pixart", "sd3")

@@ -40,7 +40,7 @@ MODES = ("merge", "prune")
 
 class TokenMerge(Method):
     name = "token_merge"
-    family = "sparse"
+    family = "tokens"
     summary = ("ToMe / ToMeSD: similar tokens merge by bipartite soft matching (encoders: r per layer between attention "
                "and MLP, proportional attention, [CLS] kept; diffusion: a ratio merged around each self-attention and "
                "unmerged after), or are pruned.")

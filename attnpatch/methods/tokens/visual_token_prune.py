@@ -70,7 +70,7 @@ def drop_columns(value: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
 
 class VisualTokenPrune(Method):
     name = "visual_token_prune"
-    family = "sparse"
+    family = "tokens"
     summary = ("FasterVLM / FoPru for Llava-style VLMs: rank image tokens by the vision tower's [CLS] attention at the "
                "feature layer and pass only a ratio of them (by rank or by grid row, in order) to the language model.")
     model_kinds = ("encoder",)

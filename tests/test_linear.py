@@ -1,4 +1,5 @@
-"""The flash-linear-attention backend of `linear`: its Triton kernel needs a GPU (eval/gpu_check.py
+"""The `linear` method (its matrix row here; the chunked kernel in test_ops.py) and its
+flash-linear-attention backend: its Triton kernel needs a GPU (eval/gpu_check.py
 holds it to the torch path there), so here the kernel is replaced by its documented contract, which
 checks everything attnpatch does around it: layout, GQA, the carried state, padding, the handoff to
 decoding, the dispatch and its errors."""
@@ -14,6 +15,9 @@ from attnpatch import PatchError, patch_model, patched_methods, unpatch_model
 from attnpatch.ops.linear import LinearState, causal_linear_attention
 from attnpatch.ops.linear_fla import FLA_MIN_TOKENS, fla_causal_linear_attention, fla_kernel
 from attnpatch.runtime.cache import cache_kwargs
+from method_cases import MatrixCase
+
+MATRIX_CASES = {"linear": MatrixCase(["llama", "vit"], {"feature_map": "elu", "chunk_size": 4})}
 
 HAS_FLA = importlib.util.find_spec("fla") is not None and fla_kernel() is not None
 

@@ -31,7 +31,7 @@ from ...errors import PatchError
 from ...runtime.dispatch import active_transfer
 from ...ops.head_merge import principal_merge
 from ..base import INTERVENTIONS_ATTR, Method, ParamSpec
-from .surgery import (augmented_rows, check_surgery_site, config_update, fused_linear, gather_blocks,
+from ..heads.surgery import (augmented_rows, check_surgery_site, config_update, fused_linear, gather_blocks,
                       linear_from_rows, merge_groups, sliced_linear)
 
 FUSIONS = ("mean", "first", "pca")
