@@ -161,7 +161,7 @@ def test_generate_padded_batch_budget_and_bytes(method):
     for i, layer in enumerate(cache.layers):
         assert isinstance(layer, CompressedKVLayer)
         # a held cache stores its budget plus one slot, where each step writes its token before evicting
-        expected = (layer.budget.max().item() if grows else 8 + 1)
+        expected = (layer.policy.budget.max().item() if grows else 8 + 1)
         if not grows:
             assert layer.valid[:, 0].sum(-1).tolist() == [8, 8]  # per sequence, padding never kept
         assert layer.keys.shape == (2, cfg.num_key_value_heads, expected, 16)
@@ -481,6 +481,7 @@ def _streaming_decode(ids, mask, budget, sinks, ring=True, steps=9, padded_step=
     """Greedy steps of a streaming-patched tiny Llama (row 0's token of `padded_step` masked out, two
     tokens fed at `double_step`), the ring on or off; returns the steps' logits, each step's kept positions per layer, row and kv head,
     the cache, and how many slots the ring freed."""
+    from attnpatch.methods.kv.eviction import eviction_state
     from attnpatch.methods.kv.streaming import StreamingLLM
 
     freed, free = [], CompressedKVLayer.free
@@ -528,22 +529,24 @@ def test_streaming_leaves_its_ring_at_a_padded_or_multi_token_step(step):
     ids, mask = tm.text_batch(length=20)
     logits, kept, cache, freed = _streaming_decode(ids, mask, 7, 2, **{step: 3})
     assert freed == len(cache.layers) * 3  # the three steps before it; the scored path afterwards
-    assert all(layer.ring is False for layer in cache.layers)
+    assert all(layer.policy.ring is False for layer in cache.layers)
     scored_logits, scored_kept, _, _ = _streaming_decode(ids, mask, 7, 2, ring=False, **{step: 3})
     assert scored_kept == kept and all(torch.equal(a, b) for a, b in zip(logits, scored_logits))
 
 
 def test_streaming_starts_its_ring_only_on_the_sinks_then_the_window_in_order():
+    from attnpatch.methods.kv.eviction import eviction_state
     from attnpatch.methods.kv.streaming import StreamingLLM
 
     layer = CompressedKVLayer()
     layer.update(torch.zeros(2, 2, 8, 4), torch.zeros(2, 2, 8, 4))  # 8 entries, positions 0-7
-    layer.budget = torch.tensor([7, 7])
+    state = eviction_state(layer)
+    state.budget = torch.tensor([7, 7])
     assert StreamingLLM._start_ring(layer, 2) == (2, 6)  # sinks 0, 1; the window 2-7 from slot 2
     layer.positions[1, 0, 2:4] = torch.tensor([3, 2], dtype=torch.int32)  # one row's window out of order
     assert StreamingLLM._start_ring(layer, 2) is False
     layer.positions[1, 0, 2:4] = torch.tensor([2, 3], dtype=torch.int32)
-    layer.budget = torch.tensor([7, 6])  # budgets that differ between sequences
+    state.budget = torch.tensor([7, 6])  # budgets that differ between sequences
     assert StreamingLLM._start_ring(layer, 2) is False
-    layer.budget = torch.tensor([8, 8])  # not over budget yet
+    state.budget = torch.tensor([8, 8])  # not over budget yet
     assert StreamingLLM._start_ring(layer, 2) is None

@@ -11,7 +11,7 @@ from attnpatch import PatchError, load_patched, patch_model, patched_methods, sa
 from attnpatch.recipes.config import StageConfig
 from attnpatch.recipes.model_setup import train_only
 from attnpatch.runtime.cache import cache_nbytes
-from attnpatch.runtime.dispatch import attention_transfer
+from attnpatch.runtime.modes import attention_transfer
 from method_cases import MatrixCase, MatrixRun, fewer_parameters
 
 

@@ -2,7 +2,11 @@
 or stays inside its own package, and modules import each other without a cycle.
 
     __init__ -> cli -> evaluation, recipes -> analysis -> models -> api -> config
-      -> registry, adapters -> methods -> runtime -> ops -> errors
+      -> registry, adapters -> routing -> methods -> runtime -> ops -> errors
+
+runtime/ is split by call direction: routing/ (normalising a library's call, equipping its cache,
+dispatching) serves the adapters and sits above the methods; runtime/ (the call type, exact attention,
+cache layers and facts, the attention modes) serves the methods and sits below them.
 """
 
 import ast
@@ -12,8 +16,8 @@ import attnpatch
 
 PACKAGE = Path(attnpatch.__file__).parent
 # rank of each top-level part: an import may only go to a lower rank, or within the same part
-RANKS = {"errors": 0, "ops": 1, "runtime": 2, "methods": 3, "registry": 4, "adapters": 4, "config": 5, "api": 6,
-         "models": 7, "analysis": 8, "evaluation": 9, "recipes": 9, "cli": 10, "__init__": 11}
+RANKS = {"errors": 0, "ops": 1, "runtime": 2, "methods": 3, "routing": 4, "registry": 5, "adapters": 5, "config": 6,
+         "api": 7, "models": 8, "analysis": 9, "evaluation": 10, "recipes": 10, "cli": 11, "__init__": 12}
 
 
 def module_name(path: Path) -> str:

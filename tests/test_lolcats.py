@@ -219,7 +219,7 @@ def test_attention_cross_entropy_is_softmax_entropy_when_the_window_covers_every
     from attnpatch.ops.hybrid import hybrid_attention_weights
     from attnpatch.ops.kv_select import attention_weights
     from attnpatch.ops.reference import causal_mask
-    from attnpatch.runtime.dispatch import attention_cross_entropy
+    from attnpatch.routing.dispatch import attention_cross_entropy
 
     q, k, v, gate = inputs(13)
     fq, fk = features("elu", q, k)
@@ -238,7 +238,7 @@ def test_cross_entropy_fits_hedgehog_maps_to_softmax_weights():
     from attnpatch.ops.hybrid import hybrid_attention_weights
     from attnpatch.ops.kv_select import attention_weights
     from attnpatch.ops.reference import causal_mask
-    from attnpatch.runtime.dispatch import attention_cross_entropy
+    from attnpatch.routing.dispatch import attention_cross_entropy
 
     torch.manual_seed(0)
     q, k, _, _ = inputs(32)
@@ -270,7 +270,7 @@ def test_cross_entropy_fits_hedgehog_maps_to_softmax_weights():
 def test_transfer_adds_the_weighted_cross_entropy(name, method):
     """Per-layer transfer loss = MSE + attention_ce * cross-entropy (linear in the weight, at least
     the softmax entropy), with finite gradients on the trainable maps; decoder and encoder."""
-    from attnpatch.runtime.dispatch import attention_transfer
+    from attnpatch.runtime.modes import attention_transfer
 
     torch.manual_seed(0)
     model = tm.build(name)

@@ -15,7 +15,7 @@ from attnpatch.ops.latent import (POSITION_COLUMNS, apply_rope, compress_keys, c
                                   expand_values, key_factors, output_metric, position_columns, positions_from_columns,
                                   query_energy, value_factors)
 from attnpatch.runtime.cache import cache_nbytes
-from attnpatch.runtime.dispatch import attention_transfer
+from attnpatch.runtime.modes import attention_transfer
 from method_cases import MatrixCase
 
 MATRIX_CASES = {"mla": MatrixCase(["llama"], {"rank": 16}, cache_layer="LatentKVLayer")}
@@ -248,7 +248,7 @@ def test_calibration_starts_the_latent_from_the_measured_activations():
     """Principal components of the measured keys and values keep more of them than the projections'
     SVD: the rebuilt K/V of the calibration batches are closer, and so are the outputs."""
     from attnpatch.analysis.activation_calibration import calibrate_from_activations
-    from attnpatch.runtime.dispatch import observe_attention
+    from attnpatch.runtime.modes import observe_attention
 
     model = tm.build("llama")
     with torch.no_grad():  # trained models' hidden states are far from isotropic: give the tiny one outlier channels

@@ -11,7 +11,7 @@ import torch
 from attnpatch import PatchError, load_patched, patch_model, patched_methods, save_patched, unpatch_model
 from attnpatch.ops.seer_gate import block_attention_target, gate_distillation_loss, gate_log_probs
 from attnpatch.ops.block_selection import block_topk
-from attnpatch.runtime.dispatch import attention_transfer
+from attnpatch.runtime.modes import attention_transfer
 from method_cases import MatrixCase
 
 MATRIX_CASES = {"seer_gate": MatrixCase(["llama", "vit"], {"block_size": 4, "top_k": 1})}

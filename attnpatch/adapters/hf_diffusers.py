@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PatchError
-from ..runtime.call import AttentionCall, normalise_mask
-from ..runtime.dispatch import run_method
+from ..routing.dispatch import run_method
+from ..routing.normalise import normalise_mask
+from ..runtime.call import AttentionCall
 from .base import Adapter, AttentionSite, split_layer_path, tower_depths
 
 _active_method: contextvars.ContextVar = contextvars.ContextVar("attnpatch_diffusers_method", default=None)

@@ -15,9 +15,11 @@ import types
 from torch import nn
 
 from ..errors import PatchError
-from ..runtime.cache import find_cache, state_layer_for
-from ..runtime.call import CACHE_ABSENT, CACHE_DECLINED, CACHE_OWN, CACHE_UNCHECKED, AttentionCall, normalise_mask
-from ..runtime.dispatch import run_method
+from ..routing.cache import state_layer_for
+from ..runtime.cache import find_cache
+from ..routing.dispatch import run_method
+from ..routing.normalise import normalise_mask
+from ..runtime.call import CACHE_ABSENT, CACHE_DECLINED, CACHE_OWN, CACHE_UNCHECKED, AttentionCall
 from .base import Adapter, AttentionSite, HeadAccess, split_layer_path, tower_depths
 
 ATTENTION_NAME = "attnpatch"

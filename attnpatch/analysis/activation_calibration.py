@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..api import patched_methods
 from ..errors import PatchError
-from ..runtime.dispatch import exact_attention_everywhere
+from ..runtime.modes import exact_attention_everywhere
 
 
 def _hidden_states(args, kwargs) -> torch.Tensor:

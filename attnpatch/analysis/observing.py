@@ -9,7 +9,7 @@ import contextlib
 from ..adapters import find_adapter
 from ..errors import PatchError
 from ..methods.base import INTERVENTIONS_ATTR
-from ..runtime.dispatch import observe_attention
+from ..runtime.modes import observe_attention
 
 
 def self_attention_sites(model, towers: list[str] | str | None = None) -> list:

@@ -23,6 +23,7 @@ from ..config import PatchConfig
 from ..errors import PatchError
 from ..registry import get_method, resolve_params
 from ..runtime.cache import cache_kwargs, cache_nbytes
+from ..methods.kv.eviction import stop_evicting
 from ..runtime.layers import CompressedKVLayer
 from .patching import patch_model, patched_configs, patched_methods, unpatch_model
 
@@ -147,7 +148,7 @@ def compress_context(model: nn.Module, context_ids: torch.Tensor, method: str | 
                         **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         for layer in cache.layers:
             if isinstance(layer, CompressedKVLayer):
-                layer.decode, layer.headroom = "grow", True  # after the context, nothing is evicted
+                stop_evicting(layer)  # after the context, nothing is evicted
     except BaseException:
         if patched_here:
             unpatch_model(model)

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PatchError
-from ..runtime.dispatch import attention_transfer
+from ..runtime.modes import attention_transfer
 from .config import StageConfig
 from .model_setup import is_attnpatch, trainable
 

@@ -67,7 +67,7 @@ def convert(config: RecipeConfig) -> Path:
     from accelerate.utils import set_seed
 
     from ..models import load_model
-    from ..runtime.dispatch import exact_attention_everywhere
+    from ..runtime.modes import exact_attention_everywhere
     from .sharding import full_state_dict, shard_model, sharding_settings
 
     fsdp = sharding_settings(config.fsdp)

@@ -23,6 +23,7 @@ from ...ops.kv_select import (accumulated_attention_scores, block_mask, compact,
 from ...runtime.exact import exact_attention, one_query_attention, sdpa_attention
 from ...runtime.layers import CompressedKVLayer
 from ..base import Method, ParamSpec
+from .eviction import EvictionState, eviction_state
 
 
 def decode_param(default: str) -> ParamSpec:
@@ -108,38 +109,39 @@ class KVCompressionMethod(KVCacheMethod):
         lq = call.query.shape[-2]
         if call.mask is not None:  # padding of the new tokens, from the model's mask
             layer.mark_new_padding(call.mask[..., -lq:].any(dim=-2).any(dim=1))  # (B or 1, lq)
-        prefill = layer.budget is None
+        state = eviction_state(layer)
+        prefill = not state.prefilled
         # a compressed context (compress_context) grows whatever the method does while decoding
-        policy = layer.decode or self.config["decode"]
+        policy = state.decode or self.config["decode"]
         holds = policy == "hold"
         out, attention = self.compute_output(call, layer, prefill, with_weights=holds and self.observed_queries() != 0)
         if layer.sliding_window is not None:  # entries the model's own window no longer reaches: freed
             newest = layer.seen_tokens - 1
             layer.valid &= (newest - layer.positions) < layer.sliding_window - 1
         if prefill:
-            layer.budget = self.layer_budget(layer.valid[:, 0].sum(-1))
+            state.budget = self.layer_budget(layer.valid[:, 0].sum(-1))
             layer.headroom = not holds  # a held cache never needs more than its budget + one step
         elif not holds:  # compress once: the cache grows (freed slots are reused)
-            layer.budget = layer.budget + lq
+            state.budget = state.budget + lq
             return out
         else:  # held: evict every `evict_every` steps (scores that accumulate are updated every step)
-            layer.pending += 1
-            if layer.pending < self.config["evict_every"] and not self.accumulates:
+            state.pending += 1
+            if state.pending < self.config["evict_every"] and not self.accumulates:
                 return out
             freed = self.fixed_eviction(layer, lq)
             if freed is not None:  # the slots to free are known without scoring anything
-                layer.pending = 0
+                state.pending = 0
                 layer.free(freed)
                 return out
         scores = self._scores(call, layer, prefill, attention)
-        if not prefill and layer.pending < self.config["evict_every"]:
+        if not prefill and state.pending < self.config["evict_every"]:
             return out
-        layer.pending = 0
+        state.pending = 0
         # the tokens of this step are never evicted in it (nor the budget below them)
         if prefill:
-            budget, recent = layer.budget, self.recent(layer.budget)
+            budget, recent = state.budget, self.recent(state.budget)
         else:
-            budget, recent = self._step_limits(layer, lq)
+            budget, recent = self._step_limits(state, lq)
         adaptive = self.config.get("head_adaptive")
         if prefill:
             if layer.stored_tokens > int(budget.max()) or bool((layer.valid.sum(-1) > budget[:, None]).any()):
@@ -157,17 +159,17 @@ class KVCompressionMethod(KVCacheMethod):
         layer.evict(*evicted)  # free the evicted slots in place; the next tokens are written there
         return out
 
-    def _step_limits(self, layer: CompressedKVLayer, lq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step_limits(self, state: EvictionState, lq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A held step's budget and recent window, at least the step's own tokens; reused while the
         layer's budget tensor stays the same (every step of a held cache). Kept on the method, not the
         cache, so the cache's bytes stay exactly its own."""
         cached = getattr(self, "_step_limits_cache", None)
-        if cached is not None and cached[0] is layer.budget and cached[1] == lq:
+        if cached is not None and cached[0] is state.budget and cached[1] == lq:
             return cached[2], cached[3]
-        budget = torch.clamp(layer.budget, min=lq)
-        recent = torch.as_tensor(self.recent(layer.budget), device=budget.device)
+        budget = torch.clamp(state.budget, min=lq)
+        recent = torch.as_tensor(self.recent(state.budget), device=budget.device)
         recent = torch.clamp(recent.expand_as(budget), min=lq)
-        self._step_limits_cache = (layer.budget, lq, budget, recent)
+        self._step_limits_cache = (state.budget, lq, budget, recent)
         return budget, recent
 
     def _scores(self, call, layer: CompressedKVLayer, prefill: bool, attention: torch.Tensor | None = None) -> torch.Tensor:

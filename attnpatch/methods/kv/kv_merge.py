@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ...errors import PatchError
-from ...runtime.dispatch import active_transfer
+from ...runtime.modes import active_transfer
 from ...ops.head_merge import principal_merge
 from ..base import INTERVENTIONS_ATTR, Method, ParamSpec
 from ..heads.surgery import (augmented_rows, check_surgery_site, config_update, fused_linear, gather_blocks,

@@ -12,6 +12,7 @@ from ...runtime.cache import cache_kwargs
 from ...runtime.layers import CompressedKVLayer
 from ..base import ParamSpec
 from .base import BUDGET_PARAMS, HEAD_ADAPTIVE_PARAM, KVCompressionMethod, decode_param
+from .eviction import eviction_state
 
 class KVzip(KVCompressionMethod):
     REPLAY_PROMPT = "\n\nRepeat the text above exactly:\n"
@@ -33,7 +34,7 @@ class KVzip(KVCompressionMethod):
 
     def attention(self, call):
         layer = self.required_cache_layer(call)
-        if layer is None or (layer.budget is not None and self.replay_phase is None):
+        if layer is None or (eviction_state(layer).prefilled and self.replay_phase is None):
             return super().attention(call)  # no cache (warned), or a compressed context decoding
         if self.replay_phase is None:
             raise PatchError("kvzip scores a context by replaying it through the model: compress it with "
@@ -51,8 +52,9 @@ class KVzip(KVCompressionMethod):
             call.query, layer.keys, layer.valid, call.scaling, softcap=call.softcap, key_positions=layer.positions,
             reduce="max", query_valid=None if real is None else real.expand(call.query.shape[0], -1),
             values=layer.values)
-        context = layer.replay_scores.shape[-1]
-        layer.replay_scores = torch.maximum(layer.replay_scores, scores[..., :context])
+        state = eviction_state(layer)
+        context = state.replay_scores.shape[-1]
+        state.replay_scores = torch.maximum(state.replay_scores, scores[..., :context])
         return out
 
     @classmethod
@@ -74,7 +76,8 @@ class KVzip(KVCompressionMethod):
                 raise PatchError(f"kvzip: {len(methods)} patched layers but {len(layers)} compressed cache layers")
             length = context_ids.shape[1]
             for layer in layers:
-                layer.replay_scores = torch.zeros(layer.valid.shape, dtype=torch.float32, device=layer.valid.device)
+                eviction_state(layer).replay_scores = torch.zeros(layer.valid.shape, dtype=torch.float32,
+                                                                  device=layer.valid.device)
             _set_phase(methods, "replay")
             batch = context_ids.shape[0]
             prompt = (context_ids.new_zeros(batch, 0) if prompt_ids is None
@@ -99,34 +102,36 @@ class KVzip(KVCompressionMethod):
         return prefilled
 
     def cut_to_budget(self, layer: CompressedKVLayer) -> None:
-        layer.budget = self.layer_budget(layer.valid[:, 0].sum(-1))
-        kept = select_mask(layer.replay_scores, layer.valid, layer.budget, sinks=self.config["sinks"],
+        state = eviction_state(layer)
+        state.budget = self.layer_budget(layer.valid[:, 0].sum(-1))
+        kept = select_mask(state.replay_scores, layer.valid, state.budget, sinks=self.config["sinks"],
                            head_adaptive=self.config.get("head_adaptive"))
         layer.keep(*compact(kept))
-        layer.replay_scores = None
+        state.replay_scores = None
 
 
 def cut_model_to_budget(layers: list[CompressedKVLayer], methods: list[KVzip]) -> None:
     """One budget for the whole model: every layer's budget x its kv heads, summed, goes to the
     highest replay scores of any layer and head; each head keeps its sinks (so none is left empty)."""
     ranked = []
-    for layer, method in zip(layers, methods):
-        layer.budget = method.layer_budget(layer.valid[:, 0].sum(-1))
+    states = [eviction_state(layer) for layer in layers]
+    for layer, state, method in zip(layers, states, methods):
+        state.budget = method.layer_budget(layer.valid[:, 0].sum(-1))
         sink = layer.valid & (valid_rank(layer.valid) < method.config["sinks"])
-        scores = torch.where(sink, float("inf"), layer.replay_scores).masked_fill(~layer.valid, float("-inf"))
+        scores = torch.where(sink, float("inf"), state.replay_scores).masked_fill(~layer.valid, float("-inf"))
         ranked.append(scores.flatten(1))  # (B, H * L)
     flat = torch.cat(ranked, dim=1)
-    total = sum(layer.budget * layer.valid.shape[1] for layer in layers)  # (B,)
+    total = sum(state.budget * layer.valid.shape[1] for layer, state in zip(layers, states))  # (B,)
     valid_total = sum(layer.valid.flatten(1).sum(-1) for layer in layers)
     total = torch.minimum(total, valid_total)
     order = torch.argsort(flat, dim=1, descending=True, stable=True)
     take = torch.arange(flat.shape[1], device=flat.device) < total[:, None]
     chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, take)
     start = 0
-    for layer in layers:
+    for layer, state in zip(layers, states):
         size = layer.valid[0].numel()
         layer.keep(*compact(chosen[:, start : start + size].reshape(layer.valid.shape) & layer.valid))
-        layer.replay_scores = None
+        state.replay_scores = None
         start += size
 
 

@@ -10,6 +10,7 @@ from ...ops.sliding import sliding_window_attention
 from ...runtime.exact import sdpa_attention
 from ..base import ParamSpec
 from .base import BUDGET_PARAMS, KVCompressionMethod, decode_param
+from .eviction import eviction_state
 
 
 class StreamingLLM(KVCompressionMethod):
@@ -37,18 +38,19 @@ class StreamingLLM(KVCompressionMethod):
         freed last (a ring over the window's slots, each refilled by the next token). The layout is
         checked once, where the ring starts; a step with padding or several tokens leaves the ring for
         good (the scored path, which picks the same entries, takes over)."""
-        if layer.ring is False or self.config["evict_every"] != 1:
+        state = eviction_state(layer)
+        if state.ring is False or self.config["evict_every"] != 1:
             return None
         sinks = self.config["sinks"]
-        if lq != 1 or not layer.all_valid() or (layer.ring is not None and layer.length != sinks + layer.ring[1]):
-            layer.ring = False
+        if lq != 1 or not layer.all_valid() or (state.ring is not None and layer.length != sinks + state.ring[1]):
+            state.ring = False
             return None
-        if layer.ring is None:
-            layer.ring = self._start_ring(layer, sinks)
-            if not layer.ring:
+        if state.ring is None:
+            state.ring = self._start_ring(layer, sinks)
+            if not state.ring:
                 return None
-        slot, size = layer.ring
-        layer.ring = (sinks + (slot - sinks + 1) % size, size)
+        slot, size = state.ring
+        state.ring = (sinks + (slot - sinks + 1) % size, size)
         return torch.full((*layer.valid.shape[:2], 1), slot, dtype=torch.long, device=layer.valid.device)
 
     @staticmethod
@@ -56,10 +58,11 @@ class StreamingLLM(KVCompressionMethod):
         """(the slot of the entry leaving the window, the window's slots) when this step is the first
         one over a budget shared by every sequence and the slots hold the sinks then the window in
         order; None: not yet over budget; False: another layout (the scored path for good)."""
-        budget = int(layer.budget[0])
+        budgets = eviction_state(layer).budget
+        budget = int(budgets[0])
         if layer.length < budget + 1:
             return None
-        if layer.length > budget + 1 or budget <= sinks or bool((layer.budget != budget).any()):
+        if layer.length > budget + 1 or budget <= sinks or bool((budgets != budget).any()):
             return False
         positions, newest = layer.positions, layer.seen_tokens - 1
         window = torch.arange(newest - (budget - sinks), newest + 1, dtype=positions.dtype, device=positions.device)

@@ -19,9 +19,11 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
     for padding, evicted entries, and spare slots of a head keeping fewer than another);
     `positions` (B, Hkv, K) int32 are their absolute positions (keys are stored after RoPE, so
     positions only serve causality and the sink/recency rules); `scores` is the method's running
-    score where it keeps one (H2O). `budget` (B,) is the per-sequence size kept while decoding,
-    set at prefill. The layer reports the full sequence length, so positions of new tokens and the
-    masks of other layers are what they would be without compression.
+    score per entry where it keeps one (H2O). `policy` is the eviction policy's state (budget, decode
+    override, ...), owned by the KV methods (methods/kv/eviction.py): the layer carries it, maps it
+    with the batch, counts its bytes and tells it when slots are repacked, and never reads it. The
+    layer reports the full sequence length, so positions of new tokens and the masks of other
+    layers are what they would be without compression.
 
     Why preallocated: decoding writes each new token into a freed slot (an evicted entry's) or
     after the last used slot of a buffer with headroom, so no step copies the whole cache (a
@@ -39,14 +41,10 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         super().__init__(**kwargs)
         # with a sliding window, the method also keeps applying the model's window
         self._init_geometry(sliding_window)
-        self.budget = self.new_slots = self.freed = None
+        self.new_slots = self.freed = None
         self.headroom = True  # grow buffers with spare slots (a cache that only holds needs none)
-        self.decode = None  # "grow" for a compressed context: its method's decode policy is overridden
-        self.pending = 0  # decoding steps since the last eviction (a method may evict every few steps)
         self._valid_before_evict = False
-        # a method whose held eviction follows the slots in a fixed order (StreamingLLM) keeps
-        # (next slot, ring size) here once it has checked the layout; False: it never will
-        self.ring = None
+        self.policy = None  # the eviction policy's state (methods/kv/eviction.py), made by the method
 
     # --- the views: the first `length` slots of each buffer
     def _view(self, name):
@@ -156,7 +154,8 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         self._storage.update(gathered)
         self._all_valid = False
         self.length = index.shape[-1]
-        self.new_slots = self.freed = self.ring = None
+        self.new_slots = self.freed = None
+        self._slots_repacked()
 
     def evict(self, kept: torch.Tensor, freed: torch.Tensor | None = None) -> None:
         """Free every entry not in `kept` (B, Hkv, length) in place: its slot is reused by the next token.
@@ -175,8 +174,13 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
     def truncate(self, length: int) -> None:
         """Forget every entry written after the first `length` tokens (never evicted: nothing was yet)."""
         self.length = self.seen_tokens = length
-        self.new_slots = self.freed = self.ring = None
+        self.new_slots = self.freed = None
         self._all_valid = False
+        self._slots_repacked()
+
+    def _slots_repacked(self) -> None:
+        if self.policy is not None:
+            self.policy.slots_repacked()
 
     @property
     def stored_tokens(self) -> int:
@@ -184,15 +188,16 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
 
     @property
     def nbytes(self) -> int:
-        tensors = (*self._storage.values(), self.budget, self.new_slots, self.freed)
-        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        tensors = (*self._storage.values(), self.new_slots, self.freed)
+        own = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        return own + (self.policy.nbytes if self.policy is not None else 0)
 
     def reset(self) -> None:
         super().reset()
         self.seen_tokens = self.length = 0
         self._all_valid = False
         self._storage = dict.fromkeys(_FIELDS)
-        self.budget = self.new_slots = self.freed = self.ring = None
+        self.new_slots = self.freed = self.policy = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed KV cache cannot be rolled back: evicted entries are gone")
@@ -201,7 +206,9 @@ class CompressedKVLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
         self._all_valid = False
         self._storage = {name: (None if t is None else fn(t[:, :, : self.length].contiguous()))
                          for name, t in self._storage.items()}
-        for name in ("budget", "new_slots", "freed"):
+        for name in ("new_slots", "freed"):
             value = getattr(self, name)
             if isinstance(value, torch.Tensor):
                 setattr(self, name, fn(value))
+        if self.policy is not None:
+            self.policy.map(fn)

@@ -1,4 +1,7 @@
-"""Attention transfer (stage 1 of a conversion): inside `attention_transfer()`, every patched
+"""The modes attention runs in, set by context managers and read by the dispatcher (routing/) and by
+methods whose student is not an attention function:
+
+Attention transfer (stage 1 of a conversion): inside `attention_transfer()`, every patched
 attention module computes both its method's output (the student) and exact softmax attention
 (the teacher), records MSE(student, teacher) and passes the *teacher* output on. Each layer thus
 learns from the inputs the original model would give it, and only the student's own parameters
@@ -14,9 +17,6 @@ import contextlib
 import contextvars
 
 import torch
-
-from .call import run_rows_without_padding
-from .exact import exact_attention, exact_attention_weights
 
 _transfer: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_transfer", default=None)
 _observer: contextvars.ContextVar = contextvars.ContextVar("attnpatch_attention_observer", default=None)
@@ -65,50 +65,11 @@ def active_transfer() -> tuple[list, float] | None:
     return _transfer.get()
 
 
-def attention_cross_entropy(teacher: torch.Tensor, student: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """-sum_j teacher_ij log student_ij, averaged over every query row (rows of teacher that are all
-    zero, e.g. padding queries, contribute 0)."""
-    log_student = torch.log(torch.nan_to_num(student.float(), nan=0.0).clamp_min(eps))
-    return -(teacher.float() * log_student).sum(-1).mean()
+def current_observer():
+    """The observer set by `observe_attention`, or None."""
+    return _observer.get()
 
 
-def run_method(method, call) -> torch.Tensor:
-    """What adapters call: the method's attention, or the teacher/student pair under transfer,
-    seen by the active observer if any."""
-    method.calls += 1
-    out = _run_method(method, call)
-    observer = _observer.get()
-    return out if observer is None else observer(call, out)
-
-
-def _attend(method, call) -> torch.Tensor:
-    """The method's attention; left-padded rows run on their real tokens where the method's
-    pattern is laid out from the first key (Method.needs_unpadded_rows)."""
-    if method.needs_unpadded_rows(call):
-        pads = call.leading_padding()
-        if pads is not None and bool(pads.any()):
-            return run_rows_without_padding(method.attention, call, pads)
-    return method.attention(call)
-
-
-def _run_method(method, call) -> torch.Tensor:
-    if _exact.get():
-        return exact_attention(call)
-    transfer = _transfer.get()
-    if transfer is None or not method.is_trainable:
-        return _attend(method, call)
-    losses, attention_ce = transfer
-    with torch.no_grad():
-        teacher = exact_attention(call)
-    own = method.transfer_loss(call)
-    if own is not None:
-        losses.append(own)
-        return teacher
-    student = _attend(method, call)
-    loss = torch.nn.functional.mse_loss(student.float(), teacher.float())
-    if attention_ce > 0:
-        with torch.no_grad():
-            teacher_weights = exact_attention_weights(call)
-        loss = loss + attention_ce * attention_cross_entropy(teacher_weights, method.attention_weights(call))
-    losses.append(loss)
-    return teacher
+def exact_everywhere() -> bool:
+    """True inside `exact_attention_everywhere`."""
+    return _exact.get()
