@@ -11,7 +11,8 @@ from attnpatch import PatchError, patch_model, patched_methods, unpatch_model
 from attnpatch.analysis.reuse_calibration import calibrate_reuse
 from method_cases import MatrixCase
 
-MATRIX_CASES = {"attention_reuse": MatrixCase(["dit"])}
+# one forward is one denoising step, which computes attention: reuse starts at the next step (tested here)
+MATRIX_CASES = {"attention_reuse": MatrixCase(["dit"], lossy=False)}
 
 TIMESTEPS = [700, 600, 500, 400, 300, 200]  # all inside PAB's window (100-800 of 1000)
 

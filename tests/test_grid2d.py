@@ -19,9 +19,9 @@ from attnpatch.ops.grid2d import (
 )
 from attnpatch.ops.reference import naive_attention
 from attnpatch.ops.sparse_patterns import a_shape
-from method_cases import MatrixCase
+from method_cases import MatrixCase, sparse_kernel_skipped_blocks
 
-MATRIX_CASES = {"window_2d": MatrixCase(["vit"], {"tile": 2, "window_tiles": 1}),
+MATRIX_CASES = {"window_2d": MatrixCase(["vit"], {"tile": 2, "window_tiles": 1}, check=sparse_kernel_skipped_blocks),
                 "agent": MatrixCase(["vit"], {"agent_grid": 2})}
 
 

@@ -32,6 +32,8 @@ from attnpatch import cache_nbytes, compress_context, list_methods, patch_model,
 from attnpatch.runtime.cache import cache_kwargs
 from method_cases import MatrixCase, MatrixRun
 
+from attnpatch.ops.work_count import ComputedWork, count_computed_blocks
+
 
 def collect_cases() -> dict[str, MatrixCase]:
     """Each method's row, from the `MATRIX_CASES` of the test file that tests it (tests/method_cases.py)."""
@@ -145,16 +147,24 @@ def dense_dtype_error(model_name: str, dtype) -> float:
 
 
 @functools.cache
+def unpatched_outputs(model_name: str) -> torch.Tensor:
+    return outputs(tm.build(model_name), model_name, torch.float32)[0]
+
+
+@functools.cache
 def dense_cache_bytes(model_name: str) -> int:
     model = tm.build(model_name)
     return cache_nbytes(decoder_outputs(model, model_name, torch.float32)[1])
 
 
-def assert_active(name: str, model, model_name: str, cache, before_params: int):
+def assert_active(name: str, model, model_name: str, cache, before_params: int, computed: ComputedWork,
+                  change_from_unpatched: float | None = None):
     """The method really ran: attention calls, its cache layers and their bytes, then the case's own
     check (fewer heads or tokens, merges, sinks found)."""
     case, methods = CASES[name], patched_methods(model)
     assert methods, f"{name} placed nothing"
+    if change_from_unpatched is not None:  # a lossy method that leaves the output as it was did nothing
+        assert (change_from_unpatched > 1e-3) == case.lossy, f"{name}: output changed by {change_from_unpatched:.2e}"
     if not case.structural:
         assert all(m.calls > 0 for m in methods), f"{name}: some patched modules were never called"
     if case.cache_layer:
@@ -164,7 +174,7 @@ def assert_active(name: str, model, model_name: str, cache, before_params: int):
     if case.check:
         prompt = llava_inputs(model, left_pad=PAD)[0].shape[1] if model_name == "llava" else PROMPT + PAD
         case.check(MatrixRun(model, model_name, cache, before_params, lambda: dense_cache_bytes(model_name),
-                             dense_cache_tokens=prompt + STEPS))
+                             prompt + STEPS, computed, change_from_unpatched))
 
 
 def method_model_pairs():
@@ -185,12 +195,16 @@ def test_half_precision_agrees_with_float32(name, model_name, dtype):
     model.to(dtype)
     for method in patched_methods(model):
         method.calls = 0
-    got, cache = outputs(model, model_name, dtype)
+    with count_computed_blocks() as computed:
+        got, cache = outputs(model, model_name, dtype)
     assert torch.isfinite(got).all(), f"{name} on {model_name} in {dtype}: NaN or inf"
     error = relative_error(got, reference)
     tolerance = CASES[name].half_precision_tolerance or DENSE_ERROR_FACTOR * dense_dtype_error(model_name, dtype)
     assert error <= tolerance, f"{name} on {model_name} in {dtype}: relative error {error:.4f} > {tolerance:.4f}"
-    assert_active(name, model, model_name, cache, before_params)
+    unpatched = unpatched_outputs(model_name)
+    steps = min(reference.shape[1], unpatched.shape[1])  # kvzip's compressed context returns the steps only
+    assert_active(name, model, model_name, cache, before_params, computed,
+                  relative_error(reference[:, -steps:], unpatched[:, -steps:]))
 
 
 DECODER_CASES = [(name, model_name) for name, model_name in method_model_pairs() if model_name in ("llama", "llava")]
@@ -224,8 +238,9 @@ def test_left_padded_batch_generates_what_each_row_generates_alone(name, model_n
     model = tm.build(model_name)
     before_params = sum(p.numel() for p in model.parameters())
     patch(model, name, model_name)
-    tokens, scores, cache = generate(model, model_name, slice(0, 2), PAD)
-    assert_active(name, model, model_name, cache, before_params)
+    with count_computed_blocks() as computed:
+        tokens, scores, cache = generate(model, model_name, slice(0, 2), PAD)
+    assert_active(name, model, model_name, cache, before_params, computed)
     alone = [generate(model, model_name, slice(row, row + 1), PAD) for row in range(2)]
     tolerance = 1e-6 if name == "softmax" else 1e-4  # softmax: as close as the unpatched model gets (~1e-7)
     for row, (alone_tokens, alone_scores, _) in enumerate(alone):

@@ -12,9 +12,9 @@ from attnpatch import PatchError, load_patched, patch_model, patched_methods, sa
 from attnpatch.ops.seer_gate import block_attention_target, gate_distillation_loss, gate_log_probs
 from attnpatch.ops.block_selection import block_topk
 from attnpatch.runtime.modes import attention_transfer
-from method_cases import MatrixCase
+from method_cases import MatrixCase, sparse_kernel_skipped_blocks
 
-MATRIX_CASES = {"seer_gate": MatrixCase(["llama", "vit"], {"block_size": 4, "top_k": 1})}
+MATRIX_CASES = {"seer_gate": MatrixCase(["llama", "vit"], {"block_size": 4, "top_k": 1}, check=sparse_kernel_skipped_blocks)}
 
 
 def test_gate_and_target_match_loop_references():

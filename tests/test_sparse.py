@@ -19,16 +19,16 @@ from attnpatch.ops.sparse_patterns import (
     star,
     vertical_slash,
 )
-from method_cases import MatrixCase
+from method_cases import MatrixCase, sparse_kernel_skipped_blocks
 
-MATRIX_CASES = {
-    "sliding_window": MatrixCase(["llama", "vit"], {"window": 5, "sinks": 1, "block_size": 4}),
-    "a_shape": MatrixCase(["llama", "vit"], {"block_size": 4, "local_blocks": 1}),
-    "bigbird": MatrixCase(["llama", "vit"], {"block_size": 4, "window_blocks": 0, "random_blocks": 1}),
-    "block_topk": MatrixCase(["llama", "vit"], {"block_size": 4, "top_k": 1}),
-    "star": MatrixCase(["llama", "vit"], {"block_size": 4, "context_blocks": 1, "anchor_blocks": 0, "query_tokens": 1}),
-    "vertical_slash": MatrixCase(["llama"], {"block_size": 4, "vertical": 2, "slash": 2, "last_q": 4}),
-}
+MATRIX_CASES = {name: MatrixCase(models, params, check=sparse_kernel_skipped_blocks) for name, (models, params) in {
+    "sliding_window": (["llama", "vit"], {"window": 5, "sinks": 1, "block_size": 4}),
+    "a_shape": (["llama", "vit"], {"block_size": 4, "local_blocks": 1}),
+    "bigbird": (["llama", "vit"], {"block_size": 4, "window_blocks": 0, "random_blocks": 1}),
+    "block_topk": (["llama", "vit"], {"block_size": 4, "top_k": 1}),
+    "star": (["llama", "vit"], {"block_size": 4, "context_blocks": 1, "anchor_blocks": 0, "query_tokens": 1}),
+    "vertical_slash": (["llama"], {"block_size": 4, "vertical": 2, "slash": 2, "last_q": 4}),
+}.items()}
 
 B, HQ, HKV, D = 2, 4, 2, 8
 
@@ -46,10 +46,31 @@ def padding_mask(lq, lk, pad=5):
     return mask
 
 
-def check(q, k, v, layout, causal, mask=None, softcap=None, tol=1e-5):
-    """Kernel output equals naive attention under (layout mask & model mask), on rows with a key."""
+def literal_mask(blocks, bs, first, lq, lk, causal, extra=None):
+    """(B, Hkv, Lq, Lk): query i may see key j when j's block is kept for i's block (or j is one of its
+    block's extra keys) and, causal, j is not after i. Written element by element from the boolean block
+    table, independently of the library's layout code."""
+    allowed = torch.zeros(B, HKV, lq, lk, dtype=torch.bool)
+    offset = lk - lq if causal else 0
+    for b in range(B):
+        for h in range(HKV):
+            for i in range(lq):
+                row = (offset + i) // bs - first
+                for j in range(lk):
+                    kept = bool(blocks[b, h, row, j // bs]) or (extra is not None and j in extra[b, h, row].tolist())
+                    allowed[b, h, i, j] = kept and (not causal or j <= offset + i)
+    return allowed
+
+
+def check(q, k, v, layout, causal, mask=None, softcap=None, tol=1e-5, blocks=None, extra=None):
+    """Kernel output equals naive attention under (layout mask & model mask), on rows with a key; the
+    layout mask is written literally from `blocks` when given, else read from the layout."""
     lq, lk = q.shape[-2], k.shape[-2]
-    allowed = dense_mask(layout, lq, lk, causal)  # (b|1, Hkv|1, Lq, Lk)
+    if blocks is not None:
+        allowed = literal_mask(blocks, layout.block_size, layout.first_block, lq, lk, causal, extra)
+        assert torch.equal(allowed, dense_mask(layout, lq, lk, causal).expand(B, HKV, lq, lk))
+    else:
+        allowed = dense_mask(layout, lq, lk, causal)  # (b|1, Hkv|1, Lq, Lk)
     allowed = repeat_kv(allowed.expand(B, HKV, lq, lk), HQ // HKV) if allowed.shape[1] > 1 else allowed
     if mask is not None:
         allowed = allowed & mask
@@ -71,14 +92,45 @@ def test_kernel_equals_naive_under_random_layouts(causal, lq, lk, bs, padded):
     g = torch.Generator().manual_seed(1)
     blocks = torch.rand(B, HKV, nq, nk, generator=g) < 0.5
     layout = layout_from_block_mask(blocks, bs, first)
-    check(q, k, v, layout, causal, padding_mask(lq, lk) if padded else None)
+    check(q, k, v, layout, causal, padding_mask(lq, lk) if padded else None, blocks=blocks)
     # single extra keys (vertical columns) disjoint from the blocks
     extra = torch.randint(0, lk, (B, HKV, nq, 3), generator=g)
     extra = torch.where(blocks.gather(-1, extra // bs), -1, extra)
     extra[..., 1:] = torch.where(extra[..., 1:] == extra[..., :1], -1, extra[..., 1:])
     extra[..., 2] = torch.where(extra[..., 2] == extra[..., 1], -1, extra[..., 2])
     layout = layout_from_block_mask(blocks, bs, first, extra_keys=extra)
-    check(q, k, v, layout, causal, padding_mask(lq, lk) if padded else None, softcap=2.0 if padded else None)
+    check(q, k, v, layout, causal, padding_mask(lq, lk) if padded else None, softcap=2.0 if padded else None,
+          blocks=blocks, extra=extra)
+
+
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+@pytest.mark.parametrize("causal,lq,lk,bs", [(True, 64, 64, 8), (True, 24, 64, 8), (False, 40, 40, 8)])
+def test_kernels_compute_only_the_kept_blocks(backend, causal, lq, lk, bs):
+    """Work skipped is counted by the kernel itself (key blocks it gathers / visits per kv head and
+    sequence): exactly the kept blocks, i.e. density x what dense attention computes; all blocks kept
+    counts every admissible block."""
+    from attnpatch.ops.block_sparse_flex import flex_block_sparse_attention
+    from attnpatch.ops.work_count import count_computed_blocks
+
+    kernel = block_sparse_attention if backend == "torch" else flex_block_sparse_attention
+    q, k, v = qkv(lq, lk)
+    first = (lk - lq) // bs if causal else 0
+    nq, nk = -(-lq // bs), -(-lk // bs)
+    admissible = torch.ones(nq, nk, dtype=torch.bool)  # dense: every block (causal: at or below the diagonal)
+    if causal:
+        admissible = torch.arange(nk)[None, :] <= (first + torch.arange(nq))[:, None]
+    g = torch.Generator().manual_seed(4)
+    for share in (0.3, 1.0):
+        blocks = (torch.rand(B, HKV, nq, nk, generator=g) < share) & admissible
+        layout = layout_from_block_mask(blocks, bs, first)
+        with count_computed_blocks() as computed:
+            kernel(q, k, v, layout, None, causal=causal, scaling=D**-0.5)
+        assert computed.calls == 1 and computed.pairs == int(blocks.sum())
+        assert computed.scores == computed.pairs * HQ // HKV * bs * bs  # bs x bs scores per pair and query head
+        dense = B * HKV * int(admissible.sum())
+        assert computed.dense_pairs == dense
+        assert computed.pairs / dense == pytest.approx(layout.density(lk, causal), abs=1e-9)
+        assert (computed.pairs < 0.45 * dense) if share < 1 else computed.pairs == dense
 
 
 @pytest.mark.parametrize("causal,lq,lk,bs", [(True, 37, 37, 8), (True, 11, 37, 8), (False, 20, 20, 7),

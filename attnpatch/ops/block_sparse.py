@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .reference import causal_mask
+from .work_count import dense_block_pairs, record_work
 
 # elements of one chunk's score tensor: bounds memory at long lengths (~64 MiB of float32 scores)
 _CHUNK_ELEMENTS = 1 << 24
@@ -204,6 +205,7 @@ def block_sparse_attention(
         return max(1, _CHUNK_ELEMENTS // max(1, groups * bs * (width * bs + n_extra)))
 
     buffers = None
+    gathered = scores = 0  # key blocks gathered and attended, summed over items, and their score elements
     start = 0
     while start < len(order):
         width, kind = counts_sorted[start], kinds_sorted[start]
@@ -230,6 +232,8 @@ def block_sparse_attention(
             continue
         kept = blocks[items, :width]  # (n, width), all >= 0
         rows = (seq_head[:, None] * nk + kept).flatten()
+        gathered += len(rows)
+        scores += n * groups * bs * (width * bs + n_extra)
         if reuse:
             if buffers is None:
                 size = max(min(chunk_items(w), len(order)) * w for w in set(counts_sorted))
@@ -273,6 +277,7 @@ def block_sparse_attention(
                 ~allowed, float("-inf")).masked_fill_(~visible, 0.0)
             o = _attend(q_c, k_g, v_g, additive, scaling, softcap) * visible.to(q_c.dtype)
         out[targets] = o.view(n, groups, bs, d).transpose(1, 2)
+    record_work(pairs=gathered, scores=scores, dense_pairs=b * hkv * dense_block_pairs(first, nq, nk, causal))
     out = out.view(b, nq * bs, hq, d)[:, pad : pad + lq]
     return out.transpose(1, 2)
 

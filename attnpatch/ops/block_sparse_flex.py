@@ -28,6 +28,7 @@ import functools
 import torch
 
 from .block_sparse import BlockLayout, layout_grid
+from .work_count import counting, dense_block_pairs, record_work
 
 
 def flex_available() -> bool:
@@ -140,6 +141,10 @@ def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
             keep = keep & seen
         return keep
 
+    if counting():  # the blocks the kernel visits (its block lists), per kv head; bs x bs scores each
+        visited = int(counts.sum())
+        record_work(pairs=visited // groups, scores=visited * bs * bs,
+                    dense_pairs=b * hkv * dense_block_pairs(first, nq, nk, causal))
     block_mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=bs, mask_mod=mask_mod,
                                           seq_lengths=(grid_q * bs, grid_k * bs))
     score_mod = None if softcap is None else _softcapped(softcap)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .reference import SEGMENT_BYTES, naive_attention, segment_bytes, query_positions, repeat_kv, window_mask
+from .work_count import record_work
 
 
 def _key_range(q_lo: int, q_hi: int, lk: int, window: int, causal: bool) -> tuple[int, int]:
@@ -71,6 +72,7 @@ def sliding_window_attention(
         block_mask = _select_mask(mask, slice(start, stop), k_index)
         allowed = allowed if block_mask is None else block_mask & allowed
         q_blk = query[..., start:stop, :]
+        record_work(scores=b * hq * (stop - start) * k_index.numel())
         if softcap is not None or (dropout and training):
             out[..., start:stop, :] = naive_attention(q_blk, k_blk, v_blk, allowed, scaling=scaling, softcap=softcap,
                                                       dropout=dropout, training=training)
@@ -123,6 +125,7 @@ def _prefill_full_blocks(query, key, value, out, window: int, sinks: int, scalin
         k_s, v_s = (s.reshape(b * hkv, n, sinks + span, s.shape[-1]) for s in spans)
         q_s = query[:, :, c0 * block:c1 * block].reshape(b, hkv, groups, n, block, d).transpose(2, 3)
         q_s = q_s.reshape(b * hkv, n, groups * block, d)
+        record_work(scores=b * hq * n * block * (sinks + span))
         result = torch.nn.functional.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=allowed, scale=scaling)
         result = result.view(b, hkv, n, groups, block, dv).permute(0, 2, 4, 1, 3, 5)
         out_layout[:, c0 * block:c1 * block].view(b, n, block, hkv, groups, dv).copy_(result)
@@ -152,6 +155,7 @@ def a_shape_prefill(query, key, value, *, sink_blocks: int, local_blocks: int, b
         local = k_pos >= (q_pos[:, None] // block - local_blocks + 1) * block
         allowed = (k_pos <= q_pos[:, None]) & ((k_pos < sinks) | local)
         k, v = (repeat_kv(t.index_select(-2, k_pos), groups) for t in (key, value))
+        record_work(scores=b * hq * (hi - lo) * k_pos.numel())
         out[..., lo:hi, :] = torch.nn.functional.scaled_dot_product_attention(
             query[..., lo:hi, :], k, v, attn_mask=allowed, scale=scaling)
     return out
