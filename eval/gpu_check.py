@@ -124,14 +124,14 @@ def parity(device: torch.device, half_dtypes, deadline: Deadline) -> list[dict]:
             model.to(device)
             on_device = matrix.outputs(model, model_name, torch.float32)[0]
             row["float32_vs_cpu"] = matrix.relative_error(on_device.cpu(), cpu)
-            bound = max(FLOAT32_TOLERANCE, matrix.DISCRETE_CHOICE_TOLERANCE.get(name, 0.0))
+            bound = max(FLOAT32_TOLERANCE, matrix.CASES[name].half_precision_tolerance or 0.0)
             failures = [] if row["float32_vs_cpu"] <= bound else [f"float32 {row['float32_vs_cpu']:.2e} > {bound:.0e}"]
             for dtype in half_dtypes:  # each from the float32 weights (not one rounding after another)
                 label = str(dtype).removeprefix("torch.")
                 got = matrix.outputs(copy.deepcopy(model).to(dtype), model_name, dtype)[0]
                 finite = bool(torch.isfinite(got).all())
                 error = matrix.relative_error(got, on_device)
-                tolerance = (matrix.DISCRETE_CHOICE_TOLERANCE.get(name)
+                tolerance = (matrix.CASES[name].half_precision_tolerance
                              or matrix.DENSE_ERROR_FACTOR * dense_half_error(model_name, dtype))
                 row[label] = {"finite": finite, "error": error, "tolerance": tolerance}
                 if not finite:

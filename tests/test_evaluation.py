@@ -66,10 +66,26 @@ def test_local_task_generation():
 
 def test_lm_eval_runs_local_tasks_end_to_end(tmp_path):
     model, tok = tm.build("llama"), tm.tiny_tokenizer()
+    # every cloze target is one [UNK] to the tiny vocabulary; [UNK]'s logit raised by 0.51 makes it the greedy
+    # choice after some contexts (0.495 below the best) and not others (0.523 below): acc is neither 0 nor 1
+    unk = tok.unk_token_id
+    model.lm_head.register_forward_hook(lambda module, args, out: out.index_add(
+        -1, torch.tensor([unk]), torch.full((*out.shape[:-1], 1), 0.51)))
     folder = lm_tasks.prepare_local_tasks(tmp_path / "tasks", TEXT, count=8)
     assert (folder / "attnpatch_cloze.yaml").read_text().count(str(folder)) == 1
     out = lm_tasks.run_lm_eval(model, tok, list(lm_tasks.LOCAL_TASKS), include_path=folder, limit=8, batch_size=4)
-    assert 0.0 <= out["attnpatch_cloze"]["acc"] <= 1.0
+    # acc by hand: the target is right when each of its tokens is the greedy continuation of what precedes it
+    docs = [json.loads(line) for line in (folder / "cloze.jsonl").read_text().splitlines()][:8]
+    right = 0
+    with torch.no_grad():
+        for doc in docs:
+            context = tok(doc["context"]).input_ids
+            whole = tok(doc["context"] + " " + doc["target"]).input_ids
+            target = whole[len(context):]
+            logits = model(input_ids=torch.tensor([whole[:-1]])).logits[0, len(context) - 1:]
+            right += logits.argmax(-1).tolist() == target
+    assert 0 < right < len(docs)
+    assert out["attnpatch_cloze"]["acc"] == pytest.approx(right / len(docs))
     assert out["attnpatch_next_sentence"]["sample_len"] == 8
     assert set(out["_seconds"]) == set(lm_tasks.LOCAL_TASKS)
 
