@@ -10,6 +10,7 @@ cache layers and facts, the attention modes) serves the methods and sits below t
 """
 
 import ast
+import re
 from pathlib import Path
 
 import attnpatch
@@ -115,3 +116,35 @@ def test_each_builtin_method_sits_in_its_familys_folder():
         if FAMILY_OF_FOLDER.get(folder) != cls.family:
             misplaced[name] = (cls.__module__, cls.family)
     assert not misplaced, misplaced
+
+
+# attribute paths and classes of particular model families: adapters/ knows them (adapters/parts.py
+# answers what methods ask of a model); methods/ never names one
+MODEL_ATTRIBUTES = {"vision_tower", "language_model", "multi_modal_projector", "get_image_features", "image_token_id",
+                    "vision_feature_layer", "vision_feature_select_strategy", "vision_config", "text_config",
+                    "rotary_emb", "add_q_proj", "layernorm_after", "layer_norm2", "norm2", "embeddings", "cls_token",
+                    "class_embedding", "register_tokens", "patch_size", "q_proj", "k_proj", "v_proj", "o_proj",
+                    "out_proj", "qkv_proj", "to_q", "to_k", "to_v", "to_out", "lm_head", "self_attn"}
+MODEL_CLASS = re.compile(r"^(Llava|Llama|Mistral|Qwen\d?|Gemma\d?|Phi\d?|ViT|CLIP|Siglip|SigLIP|DiT|PixArt|SD3)\w*$")
+
+
+def test_methods_name_no_model_class_or_attribute_path():
+    found = []
+    for path in (PACKAGE / "methods").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(PACKAGE)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Attribute) and node.attr in MODEL_ATTRIBUTES:
+                found.append(f"{where} .{node.attr}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings \
+                    and node.value.split(".")[-1] in MODEL_ATTRIBUTES:
+                found.append(f"{where} {node.value!r}")
+            elif isinstance(node, ast.Name) and MODEL_CLASS.match(node.id):
+                found.append(f"{where} {node.id}")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("transformers.models",
+                                                                                       "diffusers.models")):
+                found.append(f"{where} from {node.module}")
+    assert not found, "model knowledge under methods/ (ask the site's parts instead):\n" + "\n".join(found)

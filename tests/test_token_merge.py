@@ -9,7 +9,6 @@ import torch
 
 from attnpatch import PatchError, patch_model, patched_methods, unpatch_model
 from attnpatch.ops.reference import naive_attention
-from attnpatch.methods.tokens.token_merge_wiring import mlp_parts
 from attnpatch.ops.token_merge import alternate_destinations, bipartite_merge, grid_destinations
 from attnpatch.runtime.call import AttentionCall
 from method_cases import MatrixCase, MatrixRun, fewer_cached_tokens
@@ -114,7 +113,7 @@ def test_merge_sits_between_attention_and_mlp_as_in_tome(name):
     site = patch_model(model, "token_merge", r=3) and patched_methods(model)[0].site
     unpatch_model(model)
     layer = model.get_submodule(f"{site.tower}.{site.layer}")
-    norm, mlp = mlp_parts(layer, name)
+    norm, mlp = site.parts.norm_and_mlp(site, "the test")
     seen = {}
 
     def record(key, value):  # hooks that return None change nothing

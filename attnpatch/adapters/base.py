@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -44,6 +44,10 @@ class AttentionSite:
     head_dim: int
     cross: bool = False
     heads: HeadAccess | None = None  # None where the adapter cannot do head surgery (fused qkv, diffusers)
+    joint: bool = False  # attends image and text tokens joined in one call (SD3's joint attention)
+    # what methods may ask of the whole model (adapters/parts.py: VLM towers, rotary embedding, the norm ->
+    # MLP pair, ...), shared by every site of a model
+    parts: object = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:

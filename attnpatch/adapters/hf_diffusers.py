@@ -21,6 +21,7 @@ from ..routing.dispatch import run_method
 from ..routing.normalise import normalise_mask
 from ..runtime.call import AttentionCall
 from .base import Adapter, AttentionSite, split_layer_path, tower_depths
+from .parts import ModelParts
 
 _active_method: contextvars.ContextVar = contextvars.ContextVar("attnpatch_diffusers_method", default=None)
 _wrapper_classes: dict[type, type] = {}
@@ -131,7 +132,7 @@ class DiffusersAdapter(Adapter):
                 continue
             found.append((path, module, *split))
         counts = tower_depths((tower, layer) for *_, tower, layer in found)
-        sites = []
+        sites, parts = [], ModelParts(model)
         for path, module, tower, layer in found:
             heads = int(module.heads)
             inner_dim = getattr(module, "inner_dim", None) or module.to_q.out_features
@@ -150,6 +151,8 @@ class DiffusersAdapter(Adapter):
                     num_kv_heads=inner_kv_dim // head_dim,
                     head_dim=head_dim,
                     cross=bool(getattr(module, "is_cross_attention", False)),
+                    joint=getattr(module, "add_q_proj", None) is not None,
+                    parts=parts,
                 )
             )
         return sites

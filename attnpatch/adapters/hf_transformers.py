@@ -16,11 +16,12 @@ from torch import nn
 
 from ..errors import PatchError
 from ..routing.cache import state_layer_for
-from ..runtime.cache import find_cache
 from ..routing.dispatch import run_method
 from ..routing.normalise import normalise_mask
+from ..runtime.cache import find_cache
 from ..runtime.call import CACHE_ABSENT, CACHE_DECLINED, CACHE_OWN, CACHE_UNCHECKED, AttentionCall
 from .base import Adapter, AttentionSite, HeadAccess, split_layer_path, tower_depths
+from .parts import ModelParts
 
 ATTENTION_NAME = "attnpatch"
 METHOD_ATTR = "_attnpatch_method"
@@ -201,7 +202,7 @@ class TransformersAdapter(Adapter):
                 continue
             found.append((path, module, config, *split))
         counts = tower_depths((tower, layer) for *_, tower, layer in found)
-        sites = []
+        sites, parts = [], ModelParts(model)
         for path, module, config, tower, layer in found:
             num_heads = getattr(module, "num_heads", None) or config.num_attention_heads
             head_dim = getattr(module, "head_dim", None) or config.hidden_size // num_heads
@@ -228,6 +229,7 @@ class TransformersAdapter(Adapter):
                     num_kv_heads=int(num_kv_heads),
                     head_dim=int(head_dim),
                     heads=heads,
+                    parts=parts,
                 )
             )
         return sites

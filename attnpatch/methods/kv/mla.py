@@ -30,6 +30,7 @@ from ...runtime.call import CACHE_OWN
 from ...runtime.exact import exact_attention, exact_attention_weights
 from ...runtime.layers import LatentKVLayer
 from ..base import Method, ParamSpec
+from ..wiring import model_parts
 
 
 class MultiHeadLatentAttention(Method):
@@ -116,19 +117,14 @@ class MultiHeadLatentAttention(Method):
     @classmethod
     def finish_patch(cls, model, adapter, placements):
         """keys='pre_rope' rebuilds keys at any cached position with the model's own rotary embedding,
-        the `rotary_emb` beside each patched stack of layers."""
+        the one beside each patched stack of layers (asked of the adapter)."""
         for site, method in placements:
             if not method.pre_rope:
                 continue
-            path = site.tower.rsplit(".", 1)[0] + ".rotary_emb" if "." in site.tower else "rotary_emb"
             try:
-                rotary = model.get_submodule(path)
-            except AttributeError:
-                rotary = None
-            if rotary is None or not hasattr(rotary, "inv_freq"):
-                raise PatchError(f"mla keys='pre_rope' rotates rebuilt keys with the model's rotary embedding, but "
-                                 f"{site.label} has none at {path}; use keys='rotated', which needs no positions")
-            method.rotary = rotary
+                method.rotary = model_parts([site], "mla").rotary_embedding(site, "mla keys='pre_rope'")
+            except PatchError as error:
+                raise PatchError(f"{error}; use keys='rotated', which needs no positions") from None
         return None
 
     wants_activations = True  # calibrate_from_activations starts the latent from measured keys and values

@@ -17,7 +17,7 @@ from ...ops.sink_recalibration import massive_tokens, visual_sink_redistribution
 from ...runtime.cache import find_cache
 from ...runtime.exact import exact_attention, visible_keys
 from ..base import Method, ParamSpec
-from ..vlm import llava_parts, named_inputs, sites_within
+from ..wiring import model_parts, named_inputs, sites_within
 
 
 def _fit(mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -54,8 +54,8 @@ class VisualAttentionRedistribution(Method):
 
     @classmethod
     def default_sites(cls, model, sites):
-        vlm = llava_parts(model, "var")
-        language = sites_within(sites, vlm.language_model)
+        vlm = model_parts(sites, "var").vision_language("var")
+        language = sites_within(sites, vlm.text_decoder)
         if not language:
             raise PatchError("var found no attention module in the language model")
         return language
@@ -79,9 +79,10 @@ class VisualAttentionRedistribution(Method):
 
     @classmethod
     def finish_patch(cls, model, adapter, placements):
-        vlm = llava_parts(model, "var")
+        parts = model_parts([site for site, _ in placements], "var")
+        vlm = parts.vision_language("var")
         dims = placements[0][1].config["dims"]
-        width = vlm.config.text_config.hidden_size
+        width = vlm.text_hidden_size
         if dims and max(dims) >= width:
             raise PatchError(f"var dims {sorted(d for d in dims if d >= width)} exceed the language model's hidden size "
                              f"{width} (valid: 0..{width - 1})")
@@ -89,7 +90,7 @@ class VisualAttentionRedistribution(Method):
         hooks = []
         for site, method in placements:
             method.state = state
-            layer = model.get_submodule(site.path.rsplit(".", 1)[0])
+            layer = parts.layer(site)
 
             def capture(module, args, kwargs, method=method):
                 method.hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -105,8 +106,8 @@ class VisualAttentionRedistribution(Method):
                                  "input_ids (inputs_embeds?), so var could not act. Pass input_ids")
             cache = find_cache((), kwargs)
             fresh = cache is None or cache.get_seq_length() == 0
-            if ids is not None and bool((ids == vlm.config.image_token_id).any()):
-                state["image"] = ids == vlm.config.image_token_id
+            if ids is not None and bool((ids == vlm.image_placeholder).any()):
+                state["image"] = ids == vlm.image_placeholder
             elif fresh:
                 state["image"] = None  # a new prompt without images
             return None

@@ -65,8 +65,7 @@ class AttentionReuse(Method):
     def __init__(self, site, **params):
         super().__init__(site, **params)
         self.steps = None  # DenoisingSteps, set by finish_patch
-        self.kind = "cross" if site.cross else ("joint" if getattr(site.module, "add_q_proj", None) is not None
-                                                else "self")
+        self.kind = "cross" if site.cross else ("joint" if site.joint else "self")
         self.saved = {}  # call index within the step -> (generation, step, signature, output)
         self.step_seen, self.call_in_step = None, 0
         self.reused = 0  # module calls served from a saved output: tests' proof of activity

@@ -20,7 +20,7 @@ from ...errors import PatchError
 from ...ops.kv_select import attention_weights
 from ...runtime.exact import exact_attention, visible_keys
 from ..base import Method, ParamSpec
-from ..vlm import llava_parts, named_inputs, sites_within
+from ..wiring import model_parts, named_inputs, sites_within
 
 MODES = ("rank", "row")
 
@@ -89,12 +89,12 @@ class VisualTokenPrune(Method):
 
     @classmethod
     def default_sites(cls, model, sites):
-        vlm = llava_parts(model, "visual_token_prune")
-        layer = vlm.config.vision_feature_layer
+        vlm = model_parts(sites, cls.name).vision_language(cls.name)
+        layer = vlm.feature_layer
         if not isinstance(layer, int):
             raise PatchError(f"visual_token_prune scores tokens at one vision layer; this model concatenates layers "
                              f"{layer} (vision_feature_layer)")
-        tower = sites_within(sites, vlm.vision_tower)
+        tower = sites_within(sites, vlm.vision_encoder)
         if not tower:
             raise PatchError("visual_token_prune found no attention module in the vision tower")
         depth = tower[0].num_layers
@@ -121,10 +121,11 @@ class VisualTokenPrune(Method):
         if len(placements) != 1:
             raise PatchError("visual_token_prune scores tokens at one vision layer; leave towers and layers unset (it "
                              "picks the feature layer) or select exactly one layer of the vision tower")
-        (_, method), = placements
-        if "generate" in model.__dict__ or "get_image_features" in llava_parts(model, cls.name).__dict__:
+        (site, method), = placements
+        vlm = model_parts([site], cls.name).vision_language(cls.name)
+        if "generate" in model.__dict__ or vlm.image_features_replaced():
             raise PatchError("visual_token_prune is already applied to this model (or generate was replaced); unpatch first")
-        return _PromptShortener(model, method).install()
+        return _PromptShortener(model, vlm, method).install()
 
 
 class _PromptShortener:
@@ -132,34 +133,32 @@ class _PromptShortener:
     image's run of placeholder tokens in the prompt (ids, masks, labels, positions) is cut to match,
     in the outermost forward (which holds the labels) and in generate."""
 
-    def __init__(self, model, method: VisualTokenPrune):
-        self.owner, self.method = model, method
-        self.vlm = llava_parts(model, method.name)
-        vision = self.vlm.config.vision_config
-        grid = vision.image_size // vision.patch_size
+    def __init__(self, model, vlm, method: VisualTokenPrune):
+        self.owner, self.vlm, self.method = model, vlm, method
+        grid = vlm.image_size // vlm.vision_patch
         self.patches = grid * grid
         self.keep = kept_count(self.patches, method.config["ratio"], method.config["mode"], grid)
         self.inputs_of = named_inputs(model.forward)
-        self.original_features = self.vlm.get_image_features  # bound method of the class (or an earlier wrapper)
+        self.original_features = vlm.image_feature_function()  # the class's bound method (or an earlier wrapper)
         self.bound_generate = getattr(model, "generate", None)
 
     def install(self):
         """Wrap get_image_features and generate, hook the forward; returns what undoes it all."""
-        self.vlm.get_image_features = _wrapping(self.original_features, self.image_features)
+        self.vlm.replace_image_features(_wrapping(self.original_features, self.image_features))
         hook = self.owner.register_forward_pre_hook(self.shorten_forward, with_kwargs=True)
         if self.bound_generate is not None:
             self.owner.generate = _wrapping(self.bound_generate, self.generate)
 
         def undo():
             hook.remove()
-            for module, name in ((self.owner, "generate"), (self.vlm, "get_image_features")):
-                module.__dict__.pop(name, None)
+            self.owner.__dict__.pop("generate", None)
+            self.vlm.restore_image_features()
 
         return undo
 
-    def features_per_image(self, strategy) -> tuple[int, int]:
+    def features_per_image(self, forward_inputs: dict) -> tuple[int, int]:
         """Placeholder tokens per image before and after pruning ("full" keeps the [CLS] feature too)."""
-        extra = 1 if (strategy or self.vlm.config.vision_feature_select_strategy) == "full" else 0
+        extra = 1 if self.vlm.select_strategy(forward_inputs) == "full" else 0
         return self.patches + extra, self.keep + extra
 
     def image_features(self, *args, **kwargs):
@@ -185,8 +184,8 @@ class _PromptShortener:
         ids = kwargs.get("input_ids")
         if ids is None:
             raise PatchError("visual_token_prune needs input_ids (it shortens each image's placeholder run)")
-        full, kept = self.features_per_image(kwargs.get("vision_feature_select_strategy"))
-        image_token = self.vlm.config.image_token_id
+        full, kept = self.features_per_image(kwargs)
+        image_token = self.vlm.image_placeholder
         per_image = int((ids == image_token).sum()) // max(1, images)
         if per_image == kept:
             return None  # already shortened (generate, or inputs prepared by the caller)
