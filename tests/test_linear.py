@@ -5,6 +5,7 @@ checks everything attnpatch does around it: layout, GQA, the carried state, padd
 decoding, the dispatch and its errors."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import tiny_models as tm
@@ -20,6 +21,24 @@ from method_cases import MatrixCase
 MATRIX_CASES = {"linear": MatrixCase(["llama", "vit"], {"feature_map": "elu", "chunk_size": 4})}
 
 HAS_FLA = importlib.util.find_spec("fla") is not None and fla_kernel() is not None
+
+
+def fla_reference():
+    """flash-linear-attention's own pure-torch reference of linear attention (fla/ops/linear_attn/naive.py),
+    loaded by path: `fla.ops` imports its Triton kernels, which a CPU machine lacks. None without fla."""
+    spec = importlib.util.find_spec("fla")
+    naive = spec and Path(spec.submodule_search_locations[0]) / "ops" / "linear_attn" / "naive.py"
+    if not naive or not naive.exists():
+        return None
+    module_spec = importlib.util.spec_from_file_location("fla_linear_attn_naive", naive)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+FLA_REFERENCE = fla_reference()
+needs_fla_reference = pytest.mark.skipif(FLA_REFERENCE is None, reason="needs flash-linear-attention (fla-core) "
+                                         "installed: .ci/run installs it, as the README's test command does")
 
 
 def contract_kernel(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True):
@@ -125,10 +144,10 @@ def test_lolcats_has_no_fla_backend():
         patch_model(tm.build("llama"), "lolcats", backend="fla")
 
 
-@pytest.mark.skipif(not HAS_FLA, reason="needs flash-linear-attention installed")
+@needs_fla_reference
 def test_the_contract_is_flas_own_reference():
     """fla's pure-torch reference (runs on CPU) agrees with the contract the tests hold the mapping to."""
-    from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
+    naive_recurrent_linear_attn = FLA_REFERENCE.naive_recurrent_linear_attn
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.rand(1, 40, 4, 16, generator=g), torch.rand(1, 40, 4, 16, generator=g)
@@ -142,3 +161,23 @@ def test_the_contract_is_flas_own_reference():
         assert torch.allclose(got, want, atol=1e-4)
         for mine, theirs in zip(got_state if normalize else [got_state], want_state if normalize else [want_state]):
             assert torch.allclose(mine, theirs, atol=1e-4)
+
+
+@needs_fla_reference
+def test_the_torch_path_equals_flas_reference_with_gqa_and_a_carried_state():
+    """attnpatch's chunked linear attention (the CPU path, and the default on GPUs) against fla's own
+    reference directly: normalised, a state carried in and out, kv heads repeated for fla's layout."""
+    g = torch.Generator().manual_seed(1)
+    b, hq, hkv, length, f, dv = 2, 4, 2, 70, 16, 8
+    fq, fk = torch.rand(b, hq, length, f, generator=g), torch.rand(b, hkv, length, f, generator=g)
+    v = torch.randn(b, hkv, length, dv, generator=g)
+    state = LinearState(kv=torch.randn(b, hkv, f, dv, generator=g), k_sum=torch.rand(b, hkv, f, generator=g) * 5)
+    ours, ours_state = causal_linear_attention(fq, fk, v, state=state, chunk_size=16)
+    groups = hq // hkv
+    as_fla = [t.repeat_interleave(groups, dim=1).transpose(1, 2) for t in (fk, v)]  # (B, T, Hq, F)
+    initial = (state.kv.repeat_interleave(groups, dim=1), state.k_sum.repeat_interleave(groups, dim=1)[:, None])
+    theirs, (kv, k_sum) = FLA_REFERENCE.naive_recurrent_linear_attn(
+        fq.transpose(1, 2), *as_fla, scale=1.0, initial_state=initial, output_final_state=True, normalize=True)
+    assert (ours - theirs.transpose(1, 2)).abs().max() <= 1e-4
+    assert torch.allclose(ours_state.kv.repeat_interleave(groups, dim=1), kv, atol=1e-4)
+    assert torch.allclose(ours_state.k_sum.repeat_interleave(groups, dim=1), k_sum[:, 0], atol=1e-4)
