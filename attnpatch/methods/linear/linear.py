@@ -17,7 +17,17 @@ from ...ops.linear import (
 from ...runtime.layers import RecurrentStateLayer
 from ..base import Method, ParamSpec
 
-FEATURE_MAPS = ("elu", "relu", "performer", "hedgehog", "taylor")
+# feature_map name -> what attach puts on a module: one map shared by q and k, or (query map, key map)
+# (trainable maps are separate per side). Each gets the site, the method's parameters, dtype and device.
+FEATURE_MAPS = {
+    "elu": lambda site, config, dtype, device: EluFeatureMap(),
+    "relu": lambda site, config, dtype, device: ReluFeatureMap(),
+    "performer": lambda site, config, dtype, device: PerformerFeatureMap(
+        site.head_dim, site.head_dim**-0.5, config["num_features"] or 2 * site.head_dim, config["seed"] + site.layer),
+    "hedgehog": lambda site, config, dtype, device: (HedgehogFeatureMap(site.num_heads, site.head_dim, dtype, device),
+                                                     HedgehogFeatureMap(site.num_kv_heads, site.head_dim, dtype, device)),
+    "taylor": lambda site, config, dtype, device: TaylorFeatureMap(site.head_dim, site.head_dim**-0.5),
+}
 
 
 class LinearAttention(Method):
@@ -31,7 +41,7 @@ class LinearAttention(Method):
     params = (
         ParamSpec("feature_map", str, "elu", "phi: elu (elu+1), relu, performer (FAVOR+ random features), "
                   "hedgehog (learnable, identity-initialised), taylor (2nd-order exp expansion)",
-                  choices=FEATURE_MAPS),
+                  choices=tuple(FEATURE_MAPS)),
         ParamSpec("chunk_size", int, 64, "tokens per chunk of the causal prefill", low=1, high=4096),
         ParamSpec("num_features", int, None, "performer: random features per head (default 2 x head_dim)",
                   low=1, high=65536, optional=True),
@@ -60,26 +70,15 @@ class LinearAttention(Method):
         return self.config["feature_map"] == "hedgehog"
 
     def attach(self, module):
-        site, kind = self.site, self.config["feature_map"]
         reference = next(module.parameters(), None)
         device = None if reference is None else reference.device
         dtype = None if reference is None else reference.dtype
-        scaling = site.head_dim**-0.5
-        if kind == "hedgehog":
-            module.attnpatch_feature_map_q = HedgehogFeatureMap(site.num_heads, site.head_dim, dtype, device)
-            module.attnpatch_feature_map_k = HedgehogFeatureMap(site.num_kv_heads, site.head_dim, dtype, device)
+        maps = FEATURE_MAPS[self.config["feature_map"]](self.site, self.config, dtype, device)
+        if isinstance(maps, tuple):
+            module.attnpatch_feature_map_q, module.attnpatch_feature_map_k = maps
             return
-        if kind == "elu":
-            fmap = EluFeatureMap()
-        elif kind == "relu":
-            fmap = ReluFeatureMap()
-        elif kind == "taylor":
-            fmap = TaylorFeatureMap(site.head_dim, scaling)
-        else:
-            features = self.config["num_features"] or 2 * site.head_dim
-            fmap = PerformerFeatureMap(site.head_dim, scaling, features, self.config["seed"] + site.layer)
         # one module shared by q and k (registered once, so its buffers are saved once)
-        module.attnpatch_feature_map = fmap.to(device) if device is not None else fmap
+        module.attnpatch_feature_map = maps.to(device) if device is not None else maps
 
     @staticmethod
     def feature_maps(module):
