@@ -29,7 +29,7 @@ from attnpatch import patch_model, unpatch_model  # noqa: E402
 from attnpatch.config import parse_method_spec  # noqa: E402
 from attnpatch.evaluation.floor import attention_free  # noqa: E402
 from attnpatch.evaluation.speed import best_seconds, prefill_latency, random_ids  # noqa: E402
-from attnpatch.ops import reference  # noqa: E402
+from attnpatch.ops import segments  # noqa: E402
 
 METHODS = ["block_topk", "lolcats", "sliding_window", "linear:backend=torch"]
 SIZES = {"full": {"mib": [4, 16, 64, 256, 1024], "length": 32768, "long": 131072, "long_mib": [64, 256, 1024],
@@ -83,7 +83,7 @@ def main() -> int:
         (args.out / "sweep.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.out / "sweep.md").write_text("\n".join(table(result)) + "\n")
 
-    chosen = reference.DEVICE_SEGMENT_BYTES
+    chosen = segments.DEVICE_SEGMENT_BYTES
     plan = [(sizes["length"], mib) for mib in sizes["mib"]] + [(sizes["long"], mib) for mib in sizes["long_mib"]]
     with torch.no_grad():
         for length in (sizes["length"], sizes["long"]):
@@ -96,7 +96,7 @@ def main() -> int:
                     if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
                         result["errors"][f"{spec} {length} {mib}"] = "skipped: --budget-s"
                         continue
-                    reference.DEVICE_SEGMENT_BYTES = mib * 2**20
+                    segments.DEVICE_SEGMENT_BYTES = mib * 2**20
                     try:
                         row = prefill_latency(model, [length], repeats=2 if length == sizes["length"] else 1)[0]
                     except Exception as exc:  # a segment too large for the device says so and the sweep goes on
@@ -109,7 +109,7 @@ def main() -> int:
                         torch.cuda.empty_cache()
             finally:
                 unpatch_model(model)
-        reference.DEVICE_SEGMENT_BYTES = chosen
+        segments.DEVICE_SEGMENT_BYTES = chosen
         patch_model(model, "block_topk")  # compiled at `length` above: other lengths of its bucket reuse it
         result["bucket"] = []
         for length in sizes["bucket"]:

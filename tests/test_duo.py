@@ -60,7 +60,7 @@ def test_trim_keeps_exactly_the_sinks_and_window_of_its_definition(sinks, window
     """After updates of 1-5 tokens, the streaming store holds the positions p with (p < first real
     token + sinks or p > seen - window) and, under the model's own window, p > seen - that window,
     and each kept key is the one stored at p; a store of every head is kept as the states came."""
-    from attnpatch.ops.kv_select import leading_invalid
+    from attnpatch.ops.token_ranks import leading_invalid
     from attnpatch.runtime.layers import DuoHeadLayer
 
     g = torch.Generator().manual_seed(sinks + window)

@@ -481,7 +481,6 @@ def _streaming_decode(ids, mask, budget, sinks, ring=True, steps=9, padded_step=
     """Greedy steps of a streaming-patched tiny Llama (row 0's token of `padded_step` masked out, two
     tokens fed at `double_step`), the ring on or off; returns the steps' logits, each step's kept positions per layer, row and kv head,
     the cache, and how many slots the ring freed."""
-    from attnpatch.methods.kv.eviction import eviction_state
     from attnpatch.methods.kv.streaming import StreamingLLM
 
     freed, free = [], CompressedKVLayer.free

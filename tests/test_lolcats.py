@@ -217,7 +217,7 @@ def test_attention_weights_reproduce_the_outputs(causal):
 def test_attention_cross_entropy_is_softmax_entropy_when_the_window_covers_everything():
     """Hedgehog's loss -sum a log a' is minimised at a' = a, where it equals the softmax entropy."""
     from attnpatch.ops.hybrid import hybrid_attention_weights
-    from attnpatch.ops.kv_select import attention_weights
+    from attnpatch.ops.attention_weights import attention_weights
     from attnpatch.ops.reference import causal_mask
     from attnpatch.routing.dispatch import attention_cross_entropy
 
@@ -236,7 +236,7 @@ def test_cross_entropy_fits_hedgehog_maps_to_softmax_weights():
     """Training Hedgehog maps and the gate on the cross-entropy alone closes most of the gap to the
     softmax weights (KL = cross-entropy - entropy), for a peaked causal softmax."""
     from attnpatch.ops.hybrid import hybrid_attention_weights
-    from attnpatch.ops.kv_select import attention_weights
+    from attnpatch.ops.attention_weights import attention_weights
     from attnpatch.ops.reference import causal_mask
     from attnpatch.routing.dispatch import attention_cross_entropy
 

@@ -216,13 +216,13 @@ def test_naive_attention_matches_sdpa():
 def test_segments_are_sized_for_cpu_caches_on_the_cpu_and_by_memory_elsewhere(monkeypatch):
     """Off the CPU each kernel launch costs host time, so chunked kernels take DEVICE_SEGMENT_BYTES
     segments there (read at call time: a benchmark sweeps it); the CPU keeps its cache-sized ones."""
-    from attnpatch.ops import reference
+    from attnpatch.ops import segments
 
-    assert reference.segment_bytes(torch.device("cpu"), 4 << 20) == 4 << 20
-    assert reference.segment_bytes(torch.device("cuda", 0), 4 << 20) == reference.DEVICE_SEGMENT_BYTES > 4 << 20
-    monkeypatch.setattr(reference, "DEVICE_SEGMENT_BYTES", 1 << 20)
-    assert reference.segment_bytes("cuda", 4 << 20) == 4 << 20  # never below the CPU's size
-    assert reference.segment_bytes("cuda", 64 << 20) == 64 << 20
+    assert segments.segment_bytes(torch.device("cpu"), 4 << 20) == 4 << 20
+    assert segments.segment_bytes(torch.device("cuda", 0), 4 << 20) == segments.DEVICE_SEGMENT_BYTES > 4 << 20
+    monkeypatch.setattr(segments, "DEVICE_SEGMENT_BYTES", 1 << 20)
+    assert segments.segment_bytes("cuda", 4 << 20) == 4 << 20  # never below the CPU's size
+    assert segments.segment_bytes("cuda", 64 << 20) == 64 << 20
 
 
 def test_exclusive_prefix_sum_loop_and_cumsum_agree():

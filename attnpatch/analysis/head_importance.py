@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import PatchConfig
 from ..errors import PatchError
-from ..ops.kv_select import attention_weights
+from ..ops.attention_weights import attention_weights
 from ..runtime.exact import visible_keys
 from .head_plans import SCORES, HeadImportance
 from .observing import model_inputs, observed, self_attention_sites

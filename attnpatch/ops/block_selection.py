@@ -9,7 +9,7 @@ import math
 import torch
 
 from .block_sparse import BlockLayout, grid
-from .reference import RECYCLED_SEGMENT_BYTES, segment_bytes
+from .segments import RECYCLED_SEGMENT_BYTES, segment_bytes
 from .sparse_patterns import _allowed_blocks, layout_from_block_mask
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .linear import LinearState, accumulate_state, exclusive_prefix_sum, zero_state
-from .reference import RECYCLED_SEGMENT_BYTES, segment_bytes
+from .segments import RECYCLED_SEGMENT_BYTES, segment_bytes
 from .reference import repeat_kv
 
 

@@ -10,60 +10,8 @@ from __future__ import annotations
 
 import torch
 
-
-
-def _grouped_sum(weights: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """(B, Hq, ..., L) -> (B, Hkv, ..., L), summing each kv head's query group."""
-    b, hq = weights.shape[:2]
-    return weights.reshape(b, kv_heads, hq // kv_heads, *weights.shape[2:]).sum(dim=2)
-
-
-def block_mask(valid: torch.Tensor | None, q_positions: torch.Tensor, length: int, heads: int,
-               key_positions: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, heads or 1, Lq, L) boolean: key j visible to a query at position p when the key's position
-    is <= p and the key is valid. Key positions are their indices 0..L-1 unless `key_positions`
-    (B, Hkv or 1, L) says otherwise (a cache that reuses freed slots is not in position order)."""
-    if key_positions is None:
-        causal = (torch.arange(length, device=q_positions.device)[None, :] <= q_positions[:, None])[None, None]
-    else:
-        causal = key_positions[:, :, None, :].long() <= q_positions[None, None, :, None]
-        causal = _per_query_head(causal, heads)
-    if valid is None:
-        return causal
-    return _per_query_head(valid, heads)[:, :, None, :] & causal
-
-
-def _per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, Hkv, ...) -> (B, heads, ...) when Hkv is neither 1 nor heads (GQA groups share a kv head)."""
-    if x.shape[1] > 1 and x.shape[1] != heads:
-        return x.repeat_interleave(heads // x.shape[1], dim=1)
-    return x
-
-
-def attention_weights(query, key, allowed, scaling: float, softcap: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scaling [softcapped]) over allowed keys, float32, (B, Hq, Lq, L); rows with no
-    key are 0. Each kv head's query group is folded into the query dim (keys are never repeated)."""
-    b, hq, lq, d = query.shape
-    hkv = key.shape[1]
-    folded = (query.float() * scaling).reshape(b, hkv, (hq // hkv) * lq, d)  # scaled before: Lq x D, not Lq x L
-    scores = torch.matmul(folded, key.float().transpose(-1, -2)).reshape(b, hq, lq, key.shape[-2])
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if allowed is None:
-        return torch.softmax(scores, dim=-1)
-    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    # a row with no key is NaN in every column, any other row in none: one column tells
-    if not bool(torch.isnan(weights[..., 0]).any()):
-        return weights
-    return torch.nan_to_num(weights, nan=0.0)
-
-
-def grouped_output(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """weights (B, Hq, Lq, L) @ values (B, Hkv, L, D) per query group, without repeating the values."""
-    b, hq, lq, length = weights.shape
-    hkv = values.shape[1]
-    folded = weights.to(values.dtype).reshape(b, hkv, (hq // hkv) * lq, length)
-    return torch.matmul(folded, values).reshape(b, hq, lq, values.shape[-1])
+from .attention_weights import attention_weights, block_mask, grouped_output, grouped_sum
+from .token_ranks import position_rank, valid_rank
 
 
 def window_attention_scores(query, key, valid, scaling: float, window: int, softcap: float | None = None,
@@ -75,7 +23,7 @@ def window_attention_scores(query, key, valid, scaling: float, window: int, soft
     last = length - 1 if key_positions is None else int(key_positions.max())
     positions = torch.arange(last + 1 - obs.shape[-2], last + 1, device=key.device)
     allowed = block_mask(valid, positions, length, query.shape[1], key_positions)
-    return _grouped_sum(attention_weights(obs, key, allowed, scaling, softcap), key.shape[1]).sum(dim=-2)
+    return grouped_sum(attention_weights(obs, key, allowed, scaling, softcap), key.shape[1]).sum(dim=-2)
 
 
 def accumulated_attention_scores(query, key, valid, scaling: float, block: int = 256,
@@ -107,7 +55,7 @@ def accumulated_attention_scores(query, key, valid, scaling: float, block: int =
             grouped = weights.reshape(b, key.shape[1], hq // key.shape[1], *weights.shape[2:])
             total = torch.maximum(total, grouped.amax(dim=(2, 3)))
         else:
-            total += _grouped_sum(weights, key.shape[1]).sum(dim=-2)
+            total += grouped_sum(weights, key.shape[1]).sum(dim=-2)
     return total if values is None else (total, torch.cat(outputs, dim=-2))
 
 
@@ -126,25 +74,6 @@ def pool_scores(scores: torch.Tensor, kernel: int, mode: str = "avg", valid: tor
         count = torch.nn.functional.avg_pool1d(mask, kernel, 1, pad, count_include_pad=True)
         pooled = total / count.clamp_min(1e-12)
     return pooled[..., : shape[-1]].reshape(shape)
-
-
-def leading_invalid(valid: torch.Tensor) -> torch.Tensor:
-    """Entries before each row's first valid one (a left-padded row's padding), reduced over the last dim."""
-    return (~valid).long().cumprod(dim=-1).sum(dim=-1)
-
-
-def valid_rank(valid: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry among the valid ones of its row, oldest = 0 (padding does not count)."""
-    return torch.cumsum(valid.long(), -1) - 1
-
-
-def position_rank(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Rank of each valid entry among the valid ones of its row by position, oldest = 0, for entries
-    stored out of order (a cache reusing freed slots); equals valid_rank when stored in order."""
-    key = torch.where(valid, positions.long(), torch.iinfo(torch.long).max)
-    order = torch.argsort(key, dim=-1, stable=True)
-    ranks = torch.arange(key.shape[-1], device=key.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, ranks)
 
 
 def select_mask(scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, sinks: int = 0,
@@ -240,7 +169,3 @@ def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Ten
     return kept, (lowest.contiguous() if every_row_frees else None)
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, Hkv, L, ...) gathered along L with index (B, Hkv, K)."""
-    expand = index.reshape(*index.shape, *([1] * (x.dim() - 3))).expand(*index.shape, *x.shape[3:])
-    return torch.gather(x, 2, expand)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .reference import RECYCLED_SEGMENT_BYTES, segment_bytes
+from .segments import RECYCLED_SEGMENT_BYTES, segment_bytes
 
 _EPS = 1e-12
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_select import attention_weights
+from .attention_weights import attention_weights
 from .reference import repeat_kv
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .reference import SEGMENT_BYTES, naive_attention, segment_bytes, query_positions, repeat_kv, window_mask
+from .reference import naive_attention, query_positions, repeat_kv, window_mask
+from .segments import SEGMENT_BYTES, segment_bytes
 from .work_count import record_work
 
 

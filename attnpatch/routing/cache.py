@@ -3,7 +3,7 @@ cache layer (runtime/layers), or a loud error where that cannot be done."""
 
 from __future__ import annotations
 
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import PatchError
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..ops.kv_select import leading_invalid
+from ..ops.token_ranks import leading_invalid
 
 # What the adapter found about the model's KV cache for this call (AttentionCall.cache_state):
 CACHE_OWN = "own"  # the method's own cache layer is attached (cache_layer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.kv_select import attention_weights
+from ..ops.attention_weights import attention_weights
 from ..ops.reference import causal_mask, naive_attention
 
 

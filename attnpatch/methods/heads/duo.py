@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from ...errors import PatchError
-from ...ops.kv_select import valid_rank
+from ...ops.token_ranks import valid_rank
 from ...ops.reference import causal_mask
 from ...ops.sliding import sliding_window_attention
 from ...runtime.call import run_rows_without_padding

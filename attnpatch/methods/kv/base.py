@@ -18,7 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from ...ops.kv_select import (accumulated_attention_scores, block_mask, compact, evict_lowest, select_mask,
+from ...ops.attention_weights import block_mask
+from ...ops.kv_select import (accumulated_attention_scores, compact, evict_lowest, select_mask,
                               window_attention_scores)
 from ...runtime.exact import exact_attention, one_query_attention, sdpa_attention
 from ...runtime.layers import CompressedKVLayer

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import PatchError
-from ...ops.kv_select import accumulated_attention_scores, compact, select_mask, valid_rank
+from ...ops.kv_select import accumulated_attention_scores, compact, select_mask
+from ...ops.token_ranks import valid_rank
 from ...runtime.cache import cache_kwargs
 from ...runtime.layers import CompressedKVLayer
 from ..base import ParamSpec

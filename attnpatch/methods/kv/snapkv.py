@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ...ops.kv_select import pool_scores, valid_rank
+from ...ops.kv_select import pool_scores
+from ...ops.token_ranks import valid_rank
 from ..base import ParamSpec
 from .base import KVCompressionMethod, decode_param
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import PatchError
-from ...ops.kv_select import valid_rank
+from ...ops.token_ranks import valid_rank
 from ...ops.sliding import sliding_window_attention
 from ...runtime.exact import sdpa_attention
 from ..base import ParamSpec

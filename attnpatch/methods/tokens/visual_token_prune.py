@@ -17,7 +17,7 @@ import functools
 import torch
 
 from ...errors import PatchError
-from ...ops.kv_select import attention_weights
+from ...ops.attention_weights import attention_weights
 from ...runtime.exact import exact_attention, visible_keys
 from ..base import Method, ParamSpec
 from ..wiring import model_parts, named_inputs, sites_within

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ...ops.kv_select import gather_tokens
+from ...ops.token_ranks import gather_tokens
 from .base import FullLengthGeometry, MappedBatchOps
 
 _FIELDS = ("keys", "values", "valid", "positions", "scores")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ...ops.kv_select import leading_invalid
+from ...ops.token_ranks import leading_invalid
 from .base import FullLengthGeometry, MappedBatchOps
 
 
