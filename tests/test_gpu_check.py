@@ -1,4 +1,4 @@
-"""eval/gpu_check.py in CI's CPU mode, so that the script a GPU session runs first cannot rot:
+"""eval/gpu/check.py in CI's CPU mode, so that the script a GPU session runs first cannot rot:
 every parity row passes, every speed row is measured (floor included), the recipe writes final/."""
 
 import argparse
@@ -17,7 +17,7 @@ def test_gpu_check_runs_on_cpu_quick(tmp_path):
     """Run as a short lease runs it (`--parallel`: three processes, one merged report), so both the
     parts and the merge are what CI checks."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "eval/gpu_check.py"), "--device", "cpu", "--quick", "--parallel",
+    done = subprocess.run([sys.executable, str(ROOT / "eval/gpu/check.py"), "--device", "cpu", "--quick", "--parallel",
                            "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     logs = "".join((tmp_path / f"log_{part}.txt").read_text()[-1500:] for part in ("parity", "speed", "recipe")
                    if (tmp_path / f"log_{part}.txt").exists())
@@ -48,8 +48,8 @@ def test_parallel_times_speed_alone_on_a_gpu(monkeypatch, tmp_path, device):
     """On a GPU `--parallel` starts the speed process only after the others have ended (their kernel
     compilations slowed its rows), with what is left of the budget; on the CPU all three run at once.
     The children are stand-ins that record when they start and end."""
-    monkeypatch.syspath_prepend(str(ROOT / "eval"))
-    import gpu_check
+    monkeypatch.syspath_prepend(str(ROOT))
+    from eval.gpu import check as gpu_check
 
     events = []
 
@@ -76,10 +76,10 @@ def test_parallel_times_speed_alone_on_a_gpu(monkeypatch, tmp_path, device):
 
 
 def test_long_prefill_sweep_runs_small(tmp_path):
-    """eval/long_prefill.py at one short length: every row measured in the child, ratios against the
+    """eval/benchmarks/long_prefill.py at one short length: every row measured in the child, ratios against the
     floor, the density rows labelled with their spec, memory growth read, files written."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "eval/long_prefill.py"), "--lengths", "512", "--methods", "linear",
+    done = subprocess.run([sys.executable, str(ROOT / "eval/benchmarks/long_prefill.py"), "--lengths", "512", "--methods", "linear",
                            "--density", "0.1", "--density-methods", "a_shape", "block_topk", "block_topk:query_pooling=mean",
                            "--density-max-length", "512", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

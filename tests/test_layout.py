@@ -148,3 +148,9 @@ def test_methods_name_no_model_class_or_attribute_path():
                                                                                        "diffusers.models")):
                 found.append(f"{where} from {node.module}")
     assert not found, "model knowledge under methods/ (ask the site's parts instead):\n" + "\n".join(found)
+
+
+def test_eval_top_level_is_a_suite_not_a_heap():
+    """Scripts live in eval/benchmarks, eval/gpu and eval/runs; the top level holds at most 10 files."""
+    files = [p.name for p in (PACKAGE.parent / "eval").iterdir() if p.is_file()]
+    assert len(files) <= 10, files

@@ -1,5 +1,5 @@
 """The `linear` method (its matrix row here; the chunked kernel in test_ops.py) and its
-flash-linear-attention backend: its Triton kernel needs a GPU (eval/gpu_check.py
+flash-linear-attention backend: its Triton kernel needs a GPU (eval/gpu/check.py
 holds it to the torch path there), so here the kernel is replaced by its documented contract, which
 checks everything attnpatch does around it: layout, GQA, the carried state, padding, the handoff to
 decoding, the dispatch and its errors."""

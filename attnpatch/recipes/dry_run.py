@@ -17,7 +17,7 @@ the recipe shards with fsdp, else 1):
   losses) keeps only the student's part per layer (the feature-map terms + 3·Hq·d) and one layer's
   working set at a time. With gradient checkpointing a stage keeps only each layer's input (h) and
   recomputes one layer at a time. Checked against the measured peak of a training step on SmolLM2-135M (fp32,
-  batch 2 x 512; eval/dry_run_check.py → eval/results/recipes-dry-run/): it errs high for stage 2
+  batch 2 x 512; eval/benchmarks/dry_run_check.py → eval/results/recipes-dry-run/): it errs high for stage 2
   without checkpointing and low for stage 1 (numbers there and in the README).
 The weights' total and largest layer come from accelerate's `calculate_maximum_sizes`.
 """
