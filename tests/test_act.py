@@ -176,3 +176,16 @@ def test_calibration_effect_is_the_derivative_and_the_search_keeps_the_best():
     config = calibration.config(1)
     (layer, head), = [(layer, p["heads"][0]) for layer, p in config.layer_params.items()]
     assert (layer, head) == ranked[0] and config.layers == [layer]
+
+
+def test_calibration_never_chooses_a_head_that_writes_nothing():
+    """Planted structure: layer 1's head 2 has a zero output projection, so calibrating it changes no
+    output: its measured effect is exactly 0 and the search never includes it, while heads that write
+    do have effects."""
+    model = tm.build("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.unflatten(1, (4, 16))[:, 2] = 0
+    calibration = calibrate_act(model, WordTokenizer(), _items(), beta=0.2, alpha=1.2, progress=False)
+    assert float(calibration.effect[1, 2]) == 0.0
+    assert (1, 2) not in calibration.ranked
+    assert int((calibration.effect != 0).sum()) == calibration.effect.numel() - 1

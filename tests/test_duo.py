@@ -156,3 +156,20 @@ def test_gate_training_lowers_gates_and_builds_patterns():
         calibration.config()
     tokens = passkey_batches(tm.tiny_tokenizer(), 2, 64)
     assert len(tokens) == 2 and abs(tokens[0].shape[-1] - 64) <= 8
+
+
+def test_gate_training_keeps_the_head_built_to_retrieve():
+    """Planted structure: in every layer kv head 0's query heads write nothing (their output-projection
+    columns are zero), so streaming them costs nothing; kv head 1 carries all attention output, so
+    cutting it to sinks + window changes the model. The gates must keep head 1 and let head 0 go."""
+    model = tm.build("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.unflatten(1, (4, 16))[:, :2] = 0  # query heads 0, 1: kv head 0's group
+    batches = [ids(48, s) for s in range(3)]
+    calibration = train_duo_heads(model, batches, sinks=2, window=8, steps=25, lr=0.05, l1=0.05, supervise=8,
+                                  progress=False)
+    gates = calibration.gates
+    assert bool((gates[:, 1] > gates[:, 0] + 0.2).all()), gates
+    kept = calibration.config(retrieval_ratio=0.5).layer_params
+    assert all(params["retrieval_heads"] == [1] for params in kept.values()), kept

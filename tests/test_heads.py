@@ -285,3 +285,20 @@ def test_greedy_pruning_reaches_the_ratio_in_steps():
     earlier = {layer: set(h) for layer, h in last.removed["model.layers"].items()}
     final = {layer: set(p["heads"]) for layer, p in config.layer_params.items()}
     assert all(earlier[layer] <= final.get(layer, set()) for layer in earlier)
+
+
+def test_importance_finds_the_heads_built_to_matter_and_not():
+    """Planted structure: in layer 1, head 2's output projection is zeroed (removing it changes nothing)
+    and head 3's is scaled up 20x (it dominates the layer's output). Every score but entropy must rank
+    head 2 lowest and head 3 highest in that layer, and the first head a global plan removes is head 2."""
+    model = tm.build("llama")
+    with torch.no_grad():
+        blocks = model.model.layers[1].self_attn.o_proj.weight.unflatten(1, (4, 16))
+        blocks[:, 2] = 0
+        blocks[:, 3] *= 20
+    importance = head_importance(model, _batches(), scores=["gradient", "output_norm"], progress=False)
+    for score in ("gradient", "output_norm"):
+        layer = importance.scores[score]["model.layers"][1]
+        assert float(layer[2]) == 0.0 and int(layer.argmax()) == 3, (score, layer)
+    plan = importance.plan(1 / 12, score="output_norm", scope="global")
+    assert plan.layer_params == {1: {"heads": [2]}}, plan.layer_params

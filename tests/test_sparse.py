@@ -666,3 +666,22 @@ def test_density_is_worked_out_when_read_not_in_every_call(monkeypatch, method, 
     assert len(counted) == len(methods) and all(0 < d < 1 for d in densities)
     if method == "a_shape":  # the span path's value: its layout's, as the block kernel would compute it
         assert densities[0] == original(a_shape(30, 30, 4, causal=True, sink_blocks=1, local_blocks=2), 30, True)
+
+
+@pytest.mark.parametrize("pooling,query_pooling", [("mean", "max"), ("mean", "mean"), ("maxmin", "max")])
+def test_block_topk_finds_the_block_built_to_matter(pooling, query_pooling):
+    """Planted structure: key block 2 of each (sequence, kv head) holds keys along a direction every
+    query shares, the rest is noise; with one chosen block besides the sink and the diagonal, every
+    query block past it must choose block 2 (and a row's own noise must not win)."""
+    g = torch.Generator().manual_seed(5)
+    bs, length = 8, 64
+    direction = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)
+    q = 0.1 * torch.randn(B, HQ, length, D, generator=g) + direction
+    k = 0.1 * torch.randn(B, HKV, length, D, generator=g)
+    k[:, :, 2 * bs:3 * bs] += 3 * direction
+    layout = block_topk(q, k, bs, causal=True, top_k=1, pooling=pooling, query_pooling=query_pooling,
+                        sink_blocks=1, local_blocks=1)
+    for row in range(4, length // bs):  # query blocks whose own diagonal and sink are not block 2
+        chosen = layout.kv_blocks[..., row, :]
+        assert bool((chosen == 2).any(-1).all()), (row, chosen)
+        assert int((chosen >= 0).sum(-1).max()) == 3  # the sink, the diagonal, the chosen block: no more
