@@ -9,7 +9,6 @@ from transformers import DynamicCache
 
 from attnpatch import PatchError, cache_nbytes, load_patched, patch_model, patched_methods, save_patched, unpatch_model
 from attnpatch.analysis.duo_training import passkey_batches, train_duo_heads
-from attnpatch.methods.heads.duo import duo_reference_mask
 from attnpatch.ops.reference import naive_attention
 from attnpatch.runtime.call import AttentionCall
 from method_cases import MatrixCase
@@ -32,7 +31,10 @@ def test_attention_equals_naive_attention_under_the_per_head_mask():
     q, k, v = (torch.randn(2, h, 23, 16, generator=g) for h in (4, 2, 2))
     call = AttentionCall(module=model.model.layers[0].self_attn, query=q, key=k, value=v, mask=None, causal=True,
                          scaling=0.25)
-    mask = duo_reference_mask(23, 23, [1], num_kv_heads=2, groups=2, sinks=2, window=5)
+    # written out here: query head h belongs to kv head h // 2; kv head 1 retrieves (every earlier key), kv
+    # head 0 streams (the 2 sinks and the 5 nearest keys, itself included)
+    mask = torch.tensor([[[j <= i and (h // 2 == 1 or j < 2 or i - j < 5) for j in range(23)] for i in range(23)]
+                         for h in range(4)])
     expected = naive_attention(q, k, v, mask[None], scaling=0.25)
     assert torch.allclose(method.attention(call), expected, atol=1e-5)
 

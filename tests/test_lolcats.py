@@ -24,6 +24,41 @@ def inputs(lq, lk=None, seed=0):
             torch.randn(B, HKV, lk, D, generator=g), torch.sigmoid(torch.randn(HQ, generator=g)))
 
 
+def literal_hybrid(q, k, v, fq, fk, gate, *, window, scaling, causal, key_valid, softcap=None):
+    """LoLCATs' hybrid written out query by query in float64, from the paper's formula (nothing shared with
+    the library): query i at position p; W = its window (causal p - window < j <= p, else |p - j| < window),
+    L = the other visible keys; e_j = exp(s_j - max_W s), s = q.k * scaling (softcapped);
+    out = (g sum_W e_j v_j + (1-g) sum_L phi(q).phi(k_j) v_j) / (g sum_W e_j + (1-g) sum_L phi(q).phi(k_j))."""
+    b, hq, lq, _ = q.shape
+    lk, groups = k.shape[2], hq // k.shape[1]
+    out = torch.zeros(b, hq, lq, v.shape[-1], dtype=torch.float64)
+    for row in range(b):
+        for head in range(hq):
+            kv, g = head // groups, float(gate[head])
+            for i in range(lq):
+                p = lk - lq + i if causal else i
+                visible = [j for j in range(lk) if bool(key_valid[row, j]) and (not causal or j <= p)]
+                near = [j for j in visible if (p - j < window if causal else abs(p - j) < window)]
+                far = [j for j in visible if j not in near]
+                if not visible:
+                    continue
+                num = torch.zeros(v.shape[-1], dtype=torch.float64)
+                den = torch.zeros((), dtype=torch.float64)
+                if near:
+                    s = k[row, kv, near].double() @ q[row, head, i].double() * scaling
+                    if softcap is not None:
+                        s = torch.tanh(s / softcap) * softcap
+                    e = torch.exp(s - s.max())
+                    num += g * (e @ v[row, kv, near].double())
+                    den += g * e.sum()
+                if far:
+                    lin = fk[row, kv, far].double() @ fq[row, head, i].double()
+                    num += (1 - g) * (lin @ v[row, kv, far].double())
+                    den += (1 - g) * lin.sum()
+                out[row, head, i] = num / den
+    return out
+
+
 def features(name, q, k):
     if name == "elu":
         f = EluFeatureMap()
@@ -44,11 +79,15 @@ def test_hybrid_equals_quadratic_definition(fmap, causal, window, block):
     valid[0, :4] = False
     out, _ = hybrid_attention(q, k, v, fq, fk, gate, window=window, scaling=D**-0.5, causal=causal, key_valid=valid,
                               block_size=block, softcap=3.0 if window == 5 else None)
-    ref = naive_hybrid_attention(q, k, v, fq, fk, gate, window=window, scaling=D**-0.5, causal=causal, key_valid=valid,
-                                 softcap=3.0 if window == 5 else None)
+    ref = literal_hybrid(q, k, v, fq, fk, gate, window=window, scaling=D**-0.5, causal=causal, key_valid=valid,
+                         softcap=3.0 if window == 5 else None)
     real = torch.ones(B, 1, 29, 1, dtype=torch.bool)
     real[0, :, :4] = False  # padding queries have no defined output
     assert torch.where(real, (out.double() - ref).abs(), 0.0).max() <= 1e-5
+    # the library's quadratic form (the other tests' reference) is the same definition
+    quadratic = naive_hybrid_attention(q, k, v, fq, fk, gate, window=window, scaling=D**-0.5, causal=causal,
+                                       key_valid=valid, softcap=3.0 if window == 5 else None)
+    assert torch.where(real, (quadratic - ref).abs(), 0.0).max() <= 1e-9
 
 
 @pytest.mark.parametrize("window,block", [(5, 4), (9, 4), (3, 8)])

@@ -26,6 +26,32 @@ def qkv(lq, lk=None, seed=0):
             torch.randn(B, HKV, lk, D, generator=g))
 
 
+def literal_window_attention(q, k, v, mask, *, causal, window, sinks, softcap=None):
+    """The sliding window written out here, query by query in float64 (no library mask or attention):
+    query i at position lk - lq + i (causal) sees key j when j < sinks or j is among its `window`
+    nearest (causal: j in (p - window, p]; bidirectional: |p - j| < window), never a future key, and
+    only where the model's mask allows; a query that sees nothing outputs 0."""
+    b, hq, lq, d = q.shape
+    lk, groups = k.shape[2], hq // k.shape[1]
+    out = torch.zeros(b, hq, lq, v.shape[-1], dtype=torch.float64)
+    for row in range(b):
+        for head in range(hq):
+            keys, values = k[row, head // groups].double(), v[row, head // groups].double()
+            for i in range(lq):
+                p = lk - lq + i if causal else i
+                seen = [j for j in range(lk)
+                        if (j < sinks or (p - window < j <= p if causal else abs(p - j) < window))
+                        and (not causal or j <= p)
+                        and (mask is None or bool(mask[row if mask.shape[0] > 1 else 0, 0, i, j]))]
+                if not seen:
+                    continue
+                logits = keys[seen] @ q[row, head, i].double() * d**-0.5
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+                out[row, head, i] = torch.softmax(logits, 0) @ values[seen]
+    return out.to(q.dtype)
+
+
 FEATURE_MAPS = {
     "elu": lambda: EluFeatureMap(),
     "relu": lambda: ReluFeatureMap(),
@@ -165,7 +191,7 @@ def test_sliding_window_equals_masked_dense(causal, window, sinks, lq, lk):
     pad[0, ..., :3] = False  # left padding on sequence 0
     for mask in (pad, None):  # the model's mask (padding rows), and none (one shared block mask)
         out = sliding_window_attention(q, k, v, mask, window=window, sinks=sinks, causal=causal, block_size=6)
-        ref = naive_attention(q, k, v, mask, causal=causal, window=window, sinks=sinks)
+        ref = literal_window_attention(q, k, v, mask, causal=causal, window=window, sinks=sinks)
         assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
 
 
@@ -182,7 +208,7 @@ def test_sliding_window_prefill_all_blocks_at_once(monkeypatch, window, sinks, b
     monkeypatch.setattr(sliding_ops, "SEGMENT_BYTES", 1)  # one block per segment: the segment loop runs
     q, k, v = qkv(length, seed=3)
     out = sliding_window_attention(q, k, v, None, window=window, sinks=sinks, causal=True, block_size=block)
-    ref = naive_attention(q, k, v, None, causal=True, window=window, sinks=sinks)
+    ref = literal_window_attention(q, k, v, None, causal=True, window=window, sinks=sinks)
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
     first = -(-(window - 1) // block) + -(-sinks // block)  # blocks whose span lies after the sinks
     assert covered == [range(first * block, length // block * block, block)]
@@ -191,7 +217,7 @@ def test_sliding_window_prefill_all_blocks_at_once(monkeypatch, window, sinks, b
 def test_sliding_window_softcap_and_full_window_is_dense():
     q, k, v = qkv(21)
     out = sliding_window_attention(q, k, v, None, window=3, sinks=1, causal=True, softcap=2.0, block_size=4)
-    ref = naive_attention(q, k, v, None, causal=True, window=3, sinks=1, softcap=2.0)
+    ref = literal_window_attention(q, k, v, None, causal=True, window=3, sinks=1, softcap=2.0)
     assert torch.allclose(out, ref, atol=1e-5)
     dense = naive_attention(q, k, v, None, causal=True)
     assert torch.allclose(sliding_window_attention(q, k, v, None, window=21, causal=True), dense, atol=1e-5)

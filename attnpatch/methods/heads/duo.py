@@ -14,7 +14,6 @@ import torch
 
 from ...errors import PatchError
 from ...ops.token_ranks import valid_rank
-from ...ops.reference import causal_mask
 from ...ops.sliding import sliding_window_attention
 from ...runtime.call import run_rows_without_padding
 from ...runtime.exact import exact_attention, sdpa_attention
@@ -148,15 +147,3 @@ def window_cache_attention(call, layer: DuoHeadLayer, sinks: int, window: int, a
         allowed = allowed & ((q_positions[:, None] - positions[None, :]) < layer.sliding_window)[None]
     sub = dataclasses.replace(call, key=layer.stream_keys, value=layer.stream_values, mask=None, causal=True)
     return sdpa_attention(sub, allowed[:, None], False)
-
-
-def duo_reference_mask(lq: int, lk: int, retrieval: list[int], num_kv_heads: int, groups: int, sinks: int,
-                       window: int, device=None) -> torch.Tensor:
-    """(Hq, Lq, Lk) boolean mask duo_heads computes under: causal for retrieval heads' queries,
-    causal sinks + window for streaming heads' (for tests against naive attention)."""
-    from ...ops.reference import window_mask
-
-    full = causal_mask(lq, lk, device)
-    stream = window_mask(lq, lk, window, sinks, True, device)
-    rows = [full if h // groups in retrieval else stream for h in range(num_kv_heads * groups)]
-    return torch.stack(rows)
