@@ -19,6 +19,8 @@ class MatrixRun:
     params_before: int  # parameter count before patching
     dense_cache_bytes: Callable[[], int]  # bytes the unpatched model's cache holds for the same inputs
     dense_cache_tokens: int  # tokens the unpatched model's cache would hold (prompt with image tokens + steps)
+    prompt_lengths: list[int]  # real (unpadded) prompt tokens per row
+    steps: int  # tokens decoded through the cache after the prompt
     computed: object  # the sparse kernels' own count of their work during the run (ops/work_count.py)
     change_from_unpatched: float | None  # relative output difference from the unpatched model (None: not measured)
 

@@ -1,24 +1,40 @@
 """KV-cache compression: selections against slow references, generate() on padded batches,
 measured cache bytes against the budget, and budget >= length equal to dense."""
 
+import math
 
 import pytest
 import tiny_models as tm
 import torch
 from transformers import DynamicCache
 
-from attnpatch import cache_kwargs, cache_nbytes, patch_model, unpatch_model
+from attnpatch import cache_kwargs, cache_nbytes, patch_model, patched_methods, unpatch_model
 from attnpatch.registry import get_method, resolve_params
 from attnpatch.runtime.call import AttentionCall
 from attnpatch.runtime.layers import CompressedKVLayer
-from method_cases import MatrixCase
+from method_cases import MatrixCase, MatrixRun
+
+def entries_held_match_the_budget(run: MatrixRun) -> None:
+    """Each row and kv head holds floor((1 - compression) x its real prompt tokens) entries, plus every
+    decoded token where the method grows (decode='grow'), none where it holds (decode='hold')."""
+    method = patched_methods(run.model)[0]
+    config = method.config
+    grown = run.steps if config["decode"] == "grow" else 0
+    budgets = [max(1, math.floor(n * (1 - config["compression"]))) + grown for n in run.prompt_lengths]
+    for layer in run.cache.layers:
+        assert layer.valid.sum(-1).tolist() == [[b] * layer.valid.shape[1] for b in budgets], (method.name, budgets)
+
 
 MATRIX_CASES = {
+    **{name: MatrixCase(["llama"], params, cache_layer="CompressedKVLayer", check=entries_held_match_the_budget)
+       for name, params in {
+           "streaming": {"compression": 0.5, "sinks": 2}, "h2o": {"compression": 0.5}, "tova": {"compression": 0.5},
+           "knorm": {"compression": 0.5}, "keydiff": {"compression": 0.5},
+           "snapkv": {"compression": 0.5, "window": 4, "kernel": 3}}.items()},
+    # kvzip compresses through compress_context (another prompt in each matrix test) and pyramidkv's budgets
+    # differ per layer: tests/test_contexts.py and test_pyramidkv_budgets_decrease_with_depth hold theirs
     **{name: MatrixCase(["llama"], params, cache_layer="CompressedKVLayer") for name, params in {
-        "streaming": {"compression": 0.5, "sinks": 2}, "h2o": {"compression": 0.5}, "tova": {"compression": 0.5},
-        "knorm": {"compression": 0.5}, "keydiff": {"compression": 0.5}, "kvzip": {"compression": 0.5, "chunk": 8},
-        "snapkv": {"compression": 0.5, "window": 4, "kernel": 3},
-        "pyramidkv": {"compression": 0.5, "window": 4, "kernel": 3}}.items()},
+        "kvzip": {"compression": 0.5, "chunk": 8}, "pyramidkv": {"compression": 0.5, "window": 4, "kernel": 3}}.items()},
     # kv_quant's 4-bit codes move by a whole step (1/15 of a group's range) when a value crosses a boundary
     "kv_quant": MatrixCase(["llama"], {"group": 8, "residual": 2, "sinks": 1, "bits": 4}, cache_layer="QuantizedKVLayer",
                            half_precision_tolerance=0.03),

@@ -16,9 +16,23 @@ from attnpatch import PatchError, patch_model, patched_methods, unpatch_model
 from attnpatch.ops.linear import LinearState, causal_linear_attention
 from attnpatch.ops.linear_fla import FLA_MIN_TOKENS, fla_causal_linear_attention, fla_kernel
 from attnpatch.runtime.cache import cache_kwargs
-from method_cases import MatrixCase
+from method_cases import MatrixCase, MatrixRun
 
-MATRIX_CASES = {"linear": MatrixCase(["llama", "vit"], {"feature_map": "elu", "chunk_size": 4})}
+def decodes_from_a_constant_state(run: MatrixRun) -> None:
+    """Decoders: every layer's cache holds no keys or values, only the state S (B, Hkv, F, Dv) and z
+    (B, Hkv, F), F = head_dim for elu: a size that does not grow with the tokens seen."""
+    if run.cache is None:
+        return
+    cfg = run.model.config
+    b, hkv, d = len(run.prompt_lengths), cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    for layer in run.cache.layers:
+        assert layer.keys.shape[-2] == 0 and layer.values.shape[-2] == 0
+        assert tuple(layer.state.kv.shape) == (b, hkv, d, d) and tuple(layer.state.k_sum.shape) == (b, hkv, d)
+        assert layer.seen_tokens == run.dense_cache_tokens
+
+
+MATRIX_CASES = {"linear": MatrixCase(["llama", "vit"], {"feature_map": "elu", "chunk_size": 4}, cache_layer=None,
+                                     check=decodes_from_a_constant_state)}
 
 HAS_FLA = importlib.util.find_spec("fla") is not None and fla_kernel() is not None
 

@@ -172,9 +172,11 @@ def assert_active(name: str, model, model_name: str, cache, before_params: int, 
         assert all(type(layer).__name__ == case.cache_layer for layer in layers), (name, [type(x) for x in layers])
         assert cache_nbytes(cache) < dense_cache_bytes(model_name)
     if case.check:
-        prompt = llava_inputs(model, left_pad=PAD)[0].shape[1] if model_name == "llava" else PROMPT + PAD
+        mask = llava_inputs(model, left_pad=PAD)[1] if model_name == "llava" else tm.text_batch(length=PROMPT, left_pad=PAD)[1]
+        prompt = llava_inputs(model, left_pad=PAD)[0].shape[1] if model_name == "llava" else PROMPT  # pad included
         case.check(MatrixRun(model, model_name, cache, before_params, lambda: dense_cache_bytes(model_name),
-                             prompt + STEPS, computed, change_from_unpatched))
+                             dense_cache_tokens=prompt + STEPS, prompt_lengths=mask.sum(-1).tolist(), steps=STEPS,
+                             computed=computed, change_from_unpatched=change_from_unpatched))
 
 
 def method_model_pairs():

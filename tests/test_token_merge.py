@@ -15,8 +15,15 @@ from method_cases import MatrixCase, MatrixRun, fewer_cached_tokens
 
 
 def merged_in_every_layer(run: MatrixRun) -> None:
+    """Every layer merged; a ViT's output holds r = 2 tokens fewer per layer (what its MLPs saw), and a
+    Llava's language model caches fewer image tokens."""
     methods = patched_methods(run.model)
     assert methods[0].state.merges >= len(methods)
+    if run.model_name == "vit":
+        pixels = tm.pixels().to(next(run.model.parameters()))
+        tokens = run.model.config.image_size ** 2 // run.model.config.patch_size ** 2 + 1
+        with torch.no_grad():
+            assert run.model(pixel_values=pixels).last_hidden_state.shape[1] == tokens - 2 * len(methods)
     fewer_cached_tokens(run)
 
 
