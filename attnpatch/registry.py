@@ -135,6 +135,11 @@ def resolve_params(method: str, params: dict) -> dict:
         known = ", ".join(specs) or "none"
         raise PatchError(f"method {method!r} has no parameter(s) {unknown}; its parameters: {known}")
     resolved = {name: spec.validate(params.get(name, spec.default), method) for name, spec in specs.items()}
+    for group in cls.exclusive_params:
+        given = [name for name in group if resolved[name] is not None and resolved[name] != specs[name].default]
+        if len(given) > 1:
+            raise PatchError(f"method {method!r}: {' and '.join(f'{n}={resolved[n]!r}' for n in given)} say the same "
+                             f"thing two ways; set one of {list(group)}")
     cls.check_params(resolved)
     return resolved
 

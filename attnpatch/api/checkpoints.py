@@ -16,7 +16,7 @@ from ..errors import PatchError
 from ..methods.base import attnpatch_entries
 from ..registry import get_method
 from .model_card import hub_id, write_model_card
-from .patching import _records, is_patched, patch_model
+from .patching import _records, patch_model, patched_owner
 
 CONFIG_FILE = "attnpatch_config.json"
 PARAMS_FILE = "attnpatch_params.safetensors"
@@ -47,6 +47,30 @@ def _attnpatch_modules_detached(model: nn.Module):
             store[name] = item
 
 
+def _lora_merged_state_dict(model: nn.Module) -> dict | None:
+    """The model's weights under their own names with peft's adapters (LoRA) merged into them, for a
+    model peft has wrapped; None for a model without adapter layers. The model is left as it was."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return None
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.merged]
+    if not layers and not any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        return None
+    for layer in layers:
+        layer.merge()
+    try:
+        state = {}
+        for name, tensor in model.state_dict().items():
+            if is_attnpatch_key(name) or ".lora_" in name or ".original_module." in name:
+                continue
+            state[name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = tensor.detach().clone()
+        return state
+    finally:
+        for layer in layers:
+            layer.unmerge()
+
+
 def _library(model: nn.Module) -> str:
     adapter, _ = find_adapter(model)
     return adapter.name
@@ -64,13 +88,17 @@ def save_patched(model: nn.Module, path: str | os.PathLike, *, base_model: str |
     """
     from safetensors.torch import save_file
 
-    if not is_patched(model):
-        raise PatchError("the model is not patched; use model.save_pretrained for a plain checkpoint")
+    owner = patched_owner(model)  # the model, the patched model inside a wrapper (peft), or around a module
+    if owner is None:
+        raise PatchError(f"nothing in or around this {type(model).__name__} is patched; use save_pretrained for a "
+                         "plain checkpoint")
+    model = owner
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     extra = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if is_attnpatch_key(k)}
+    merged = _lora_merged_state_dict(model)
     with _attnpatch_modules_detached(model):
-        model.save_pretrained(path, **save_kwargs)
+        model.save_pretrained(path, **({} if merged is None else {"state_dict": merged}), **save_kwargs)
     if extra:
         save_file(extra, str(path / PARAMS_FILE))
     manifest = {
@@ -95,7 +123,12 @@ def _resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_id)))
+    try:
+        return Path(snapshot_download(str(path_or_id)))
+    except Exception as error:  # noqa: BLE001 - a typo'd folder and an unreachable hub id read the same
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise FileNotFoundError(f"{str(path_or_id)!r} is not a folder here ({path.resolve()}), and the hub could not "
+                                f"give it either ({type(error).__name__}: {first})") from None
 
 
 def load_patched(path_or_id: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
@@ -106,7 +139,12 @@ def load_patched(path_or_id: str | os.PathLike, **from_pretrained_kwargs) -> nn.
     manifest_file = path / CONFIG_FILE
     if not manifest_file.exists():
         raise PatchError(f"{path} has no {CONFIG_FILE}; it was not written by save_patched")
-    manifest = json.loads(manifest_file.read_text())
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        manifest["library"], manifest["model_class"], manifest["patches"]  # noqa: B018 - the fields read below
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise PatchError(f"{manifest_file} is not a valid attnpatch checkpoint manifest ({type(error).__name__}: "
+                         f"{error}); re-save the model with save_patched") from None
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise PatchError(f"{manifest_file} has format {manifest['format_version']}; this attnpatch reads up to {FORMAT_VERSION}")
     library, class_name = manifest["library"], manifest["model_class"]
@@ -119,7 +157,15 @@ def load_patched(path_or_id: str | os.PathLike, **from_pretrained_kwargs) -> nn.
     model_cls = getattr(lib, class_name, None)
     if model_cls is None:
         raise PatchError(f"{library} has no class {class_name!r}; is the installed {library} too old?")
-    model = model_cls.from_pretrained(str(path), **from_pretrained_kwargs)
+    if library == "transformers":
+        model, info = model_cls.from_pretrained(str(path), output_loading_info=True, **from_pretrained_kwargs)
+        unmatched = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys")}
+        if any(unmatched.values()):  # transformers would initialise what is missing: silently other weights
+            raise PatchError(f"{path} does not hold the weights {class_name} needs: missing {unmatched['missing_keys'][:6]}"
+                             f", unexpected {unmatched['unexpected_keys'][:6]}; it was not written by save_patched from "
+                             "this model (a peft-wrapped model is saved with save_patched(peft_model), which merges it)")
+    else:
+        model = model_cls.from_pretrained(str(path), **from_pretrained_kwargs)
     _, sites = find_adapter(model)
     for method in dict.fromkeys(patch["method"] for patch in manifest.get("baked", [])):
         for patch in get_method(method).after_reload(sites):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -30,23 +32,53 @@ class _AppliedPatch:
         return "structure" in get_method(self.config.method).interventions
 
 
+_PATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # the models that hold patch records
+
+
 def _records(model: nn.Module) -> list[_AppliedPatch]:
+    _PATCHED.add(model)
     return model.__dict__.setdefault(RECORD_ATTR, [])
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The model a wrapper holds (a peft PeftModel's base model), or the model itself."""
+    while callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
+        model = model.get_base_model()
+    return model
+
+
+def patched_owner(model: nn.Module) -> nn.Module | None:
+    """The module that holds the patch state for `model`: the model itself, the patched model a wrapper
+    (peft) holds, or the patched model an inner module belongs to; None when nothing around it is patched."""
+    if model.__dict__.get(RECORD_ATTR):
+        return model
+    for module in model.modules():  # a wrapper around the patched model
+        if module.__dict__.get(RECORD_ATTR):
+            return module
+    for root in list(_PATCHED):  # an inner module of a patched model
+        if root.__dict__.get(RECORD_ATTR) and any(module is model for module in root.modules()):
+            return root
+    return None
+
+
+def _records_of(model: nn.Module) -> list[_AppliedPatch]:
+    owner = patched_owner(model)
+    return [] if owner is None else owner.__dict__[RECORD_ATTR]
+
+
 def patched_configs(model: nn.Module) -> list[PatchConfig]:
-    """The configs applied to this model, in order (empty when it is not patched)."""
-    return [record.config for record in model.__dict__.get(RECORD_ATTR, [])]
+    """The configs applied to this model (or the patched model it wraps or belongs to), in order."""
+    return [record.config for record in _records_of(model)]
 
 
 def patched_methods(model: nn.Module) -> list[Method]:
     """The method instances placed on the model's attention modules (one per module, in patch
     order): where per-call statistics such as a sparse method's `last_density` can be read."""
-    return [method for record in model.__dict__.get(RECORD_ATTR, []) for _, method in record.placements]
+    return [method for record in _records_of(model) for _, method in record.placements]
 
 
 def is_patched(model: nn.Module) -> bool:
-    return bool(model.__dict__.get(RECORD_ATTR))
+    return patched_owner(model) is not None
 
 
 def _select_sites(sites: list[AttentionSite], config: PatchConfig) -> list[AttentionSite]:
@@ -60,6 +92,12 @@ def _select_sites(sites: list[AttentionSite], config: PatchConfig) -> list[Atten
         if not self_sites:
             raise PatchError("every selected attention module is cross-attention; pass include_cross_attention=True")
         sites = self_sites
+    for tower in sorted({s.tower for s in sites}):
+        depth = next(s.num_layers for s in sites if s.tower == tower)
+        outside = sorted(index for index in config.layer_params if not -depth <= index < depth)
+        if outside:
+            raise PatchError(f"layer_params names layer(s) {outside}, out of range for {tower}, which has {depth} layers "
+                             f"(valid: {-depth}..{depth - 1})")
     if config.layers == "all":
         return sites
     chosen = []
@@ -149,6 +187,7 @@ def patch_model(
     else:
         raise PatchError(f"method_or_config must be a method name, PatchConfig or dict, got {type(method_or_config).__name__}")
     config = config.validated()
+    given, model = model, base_model(model)  # a peft wrapper: the transformers model inside it is patched
     adapter, plan = _plan(model, config)
 
     record = _AppliedPatch(config, adapter)
@@ -170,12 +209,20 @@ def patch_model(
             _remove(adapter, site, method)
         raise
     _records(model).append(record)
-    return model
+    return given
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Undo every patch: modules, configs, processors and parameters as they were before patching."""
-    records = model.__dict__.pop(RECORD_ATTR, [])
+    """Undo every patch: modules, configs, processors and parameters as they were before patching.
+    `model` may be the patched model, a wrapper around it (peft) or one of its modules; returns `model`.
+    Warns when nothing in or around it is patched."""
+    owner = patched_owner(model)
+    if owner is None:
+        warnings.warn(f"unpatch_model: nothing in or around this {type(model).__name__} is patched; nothing to undo",
+                      stacklevel=2)
+        return model
+    records = owner.__dict__.pop(RECORD_ATTR, [])
+    _PATCHED.discard(owner)
     for record in reversed(records):
         if record.undo_watch is not None:
             record.undo_watch()

@@ -67,6 +67,8 @@ class ParamSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise PatchError(f"{where} must be a number ({self.range_text()}), got {value!r}")
             value = float(value)
+            if not math.isfinite(value):
+                raise PatchError(f"{where} must be a finite number ({self.range_text()}), got {value!r}")
         elif self.kind is str and not isinstance(value, str):
             raise PatchError(f"{where} must be a string ({self.range_text()}), got {value!r}")
         elif self.kind is list:  # a list of integers (e.g. per-head budgets), each within the range
@@ -121,6 +123,8 @@ class Method:
     # the cache layer (runtime/layers) that replaces the model's DynamicLayer while this method
     # decodes: a recurrent state, compressed or quantised K/V; None = the model's cache as it is
     cache_layer_class: ClassVar[type | None] = None
+    # groups of parameters that say the same thing two ways: setting more than one (to a non-default value) is an error
+    exclusive_params: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     def __init__(self, site, **params):
         self.site = site

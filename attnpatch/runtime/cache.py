@@ -9,6 +9,8 @@ import itertools
 import torch
 from transformers.cache_utils import Cache
 
+from ..errors import PatchError
+
 
 def find_cache(args, kwargs):
     """The transformers `Cache` among a call's arguments, found by type: the keyword moved from
@@ -28,6 +30,9 @@ def cache_kwargs(model, cache: Cache) -> dict:
 
 def cache_nbytes(cache: Cache) -> int:
     """Bytes held by a cache: stored keys and values plus any recurrent state."""
+    if not isinstance(cache, Cache):
+        raise PatchError(f"cache_nbytes takes a transformers Cache (e.g. the DynamicCache passed to generate), "
+                         f"got {type(cache).__name__}")
     total = 0
     for layer in cache.layers:
         if isinstance(getattr(type(layer), "nbytes", None), property):  # attnpatch's layers know their bytes

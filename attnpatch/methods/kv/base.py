@@ -63,6 +63,7 @@ class KVCacheMethod(Method):
 
 class KVCompressionMethod(KVCacheMethod):
     cache_layer_class = CompressedKVLayer
+    exclusive_params = (("budget", "compression"),)
     accumulates: ClassVar[bool] = False  # scores add up over calls (H2O); the base keeps the running sum
     params = BUDGET_PARAMS + (ParamSpec("sinks", int, 0, "first tokens always kept", low=0), HEAD_ADAPTIVE_PARAM,
                               decode_param("hold"))
