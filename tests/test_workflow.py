@@ -136,3 +136,40 @@ def test_loading_a_missing_folder_or_a_broken_manifest_names_the_path(tmp_path):
     (tmp_path / "saved" / "attnpatch_config.json").write_text(json.dumps({"format_version": 1}))
     with pytest.raises(PatchError, match=r"KeyError"):
         load_patched(tmp_path / "saved")
+
+
+def test_compress_context_takes_token_ids_in_the_forms_users_have_and_names_the_fix_otherwise():
+    from attnpatch import compress_context
+
+    model = tm.build("llama")
+    ids = tm.text_batch(length=16)[0][:1].clamp(min=14)  # words of the tiny vocabulary: they round-trip as text
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad, message in [("some text", r"the context is text; pass token ids: tokenizer\(text"),
+                         (ids[:, :0], "the context is empty"),
+                         (ids.float(), r"the context must be token ids, a \(B, L\) or \(L,\) integer tensor; got Tensor torch.float32")]:
+        with pytest.raises(PatchError, match=message):
+            compress_context(model, bad, "snapkv", budget=6, window=2)
+        assert untouched(model, before)
+    with pytest.raises(PatchError, match=r"attention_mask has shape \(1, 15\), the context \(1, 16\)"):
+        compress_context(model, ids, "snapkv", attention_mask=torch.ones(1, 15), budget=6, window=2)
+    assert untouched(model, before)
+    # the same context as a list of ids, as a tokenizer's output, and as a tensor: the same cache
+    tokenizer = tm.tiny_tokenizer()
+    encoded = tokenizer(" ".join(tm.word(int(t)) for t in ids[0]), return_tensors="pt")
+    caches = []
+    for context in (ids, ids[0].tolist(), encoded):
+        with compress_context(model, context, "snapkv", budget=6, window=2) as ctx:
+            caches.append(ctx.template.layers[0].keys.clone())
+    assert all(torch.equal(caches[0], other) for other in caches[1:])
+
+    ctx = compress_context(model, ids, "snapkv", budget=6, window=2)
+    with pytest.raises(PatchError, match="the question is text"):
+        ctx.generate("what is it?")
+    with pytest.raises(PatchError, match="num_beams=2: a compressed context holds one cache per context row"):
+        ctx.generate(ids[:, :2], num_beams=2, max_new_tokens=2)
+    with pytest.raises(PatchError, match="num_return_sequences=2"):
+        ctx.generate(ids[:, :2], num_return_sequences=2, do_sample=True, max_new_tokens=2)
+    ctx.close()
+    with pytest.raises(PatchError, match="this compressed context was closed"):
+        ctx.generate(ids[:, :2], max_new_tokens=2)
+    assert untouched(model, before)

@@ -13,6 +13,7 @@ method's `decode` policy, and one question never sees another.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,27 @@ from ..runtime.layers import CompressedKVLayer
 from .patching import patch_model, patched_configs, patched_methods, unpatch_model
 
 
+def token_ids(value, what: str) -> torch.Tensor:
+    """`value` as a (B, L) tensor of token ids, or a PatchError saying what to pass instead."""
+    if isinstance(value, str):
+        raise PatchError(f"{what} is text; pass token ids: tokenizer(text, return_tensors='pt').input_ids")
+    if isinstance(value, (list, tuple)) and value and all(isinstance(t, int) for t in value):
+        value = torch.tensor(value)
+    if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool \
+            or value.dim() not in (1, 2):
+        raise PatchError(f"{what} must be token ids, a (B, L) or (L,) integer tensor; got "
+                         f"{type(value).__name__}{'' if not isinstance(value, torch.Tensor) else f' {value.dtype} {tuple(value.shape)}'}"
+                         " (from a tokenizer's output, pass its .input_ids and .attention_mask)")
+    value = value if value.dim() == 2 else value[None]
+    if value.shape[1] == 0:
+        raise PatchError(f"{what} is empty: there is nothing to compress or ask")
+    return value
+
+
+# generate options whose extra sequences a compressed cache (one per context row) cannot serve
+_ONE_SEQUENCE_PER_ROW = ("num_beams", "num_return_sequences")
+
+
 @dataclass
 class CompressedContext:
     """A compressed context: `cache()` hands out copies of it; `generate` asks one question."""
@@ -39,9 +61,13 @@ class CompressedContext:
     template: DynamicCache
     patched_here: bool  # compress_context patched the model, and `close` unpatches it
     next_token_logits: torch.Tensor | None = None  # (B, 1, V) the prediction after the context's last token
+    closed: bool = False
 
     def cache(self) -> DynamicCache:
         """A fresh copy of the compressed cache, to run one question (or conversation) on."""
+        if self.closed:
+            raise PatchError("this compressed context was closed (its method may be unpatched): compress the context "
+                             "again with compress_context")
         return copy.deepcopy(self.template)
 
     @property
@@ -70,6 +96,11 @@ class CompressedContext:
     def generate(self, question_ids: torch.Tensor, question_mask: torch.Tensor | None = None, **generate_kwargs):
         """Generate after context + question on a copy of the compressed cache; returns only the
         new tokens (B, n). `generate_kwargs` go to model.generate (max_new_tokens, do_sample...)."""
+        for option in _ONE_SEQUENCE_PER_ROW:
+            if generate_kwargs.get(option, 1) != 1:
+                raise PatchError(f"{option}={generate_kwargs[option]}: a compressed context holds one cache per context "
+                                 "row, so it decodes one sequence per row (greedy or sampled); for several answers, "
+                                 "call generate once per answer (each runs on its own copy of the cache)")
         ids = self.input_ids_with(question_ids)
         generate_kwargs.setdefault("pad_token_id", getattr(self.model.generation_config, "pad_token_id", None) or 0)
         out = self.model.generate(input_ids=ids, attention_mask=self.attention_mask_with(question_ids, question_mask),
@@ -78,10 +109,11 @@ class CompressedContext:
         return sequences[:, ids.shape[1]:]
 
     def close(self) -> None:
-        """Unpatch the model if compress_context patched it."""
+        """Unpatch the model if compress_context patched it; the context cannot be used afterwards."""
         if self.patched_here:
             unpatch_model(self.model)
             self.patched_here = False
+        self.closed = True
 
     def __enter__(self):
         return self
@@ -90,7 +122,7 @@ class CompressedContext:
         self.close()
 
     def _batch(self, question_ids: torch.Tensor) -> torch.Tensor:
-        question_ids = question_ids if question_ids.dim() == 2 else question_ids[None]
+        question_ids = token_ids(question_ids, "the question")
         if question_ids.shape[0] == 1 and self.input_ids.shape[0] > 1:
             question_ids = question_ids.expand(self.input_ids.shape[0], -1)
         if question_ids.shape[0] != self.input_ids.shape[0]:
@@ -129,9 +161,17 @@ def compress_context(model: nn.Module, context_ids: torch.Tensor, method: str | 
     if get_method(method).cache_layer_class is None:
         raise PatchError(f"compress_context needs a method that keeps its own KV cache (the kv-compressed family, "
                          f"e.g. snapkv, tova, knorm, kv_quant); {method!r} keeps none")
-    context_ids = context_ids if context_ids.dim() == 2 else context_ids[None]
+    if isinstance(context_ids, Mapping) and "input_ids" in context_ids:  # a tokenizer's BatchEncoding
+        attention_mask = context_ids.get("attention_mask") if attention_mask is None else attention_mask
+        context_ids = context_ids["input_ids"]
+    context_ids = token_ids(context_ids, "the context")
     device = next(model.parameters()).device
     context_ids = context_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask if attention_mask.dim() == 2 else attention_mask[None]
+        if tuple(attention_mask.shape) != tuple(context_ids.shape):
+            raise PatchError(f"attention_mask has shape {tuple(attention_mask.shape)}, the context "
+                             f"{tuple(context_ids.shape)}: one mask entry per context token")
     mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask.to(device)
     patched_here = _ensure_patched(model, method, params)
     try:
