@@ -215,7 +215,7 @@ def test_source_checks_see_through_decorated_init_and_forward():
     read the original, or a pruned checkpoint silently keeps the full head count."""
     import functools
 
-    from attnpatch.adapters.hf_transformers import _reads_config_head_dim, _routes_through_interface
+    from attnpatch.adapters.hf_introspection import _reads_config_head_dim, _routes_through_interface
 
     def closure_wrapped(function):  # the 5.25 pattern: no functools.wraps, original in the closure
         def new_function(self, *args, **kwargs):

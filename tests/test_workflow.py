@@ -173,3 +173,12 @@ def test_compress_context_takes_token_ids_in_the_forms_users_have_and_names_the_
     with pytest.raises(PatchError, match="this compressed context was closed"):
         ctx.generate(ids[:, :2], max_new_tokens=2)
     assert untouched(model, before)
+
+
+def test_output_attentions_on_a_patched_model_says_what_it_returns():
+    from attnpatch.errors import _WARNED
+
+    _WARNED.discard("output_attentions")
+    model = patch_model(tm.build("llama"), "sliding_window", window=4)
+    with pytest.warns(UserWarning, match="output_attentions=True: attnpatch's patched attention modules return no"):
+        model(input_ids=tm.text_batch(length=8)[0], output_attentions=True)

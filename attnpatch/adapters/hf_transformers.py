@@ -9,18 +9,23 @@ Unpatching puts the original config object back, which restores the model bit fo
 from __future__ import annotations
 
 import copy
-import inspect
-import types
 
 from torch import nn
 
-from ..errors import PatchError
+from ..errors import PatchError, warn_once
 from ..routing.cache import state_layer_for
 from ..routing.dispatch import run_method
 from ..routing.normalise import normalise_mask
 from ..runtime.cache import find_cache
-from ..runtime.call import CACHE_ABSENT, CACHE_DECLINED, CACHE_OWN, CACHE_UNCHECKED, AttentionCall
-from .base import Adapter, AttentionSite, HeadAccess, split_layer_path, tower_depths
+from ..runtime.call import (
+    CACHE_ABSENT,
+    CACHE_DECLINED,
+    CACHE_OWN,
+    CACHE_UNCHECKED,
+    AttentionCall,
+)
+from .base import Adapter, AttentionSite, split_layer_path, tower_depths
+from .hf_introspection import _head_access, _routes_through_interface
 from .parts import ModelParts
 
 ATTENTION_NAME = "attnpatch"
@@ -30,67 +35,6 @@ SAW_CACHE_ATTR = "_attnpatch_saw_cache"  # per forward of the model: did this mo
 CALLS_ATTR = "_attnpatch_calls_before"  # the method's call count when the module's forward started
 ORIGINAL_CONFIG_ATTR = "_attnpatch_original_config"
 HOOKS_ATTR = "_attnpatch_hooks"
-
-_routes_cache: dict[type, bool] = {}
-_head_dim_cache: dict[type, bool] = {}
-# per-head counts a module may keep as attributes, read by its forward or attention function
-_COUNT_ATTRS = (("num_heads", "heads"), ("num_attention_heads", "heads"), ("num_key_value_heads", "kv_heads"),
-                ("num_key_value_groups", "groups"))
-
-
-def _source_mentions(cls: type, function: str, needles: tuple[str, ...], cache: dict[type, bool]) -> bool:
-    """Whether the source of cls.<function> contains any of `needles` (memoised per class)."""
-    if cls not in cache:
-        sources = []
-        for body in _wrapped_bodies(getattr(cls, function)):
-            try:
-                sources.append(inspect.getsource(body))
-            except (OSError, TypeError):
-                pass
-        cache[cls] = any(needle in source for source in sources for needle in needles)
-    return cache[cls]
-
-
-def _wrapped_bodies(function, depth: int = 6) -> list:
-    """The function and the functions it wraps: transformers 5.25 wraps LlamaAttention.__init__ in a
-    kernels decorator whose own source says nothing about the model and keeps the original only in a
-    closure cell (no __wrapped__), so both the __wrapped__ chain and closure-held functions are read."""
-    bodies, todo = [], [function]
-    while todo and len(bodies) < depth:
-        body = todo.pop(0)
-        bodies.append(body)
-        inner = [getattr(body, "__wrapped__", None)]
-        inner += [cell.cell_contents for cell in (getattr(body, "__closure__", None) or ()) if _cell_filled(cell)]
-        todo += [f for f in inner if isinstance(f, types.FunctionType) and f not in bodies]
-    return bodies
-
-
-def _cell_filled(cell) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:  # an empty cell
-        return False
-    return True
-
-
-def _routes_through_interface(cls: type) -> bool:
-    """Whether the module's forward picks its attention function from AttentionInterface."""
-    return _source_mentions(cls, "forward", ("ALL_ATTENTION_FUNCTIONS",), _routes_cache)
-
-
-def _reads_config_head_dim(cls: type) -> bool:
-    """Whether the module's __init__ sizes its projections from config.head_dim when it is set."""
-    return _source_mentions(cls, "__init__", ('config, "head_dim"', "config.head_dim"), _head_dim_cache)
-
-
-def _head_access(module) -> HeadAccess | None:
-    """Separate q/k/v/output projections are sliced per head; fused ones (Phi3 qkv_proj) are not."""
-    for out in ("o_proj", "out_proj"):
-        if all(isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", out)):
-            counts = tuple((attr, what) for attr, what in _COUNT_ATTRS if isinstance(getattr(module, attr, None), int))
-            return HeadAccess(("q_proj", "k_proj", "v_proj", out), _reads_config_head_dim(type(module)), counts)
-    return None
-
 
 def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     method = module.__dict__.get(METHOD_ATTR)
@@ -256,10 +200,12 @@ class TransformersAdapter(Adapter):
         cache the model returned: a transformers release that hides it from attention modules then
         fails loudly instead of running every KV / state method dense."""
         watched = [site.module for site, method in placements if _keeps_state(site, method)]
-        if not watched:
-            return None
 
         def before(root, args, kwargs):
+            if kwargs.get("output_attentions") or getattr(root.config, "output_attentions", False):
+                warn_once("output_attentions", "output_attentions=True: attnpatch's patched attention modules return no "
+                          "attention weights, so the model's attentions leave them out (an empty tuple when every "
+                          "layer is patched); attnpatch.inspect_sinks and exact_attention_weights measure them")
             for module in watched:
                 module.__dict__.pop(SAW_CACHE_ATTR, None)
 
