@@ -26,3 +26,26 @@ def test_the_package_readme_table_lists_every_method_with_its_family():
         rows.update({name: family for name in re.findall(r"`(\w+)`", names)})
     methods = {m.name: m.family for m in list_methods()}
     assert {n: rows.get(n) for n in methods} == methods
+
+
+def test_the_tables_trains_column_agrees_with_each_method():
+    """'no ...' in a README's trains column exactly where the method has no trainable parameters."""
+    trainable = {m.name: m.trainable for m in list_methods()}
+    for readme in (ROOT / "README.md", ROOT / "attnpatch" / "README.md"):
+        for names, trains in re.findall(r"^\| ((?:`\w+`(?:, )?)+) \| [\w-]+ \| .* \| ([^|]+) \|$", readme.read_text(), re.M):
+            for name in re.findall(r"`(\w+)`", names):
+                assert trains.strip().startswith("no") != trainable[name], (readme.name, name, trains)
+
+
+def test_the_recipes_dry_run_table_is_what_the_dry_run_prints():
+    """recipes/README.md's memory per GPU for the large recipes, against dry_run on their architectures."""
+    from attnpatch.recipes.config import RecipeConfig
+    from attnpatch.recipes.dry_run import dry_run
+
+    table = (ROOT / "recipes" / "README.md").read_text()
+    for recipe, architecture in (("llama3_8b_lolcats.yaml", "llama3-8b"), ("llama3_70b_lolcats.yaml", "llama3-70b")):
+        row = re.search(rf"^\| `{recipe}` \|.*\| ~([\d.]+) GB \| ~([\d.]+) GB", table, re.M)
+        config = RecipeConfig.load(ROOT / "recipes" / recipe, [f"model={ROOT / 'recipes/configs' / architecture}"])
+        stages = dry_run(config, processes=8)["stages"]
+        assert row and [float(row.group(1)), float(row.group(2))] == [round(stages["stage1"]["total_gb"], 1),
+                                                                      round(stages["stage2"]["total_gb"], 1)], recipe
