@@ -182,3 +182,22 @@ def test_output_attentions_on_a_patched_model_says_what_it_returns():
     model = patch_model(tm.build("llama"), "sliding_window", window=4)
     with pytest.warns(UserWarning, match="output_attentions=True: attnpatch's patched attention modules return no"):
         model(input_ids=tm.text_batch(length=8)[0], output_attentions=True)
+
+
+def test_saving_untrained_parameters_or_with_save_pretrained_says_so(tmp_path):
+    model = patch_model(tm.build("llama"), "linear", feature_map="hedgehog")
+    with pytest.warns(UserWarning, match=r"save_pretrained on a patched LlamaForCausalLM writes attnpatch's parameters"):
+        model.save_pretrained(tmp_path / "plain")
+    with pytest.warns(UserWarning, match=r"the parameters \['linear'\] added are still at their initial values"):
+        save_patched(model, tmp_path / "untrained")
+    assert "**Untrained**: the parameters linear added" in (tmp_path / "untrained" / "README.md").read_text()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "attnpatch_" in n).add_(0.1)  # as training would
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_patched(model, tmp_path / "trained")
+    assert "Untrained" not in (tmp_path / "trained" / "README.md").read_text()
+    unpatch_model(model)
+    assert "save_pretrained" not in model.__dict__  # the plain method again

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -16,7 +17,7 @@ from ..errors import PatchError
 from ..methods.base import attnpatch_entries
 from ..registry import get_method
 from .model_card import hub_id, write_model_card
-from .patching import _records, patch_model, patched_owner
+from .patching import _records, patch_model, patched_owner, untrained_methods
 
 CONFIG_FILE = "attnpatch_config.json"
 PARAMS_FILE = "attnpatch_params.safetensors"
@@ -97,8 +98,13 @@ def save_patched(model: nn.Module, path: str | os.PathLike, *, base_model: str |
     path.mkdir(parents=True, exist_ok=True)
     extra = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if is_attnpatch_key(k)}
     merged = _lora_merged_state_dict(model)
-    with _attnpatch_modules_detached(model):
-        model.save_pretrained(path, **({} if merged is None else {"state_dict": merged}), **save_kwargs)
+    with _attnpatch_modules_detached(model):  # the class's save_pretrained: the instance's warns about the patch
+        type(model).save_pretrained(model, path, **({} if merged is None else {"state_dict": merged}), **save_kwargs)
+    untrained = untrained_methods(model)
+    if untrained:
+        warnings.warn(f"save_patched: the parameters {untrained} added are still at their initial values (never "
+                      "trained); the checkpoint says so. Train them with a recipe (recipes/README.md) first if that "
+                      "was not the intent", stacklevel=2)
     if extra:
         save_file(extra, str(path / PARAMS_FILE))
     manifest = {
@@ -109,6 +115,7 @@ def save_patched(model: nn.Module, path: str | os.PathLike, *, base_model: str |
         "patches": [r.config.to_dict() for r in _records(model) if not r.baked],
         "baked": [r.config.to_dict() for r in _records(model) if r.baked],
         "parameters_file": PARAMS_FILE if extra else None,
+        "untrained": untrained,
     }
     (path / CONFIG_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     config = getattr(model, "config", None)

@@ -87,8 +87,11 @@ def model_card(manifest: dict, base_model: str | None = None, training: dict | N
             f"patched with attnpatch {_version()}.", "",
             "| method | family | layers | parameters |", "|---|---|---|---|",
             *_patch_rows(patches, False), *_patch_rows(baked, True), "",
+            *([f"**Untrained**: the parameters {', '.join(manifest['untrained'])} added were saved at their initial "
+               "values (never trained): this checkpoint is the patch's starting point, not a conversion.", ""]
+              if manifest.get("untrained") else []),
             "## How to load", "", "```python", "from attnpatch import load_patched", "",
-            'model = load_patched("PATH_OR_REPO")  # the patches and their trained parameters re-applied', "```", "",
+            'model = load_patched("PATH_OR_REPO")  # the patches and their parameters re-applied', "```", "",
             f"Plain `{library}` loads the base weights here without the patch (dense attention)"
             + (": the learned parameters live in " + f"`{manifest['parameters_file']}`." if manifest.get("parameters_file")
                else "."), ""]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from torch import nn
 from ..adapters import Adapter, AttentionSite, find_adapter
 from ..config import PatchConfig
 from ..errors import PatchError
-from ..methods.base import INTERVENTIONS_ATTR, Method
+from ..methods.base import INTERVENTIONS_ATTR, Method, attnpatch_entries
 from ..methods.heads.prune import zero_head_patches
 from ..registry import get_method, resolve_params
 
@@ -25,6 +26,9 @@ class _AppliedPatch:
     placements: list[tuple[AttentionSite, Method]] = field(default_factory=list)
     undo_model: object = None  # what the method's finish_patch returned
     undo_watch: object = None  # what the adapter's watch_model returned
+    # the trainable parameters the patch added, with their values at patch time (save_patched says which
+    # were never trained)
+    initial: list = field(default_factory=list)
 
     @property
     def baked(self) -> bool:
@@ -200,6 +204,8 @@ def patch_model(
             taken = site.module.__dict__.setdefault(INTERVENTIONS_ATTR, {})
             for intervention in method.interventions:
                 taken[intervention] = method.name
+        record.initial = [(method.name, p, p.detach().clone()) for site, method in record.placements if method.is_trainable
+                          for p in _added_parameters(site.module)]
         record.undo_model = get_method(config.method).finish_patch(model, adapter, record.placements)
         record.undo_watch = adapter.watch_model(model, record.placements)
     except BaseException:
@@ -209,7 +215,34 @@ def patch_model(
             _remove(adapter, site, method)
         raise
     _records(model).append(record)
+    if record.initial and "save_pretrained" not in model.__dict__:  # bound to the model (a deepcopy rebinds it)
+        model.save_pretrained = types.MethodType(_save_pretrained_with_a_warning, model)
     return given
+
+
+def _added_parameters(module: nn.Module) -> list:
+    return [p for store, name in attnpatch_entries(module)
+            for p in ([store[name]] if store is module._parameters else
+                      list(store[name].parameters()) if store is module._modules else [])]
+
+
+def untrained_methods(model: nn.Module) -> list[str]:
+    """Methods whose added trainable parameters all still hold their values from patch time."""
+    untrained = {}
+    for record in _records_of(model):
+        for name, parameter, initial in record.initial:
+            same = parameter.shape == initial.shape and bool((parameter.detach().cpu() == initial.cpu()).all())
+            untrained[name] = untrained.get(name, True) and same
+    return [name for name, never in untrained.items() if never]
+
+
+def _save_pretrained_with_a_warning(model: nn.Module, *args, **kwargs):
+    """model.save_pretrained of a patched model with added parameters: saved as transformers would, with a
+    warning that the patch itself is not (save_patched records it; from_pretrained drops attnpatch_* keys)."""
+    warnings.warn(f"save_pretrained on a patched {type(model).__name__} writes attnpatch's parameters as attnpatch_* "
+                  "keys that from_pretrained drops, and not the patch itself; use attnpatch.save_patched(model, "
+                  "folder) and attnpatch.load_patched(folder)", stacklevel=2)
+    return type(model).save_pretrained(model, *args, **kwargs)
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
@@ -223,6 +256,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         return model
     records = owner.__dict__.pop(RECORD_ATTR, [])
     _PATCHED.discard(owner)
+    owner.__dict__.pop("save_pretrained", None)
     for record in reversed(records):
         if record.undo_watch is not None:
             record.undo_watch()
