@@ -59,8 +59,8 @@ def test_all_retrieval_is_dense_and_all_streaming_is_sliding_window():
 @pytest.mark.parametrize("sinks,window,sliding_window,padded", [(2, 5, None, False), (0, 4, None, False),
                                                                  (3, 6, 4, False), (2, 5, None, True), (1, 3, 7, True)])
 def test_trim_keeps_exactly_the_sinks_and_window_of_its_definition(sinks, window, sliding_window, padded):
-    """After updates of 1-5 tokens, the streaming store holds the positions p with (p < first real
-    token + sinks or p > seen - window) and, under the model's own window, p > seen - that window,
+    """After updates of 1-5 tokens, the streaming store holds the positions p among some row's first `sinks`
+    real tokens or with p > seen - window and, under the model's own window, p > seen - that window,
     and each kept key is the one stored at p; a store of every head is kept as the states came."""
     from attnpatch.ops.token_ranks import leading_invalid
     from attnpatch.runtime.layers import DuoHeadLayer
@@ -78,8 +78,10 @@ def test_trim_keeps_exactly_the_sinks_and_window_of_its_definition(sinks, window
             layer.trim()
             seen = layer.seen_tokens
             positions = torch.arange(seen)
-            first_real = int(leading_invalid(layer.valid).max())
-            keep = (positions < first_real + sinks) | (positions > seen - window)
+            sink = torch.zeros(seen, dtype=torch.bool)
+            for first in leading_invalid(layer.valid).tolist():  # each row's own first `sinks` real tokens
+                sink |= (positions >= first) & (positions < first + sinks)
+            keep = sink | (positions > seen - window)
             if sliding_window is not None:
                 keep &= positions > seen - sliding_window
             assert layer.stream_positions.tolist() == positions[keep].tolist()

@@ -149,9 +149,8 @@ def test_compress_once_methods_keep_every_decoded_token(method, params):
 
 def test_sliding_window_decoding_cache_holds_the_sinks_and_the_window():
     """sliding_window's decoding cache, read after the prompt and each step of a padded batch: it holds
-    every row's first `sinks` real tokens (one run from the first position: the batch shares one store,
-    and each row's query masks what is not its own) and the newest window - 1 tokens, all the next query
-    may see; nothing else."""
+    each row's first `sinks` real tokens (the batch shares one store of positions, and each row's query
+    masks what is not its own) and the newest window - 1 tokens, all the next query may see; nothing else."""
     model = tm.build("llama")
     window, sinks, pad, prompt = 6, 2, 3, 12
     patch_model(model, "sliding_window", window=window, sinks=sinks)
@@ -161,8 +160,8 @@ def test_sliding_window_decoding_cache_holds_the_sinks_and_the_window():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
         for step in range(STEPS):
             seen = prompt + step  # tokens so far, padding included (text_batch pads inside `prompt`)
-            sink_run = list(range(0, pad + sinks))  # row 0's real tokens start at `pad`, row 1's at 0
-            expected = sorted(set(sink_run) | set(range(seen - window + 1, seen)))
+            row_sinks = set(range(pad, pad + sinks)) | set(range(sinks))  # row 0's real tokens start at `pad`
+            expected = sorted(row_sinks | set(range(seen - window + 1, seen)))
             for layer in cache.layers:
                 assert layer.stream_positions.tolist() == expected, (step, layer.stream_positions.tolist())
             token = out.logits[:, -1:].argmax(-1)

@@ -69,19 +69,25 @@ class DuoHeadLayer(FullLengthGeometry, MappedBatchOps, DynamicLayer):
 
     def trim(self) -> None:
         """Streaming heads keep the sinks and the newest window - 1 tokens (what the next query sees).
-        A left-padded sequence's sinks are its first real tokens: every sequence's are kept."""
+        A left-padded sequence's sinks are its first real tokens: each row's are kept (the union over the
+        batch's rows, a few positions each: a padded batch holds about what its rows hold alone)."""
         positions = self.stream_positions
         self.trimmed_at = self.seen_tokens
-        first_real = int(leading_invalid(self.valid).max()) if self.padded else 0
-        # stored positions ascend, so what is kept is one run of sinks and one run of recent tokens: the
-        # model's own window (if any) hides positions below `oldest`, ours the non-sinks below `recent`
+        firsts = sorted(set(leading_invalid(self.valid).tolist())) if self.padded else [0]
+        # stored positions ascend: what is kept is one run of sinks per distinct row start and one run of recent
+        # tokens; the model's own window (if any) hides positions below `oldest`, ours the non-sinks below `recent`
         oldest = 0 if self.sliding_window is None else self.seen_tokens - self.sliding_window + 1
         recent = max(oldest, self.seen_tokens - self.window + 1)
-        bounds = torch.tensor([oldest, first_real + self.sinks, recent], device=positions.device)
-        sinks_from, sinks_to, recent_from = torch.searchsorted(positions, bounds).tolist()
-        sinks_to = max(sinks_from, sinks_to)
-        runs = [(sinks_from, sinks_to), (max(sinks_to, recent_from), positions.numel())]
-        runs = [(a, b - a) for a, b in runs if b > a]
+        spans = [(max(oldest, first), first + self.sinks) for first in firsts] + [(recent, self.seen_tokens)]
+        merged: list[list[int]] = []
+        for lo, hi in sorted(span for span in spans if span[1] > span[0]):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        bounds = torch.tensor([bound for span in merged for bound in span], device=positions.device)
+        index = torch.searchsorted(positions, bounds).tolist()
+        runs = [(index[i], index[i + 1] - index[i]) for i in range(0, len(index), 2) if index[i + 1] > index[i]]
         if sum(length for _, length in runs) == positions.numel():
             return
         self.stream_keys, self.stream_values = _kept(self.stream_keys, -2, runs), _kept(self.stream_values, -2, runs)
