@@ -226,3 +226,26 @@ def test_a_padded_batch_under_a_sliding_window_holds_about_what_its_rows_hold_al
     batch_mask = torch.ones_like(batch_ids)
     batch_mask[1, :30] = 0
     assert held(batch_ids, batch_mask) <= 1.1 * alone
+
+
+def test_compress_context_through_a_peft_wrapper():
+    """The wrapper's model is patched, the cache keyword is the wrapped model's (no deprecated keyword), and
+    the answer is the one the unwrapped model gives (LoRA starts as the identity)."""
+    import warnings
+
+    from attnpatch import cache_kwargs, compress_context
+
+    ids = tm.text_batch(length=16)[0][:1]
+    answers = []
+    for wrap in (False, True):
+        model = tm.build("llama")
+        model = lora(model) if wrap else model
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.filterwarnings("error", message=".*past_key_values.*deprecated")
+            with compress_context(model, ids, "snapkv", budget=6, window=2) as ctx:
+                assert [c.method for c in patched_configs(model)] == ["snapkv"]
+                answers.append(ctx.generate(ids[:, :3], max_new_tokens=3, do_sample=False))
+        assert not is_patched(model)
+    assert torch.equal(answers[0], answers[1])
+    assert list(cache_kwargs(lora(tm.build("llama")), None)) == list(cache_kwargs(tm.build("llama"), None))
