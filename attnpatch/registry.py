@@ -154,6 +154,8 @@ class MethodInfo:
     trainable_note: str
     interventions: tuple[str, ...]
     params: list[dict] = field(default_factory=list)
+    paper: dict = field(default_factory=dict)  # title, year, url
+    deviations: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -172,7 +174,19 @@ def list_methods() -> list[MethodInfo]:
             trainable_note=cls.trainable_note,
             interventions=tuple(sorted(cls.interventions)),
             params=[p.describe() for p in cls.params],
+            paper=dict(vars(cls.paper)) if getattr(cls, "paper", None) else {},
+            deviations=tuple(getattr(cls, "deviations", ())) + tuple(cls.shared_deviations),
         )
         for _, cls in sorted(_REGISTRY.items())
     ]
 
+
+
+def papers_markdown() -> str:
+    """Each method's paper and its declared deviations from it, as a markdown table (attnpatch/README.md
+    holds it between the papers markers; `attnpatch list --papers` prints the same)."""
+    lines = ["| method | paper | deviations from it |", "|---|---|---|"]
+    for info in list_methods():
+        paper = f"[{info.paper['title']}]({info.paper['url']}) ({info.paper['year']})" if info.paper else "-"
+        lines.append(f"| `{info.name}` | {paper} | {'; '.join(info.deviations) or 'none known'} |")
+    return "\n".join(lines)

@@ -49,3 +49,33 @@ def test_the_recipes_dry_run_table_is_what_the_dry_run_prints():
         stages = dry_run(config, processes=8)["stages"]
         assert row and [float(row.group(1)), float(row.group(2))] == [round(stages["stage1"]["total_gb"], 1),
                                                                       round(stages["stage2"]["total_gb"], 1)], recipe
+
+
+def test_every_method_declares_its_paper_and_its_deviations():
+    """In its own class: `paper` (title, year, link) and `deviations` (an empty tuple says none is known)."""
+    from attnpatch.methods.base import Paper
+    from attnpatch.registry import get_method, method_names
+
+    for name in method_names():
+        cls = get_method(name)
+        assert isinstance(vars(cls).get("paper"), Paper), f"{name} declares no paper"
+        assert isinstance(vars(cls).get("deviations"), tuple), f"{name} declares no deviations (an empty tuple for none)"
+        assert cls.paper.url.startswith("https://") and 1990 < cls.paper.year < 2100 and cls.paper.title, name
+
+
+def test_the_papers_section_is_generated_from_the_classes():
+    from attnpatch.registry import papers_markdown
+
+    text = (ROOT / "attnpatch" / "README.md").read_text()
+    section = text.split("<!-- papers:start -->\n")[1].split("\n<!-- papers:end -->")[0]
+    assert section == papers_markdown(), "regenerate the section with attnpatch.registry.papers_markdown()"
+    assert "keys are cached after RoPE at their absolute positions" in section  # a declared deviation shows
+
+
+def test_list_papers_prints_each_method_with_its_paper(capsys):
+    from attnpatch.cli import main
+
+    assert main(["list", "--papers"]) == 0
+    out = capsys.readouterr().out
+    assert "streaming: Efficient Streaming Language Models with Attention Sinks (2023) https://arxiv.org/abs/2309.17453" in out
+    assert out.count("\n") >= 2 * len(list_methods())

@@ -105,6 +105,15 @@ def attnpatch_entries(module) -> list[tuple[dict, str]]:
             for name in store if name.startswith("attnpatch_")]
 
 
+@dataclass(frozen=True)
+class Paper:
+    """The publication a method's name promises (its defaults are this paper's)."""
+
+    title: str
+    year: int
+    url: str
+
+
 class Method:
     """Base class. A method knows the math of one attention variant and nothing of model families.
 
@@ -123,6 +132,11 @@ class Method:
     # the cache layer (runtime/layers) that replaces the model's DynamicLayer while this method
     # decodes: a recurrent state, compressed or quantised K/V; None = the model's cache as it is
     cache_layer_class: ClassVar[type | None] = None
+    # the paper the name promises, and every way this implementation departs from it (declared in each
+    # method's own class; an empty tuple says: none known). `shared_deviations` come from a family's base.
+    paper: ClassVar[Paper]
+    deviations: ClassVar[tuple[str, ...]]
+    shared_deviations: ClassVar[tuple[str, ...]] = ()
     # groups of parameters that say the same thing two ways: setting more than one (to a non-default value) is an error
     exclusive_params: ClassVar[tuple[tuple[str, ...], ...]] = ()
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..ops.reference import naive_attention
-from .base import Method
+from .base import Method, Paper
 
 
 class SoftmaxAttention(Method):
     name = "softmax"
+    paper = Paper('Attention Is All You Need', 2017, "https://arxiv.org/abs/1706.03762")
+    deviations = ()
     family = "reference"
     summary = "Exact softmax attention, computed naively in O(n^2); equals the model's eager attention."
 

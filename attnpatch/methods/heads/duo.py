@@ -18,7 +18,7 @@ from ...ops.sliding import sliding_window_attention
 from ...runtime.call import run_rows_without_padding
 from ...runtime.exact import exact_attention, sdpa_attention
 from ...runtime.layers import DuoHeadLayer
-from ..base import Method, ParamSpec
+from ..base import Method, Paper, ParamSpec
 
 
 def _query_heads(kv_heads: list[int], groups: int) -> list[int]:
@@ -27,6 +27,8 @@ def _query_heads(kv_heads: list[int], groups: int) -> list[int]:
 
 class DuoHeads(Method):
     name = "duo_heads"
+    paper = Paper('DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads', 2024, "https://arxiv.org/abs/2410.10819")
+    deviations = ()
     family = "head-pruned"
     summary = ("DuoAttention: retrieval kv heads keep full attention and the full KV cache; streaming heads attend "
                "sinks + a recent window and cache only those (train_duo_heads learns which is which).")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ...errors import PatchError
-from ..base import INTERVENTIONS_ATTR, Method, ParamSpec
+from ..base import INTERVENTIONS_ATTR, Method, Paper, ParamSpec
 from .surgery import (HeadArrangement, check_surgery_site, config_update, gather_blocks, padded_blocks, sliced_linear,
                       unpadded_blocks, zero_heads)
 
@@ -31,6 +31,8 @@ def _full_geometry(config) -> tuple[int, int]:
 
 class PruneHeads(Method):
     name = "prune_heads"
+    paper = Paper('Are Sixteen Heads Really Better than One?', 2019, "https://arxiv.org/abs/1905.10650")
+    deviations = ()
     family = "head-pruned"
     summary = ("Removes whole attention heads physically (q/k/v rows, output columns), GQA-aware; the config "
                "is updated so save_pretrained reloads with plain transformers.")

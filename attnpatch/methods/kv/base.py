@@ -64,6 +64,8 @@ class KVCacheMethod(Method):
 class KVCompressionMethod(KVCacheMethod):
     cache_layer_class = CompressedKVLayer
     exclusive_params = (("budget", "compression"),)
+    shared_deviations = ("with head_adaptive (AdaKV's uneven per-head budgets) every layer is stored as wide as its fullest "
+                         "kv head: snapkv head_adaptive=0.2 at compression 0.5 holds 0.68 of dense bytes, not 0.5 (issue 41)",)
     accumulates: ClassVar[bool] = False  # scores add up over calls (H2O); the base keeps the running sum
     params = BUDGET_PARAMS + (ParamSpec("sinks", int, 0, "first tokens always kept", low=0), HEAD_ADAPTIVE_PARAM,
                               decode_param("hold"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .base import KVCompressionMethod
 
 
 class H2O(KVCompressionMethod):
     name = "h2o"
+    paper = Paper('H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models', 2023, "https://arxiv.org/abs/2306.14048")
+    deviations = ()
     summary = ("H2O: keep heavy hitters (largest attention accumulated over every query so far) plus the most "
                "recent tokens; scores keep accumulating while decoding.")
     params = KVCompressionMethod.params + (

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from ..base import Paper
 from .base import KVCompressionMethod, decode_param
 
 
 class KeyDiff(KVCompressionMethod):
     name = "keydiff"
+    paper = Paper('KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context LLM Inference in Resource-Constrained Environments', 2025, "https://arxiv.org/abs/2504.15364")
+    deviations = ()
     summary = ("KeyDiff: keep the most distinctive keys, scored by negative cosine similarity to the mean of the "
                "head's valid keys (an anchor); query-agnostic, needs no attention weights, so it works with "
                "fused attention kernels. Compresses the prompt once by default.")

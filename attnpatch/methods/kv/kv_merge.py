@@ -30,7 +30,7 @@ from torch import nn
 from ...errors import PatchError
 from ...runtime.modes import active_transfer
 from ...ops.head_merge import principal_merge
-from ..base import INTERVENTIONS_ATTR, Method, ParamSpec
+from ..base import INTERVENTIONS_ATTR, Method, Paper, ParamSpec
 from ..heads.surgery import (augmented_rows, check_surgery_site, config_update, fused_linear, gather_blocks,
                       linear_from_rows, merge_groups, sliced_linear)
 
@@ -57,6 +57,8 @@ def repeated_heads(weight: torch.Tensor, size: int) -> int:
 
 class KVMerge(Method):
     name = "kv_merge"
+    paper = Paper('GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints', 2023, "https://arxiv.org/abs/2305.13245")
+    deviations = ()
     family = "kv-compressed"
     summary = ("GQA/MQA conversion: fuses each layer's key/value heads into fewer kv heads (mean-pooled, "
                "DHA-style grouping optional), shrinking the KV cache with no eviction; stage 1 of a recipe trains "

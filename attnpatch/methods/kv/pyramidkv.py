@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .snapkv import SnapKV
 
 
 class PyramidKV(SnapKV):
     name = "pyramidkv"
+    paper = Paper('PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling', 2024, "https://arxiv.org/abs/2406.02069")
+    deviations = ()
     summary = ("PyramidKV: SnapKV selection with per-layer budgets decreasing linearly with depth (mean = the "
                "budget; the first layer keeps (1 + spread)x, the last (1 - spread)x).")
     params = SnapKV.params + (

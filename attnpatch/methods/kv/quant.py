@@ -5,12 +5,14 @@ from __future__ import annotations
 from ...errors import PatchError
 from ...runtime.exact import exact_attention
 from ...runtime.layers import QuantizedKVLayer
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .base import KVCacheMethod
 
 
 class KVQuant(KVCacheMethod):
     name = "kv_quant"
+    paper = Paper('KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache', 2024, "https://arxiv.org/abs/2402.02750")
+    deviations = ()
     summary = ("Quantised KV cache (KIVI-style): keys per channel over token groups, values per token over channel "
                "groups, at 2/4/8 bits packed with float16 scales; the first `sinks` tokens and the newest "
                "`residual` stay in full precision. Attention itself is exact over the dequantised entries.")

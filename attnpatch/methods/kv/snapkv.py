@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from ...ops.kv_select import pool_scores
 from ...ops.token_ranks import valid_rank
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .base import KVCompressionMethod, decode_param
 
 
 class SnapKV(KVCompressionMethod):
     name = "snapkv"
+    paper = Paper('SnapKV: LLM Knows What You are Looking for Before Generation', 2024, "https://arxiv.org/abs/2404.14469")
+    deviations = ()
     summary = ("SnapKV: after prefill, score prompt keys by the attention of the last `window` queries, pool the "
                "scores, keep the top entries per kv head plus the window; the cache then grows while decoding.")
     params = KVCompressionMethod.params[:-1] + (decode_param("grow"),) + (

@@ -8,13 +8,18 @@ from ...errors import PatchError
 from ...ops.token_ranks import valid_rank
 from ...ops.sliding import sliding_window_attention
 from ...runtime.exact import sdpa_attention
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .base import BUDGET_PARAMS, KVCompressionMethod, decode_param
 from .eviction import eviction_state
 
 
 class StreamingLLM(KVCompressionMethod):
     name = "streaming"
+    paper = Paper('Efficient Streaming Language Models with Attention Sinks', 2023, "https://arxiv.org/abs/2309.17453")
+    deviations = (
+        "keys are cached after RoPE at their absolute positions, not rotated by their slot in the cache (the paper's section 3.2): perplexity grows once the text passes the trained length (SmolLM2, trained to 8,192: 113 at 15k, 976-3,794 at 18k-23k tokens; issue 41)",
+    )
+    shared_deviations = ()  # no head_adaptive: its window is the same for every head
     summary = ("StreamingLLM: keep the first `sinks` tokens and the most recent ones (budget - sinks), during "
                "prefill (attention itself is sinks + window) and decoding.")
     params = BUDGET_PARAMS + (ParamSpec("sinks", int, 4, "attention-sink tokens always kept", low=0),

@@ -15,7 +15,7 @@ from ...ops.linear import (
     linear_attention_weights,
 )
 from ...runtime.layers import RecurrentStateLayer
-from ..base import Method, ParamSpec
+from ..base import Method, Paper, ParamSpec
 
 # feature_map name -> what attach puts on a module: one map shared by q and k, or (query map, key map)
 # (trainable maps are separate per side). Each gets the site, the method's parameters, dtype and device.
@@ -32,6 +32,8 @@ FEATURE_MAPS = {
 
 class LinearAttention(Method):
     name = "linear"
+    paper = Paper('Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention', 2020, "https://arxiv.org/abs/2006.16236")
+    deviations = ()
     family = "linearized"
     summary = (
         "softmax(QK^T)V replaced by phi(Q)(phi(K)^T V) / phi(Q)(phi(K)^T 1). Causal prefill runs in chunks in "

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...ops.hybrid import hybrid_attention, hybrid_attention_weights, hybrid_decoding_step
 from ...runtime.layers import HybridWindowLayer
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .linear import LinearAttention
 
 
@@ -20,6 +20,8 @@ def _with_default(specs, name, default):
 
 class LolcatsAttention(LinearAttention):
     name = "lolcats"
+    paper = Paper('LoLCATs: On Low-Rank Linearizing of Large Language Models', 2024, "https://arxiv.org/abs/2410.10254")
+    deviations = ()
     family = "linearized"
     summary = (
         "LoLCATs hybrid: softmax over the `window` most recent keys plus linear attention over everything older, "

@@ -17,7 +17,7 @@ import torch
 from ...errors import PatchError
 from ...ops.sink_recalibration import sink_calibrated_attention
 from ...runtime.exact import exact_attention, visible_keys
-from ..base import Method, ParamSpec
+from ..base import Method, Paper, ParamSpec
 
 
 def _head_subset(call, heads: list[int]):
@@ -32,6 +32,8 @@ def _head_subset(call, heads: list[int]):
 
 class AttentionCalibration(Method):
     name = "act"
+    paper = Paper('Unveiling and Harnessing Hidden Attention Sinks: Training-Free Attention Calibration for Enhancing Large Language Models', 2024, "https://arxiv.org/abs/2406.15765")
+    deviations = ()
     family = "sink-recalibrated"
     summary = ("ACT: in the chosen heads, attention on non-initial sink tokens (mean received attention above alpha x "
                "uniform) is scaled by beta and the removed mass spread over the other tokens; training-free, heads "

@@ -13,7 +13,7 @@ from torch import nn
 
 from ...errors import PatchError
 from ...runtime.exact import exact_attention
-from ..base import Method, ParamSpec
+from ..base import Method, Paper, ParamSpec
 
 INPUT_ATTR = "_attnpatch_gate_input"
 
@@ -29,6 +29,8 @@ def _release_input(module, args, kwargs, output):
 
 class GatedAttention(Method):
     name = "gated"
+    paper = Paper('Gated Attention for Large Language Models: Non-linearity, Sparsity, and Attention-Sink-Free', 2025, "https://arxiv.org/abs/2505.06708")
+    deviations = ()
     family = "sink-recalibrated"
     summary = ("Gated attention: each head's output is scaled by 2 sigmoid(X W + b), X the attention block's input "
                "(per head, or per channel with elementwise=True); starts as the identity, trained with the recipes.")

@@ -16,7 +16,7 @@ from ...errors import PatchError
 from ...ops.sink_recalibration import massive_tokens, visual_sink_redistribution
 from ...runtime.cache import find_cache
 from ...runtime.exact import exact_attention, visible_keys
-from ..base import Method, ParamSpec
+from ..base import Method, Paper, ParamSpec
 from ..wiring import model_parts, named_inputs, sites_within
 
 
@@ -29,6 +29,8 @@ def _fit(mask: torch.Tensor, length: int) -> torch.Tensor:
 
 class VisualAttentionRedistribution(Method):
     name = "var"
+    paper = Paper('See What You Are Told: Visual Attention Sink in Large Multimodal Models', 2025, "https://arxiv.org/abs/2503.03321")
+    deviations = ()
     family = "sink-recalibrated"
     summary = ("VAR for Llava-style VLMs: visual sink tokens (massive activation in the sink dimensions) give a share p "
                "of their attention to the other image tokens, in image-centric heads of the language model.")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from ...ops.sliding import a_shape_prefill
 from ...ops.sparse_patterns import a_shape
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
 
 
 class AShapeAttention(BlockSparseMethod):
     name = "a_shape"
+    paper = Paper('MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention', 2024, "https://arxiv.org/abs/2407.02490")
+    deviations = ()
     summary = ("Sinks + local window at block granularity (MInference's A-shape): each query block computes the "
                "first `sink_blocks` key blocks and its `local_blocks` nearest ones, nothing else.")
     params = (BLOCK_SIZE, BACKEND,

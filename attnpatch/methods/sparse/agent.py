@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from ...errors import PatchError
 from ...ops.grid2d import agent_attention, pool_agents
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .grid import GridMethod
 
 
 class AgentAttention(GridMethod):
     name = "agent"
+    paper = Paper('Agent Attention: On the Integration of Softmax and Linear Attention', 2023, "https://arxiv.org/abs/2312.08874")
+    deviations = ()
     summary = ("Agent attention for ViT/DiT: agent tokens (the patch queries average-pooled to an "
                "agent_grid x agent_grid grid) attend all keys, then every query attends the agents: "
                "O(L * agents) instead of O(L^2). Training-free it approximates; recipes can fine-tune after.")

@@ -19,7 +19,7 @@ import torch
 
 from ...errors import PatchError
 from ...runtime.exact import exact_attention
-from ..base import Method, ParamSpec
+from ..base import Method, Paper, ParamSpec
 
 KINDS = ("self", "cross", "joint")
 
@@ -45,6 +45,8 @@ class DenoisingSteps:
 
 class AttentionReuse(Method):
     name = "attention_reuse"
+    paper = Paper('Real-Time Video Generation with Pyramid Attention Broadcast', 2024, "https://arxiv.org/abs/2408.12588")
+    deviations = ()
     family = "sparse"
     summary = ("PAB / DiTFastAttn reuse for diffusion transformers: inside a window of the denoising trajectory each "
                "attention module's output is computed once and served for the next steps (ranges per attention type "

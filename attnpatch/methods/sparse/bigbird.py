@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from ...ops.sparse_patterns import bigbird
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
 
 
 class BigBirdAttention(BlockSparseMethod):
     name = "bigbird"
+    paper = Paper('Big Bird: Transformers for Longer Sequences', 2020, "https://arxiv.org/abs/2007.14062")
+    deviations = ()
     summary = ("BigBird: a window of key blocks, global blocks (the first ones, as keys and as queries) and random "
                "blocks per query block and kv head, drawn from a seed (fixed per layer).")
     params = (BLOCK_SIZE, BACKEND,

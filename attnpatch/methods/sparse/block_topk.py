@@ -6,12 +6,16 @@ import torch
 
 from ...ops.block_selection import block_topk, block_topk_recall
 from ...runtime.exact import exact_attention
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
 
 
 class BlockTopKAttention(BlockSparseMethod):
     name = "block_topk"
+    paper = Paper('Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference; MoBA: Mixture of Block Attention for Long-Context LLMs', 2024, "https://arxiv.org/abs/2406.10774")
+    deviations = (
+        'sparse in prefill only: a one-token decoding step attends the whole cache, where Quest reads only the pages it selects (issue 41)',
+    )
     summary = ("Training-free block top-k (Quest / MoBA style): key blocks are scored by every query of a query "
                "block against pooled keys (mean, or Quest's max/min bound), and each query block computes its "
                "`top_k` best blocks plus its local block(s). Per-kv-head budgets with `head_top_k`.")

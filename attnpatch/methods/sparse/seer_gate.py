@@ -21,12 +21,14 @@ from ...ops.seer_gate import (block_attention_target, fixed_blocks, gate_distill
                               threshold_layout)
 from ...ops.block_selection import block_topk
 from ...runtime.exact import exact_attention_weights
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
 
 
 class SeerGateAttention(BlockSparseMethod):
     name = "seer_gate"
+    paper = Paper('SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs', 2024, "https://arxiv.org/abs/2410.13276")
+    deviations = ()
     summary = ("SeerAttention: a learned gate (pooled query and key blocks, per-head maps, softmax over key blocks) "
                "picks the key blocks each query block computes; trained by self-distillation against the model's "
                "own max-pooled attention map with the model frozen.")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from ...ops.sliding import sliding_window_attention
 from ...runtime.layers import DuoHeadLayer
-from ..base import Method, ParamSpec
+from ..base import Method, Paper, ParamSpec
 from ..heads.duo import window_cache_attention
 
 
 class SlidingWindowAttention(Method):
     name = "sliding_window"
+    paper = Paper('Longformer: The Long-Document Transformer (window); Efficient Streaming Language Models with Attention Sinks (sinks)', 2020, "https://arxiv.org/abs/2004.05150")
+    deviations = ()
     family = "sparse"
     summary = (
         "Each query sees the first `sinks` keys and its `window` nearest keys (causal: the most recent, "

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from ...ops.sparse_patterns import star
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
 
 
 class StarAttention(BlockSparseMethod):
     name = "star"
+    paper = Paper('Star Attention: Efficient LLM Inference over Long Sequences', 2024, "https://arxiv.org/abs/2411.17116")
+    deviations = (
+        "the global phase attends with the last `query_tokens` positions (default 64), not with the question's own tokens (issue 41)",
+    )
     summary = ("Star Attention: context blocks each attend themselves and the anchor (the first blocks); the "
                "final `query_tokens` positions attend everything (the global phase).")
     params = (BLOCK_SIZE, BACKEND,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from ...ops.sparse_patterns import vertical_slash
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .base import BACKEND, BLOCK_SIZE, BlockSparseMethod
 
 
 class VerticalSlashAttention(BlockSparseMethod):
     name = "vertical_slash"
+    paper = Paper('MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention', 2024, "https://arxiv.org/abs/2407.02490")
+    deviations = ()
     model_kinds = ("decoder",)
     summary = ("MInference's vertical-slash pattern: the last `last_q` queries' attention picks per kv head the "
                "`vertical` most attended key columns and the `slash` most attended diagonals; columns are computed "

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 
 from ...ops.grid2d import neighbourhood_tiles, window_2d_attention
-from ..base import ParamSpec
+from ..base import Paper, ParamSpec
 from .grid import GridMethod
 
 
 class Window2DAttention(GridMethod):
     name = "window_2d"
+    paper = Paper('Neighborhood Attention Transformer', 2022, "https://arxiv.org/abs/2204.07143")
+    deviations = ()
     summary = ("2-D neighbourhood window for ViT/DiT: patches grouped in tile x tile tiles; each tile attends the "
                "window_tiles x window_tiles tiles around it (shifted inward at borders) and the global tokens, "
                "which attend everything. Computed block-sparse: only the kept tiles.")

@@ -32,7 +32,7 @@ from ...errors import PatchError
 from ...ops.reference import repeat_kv
 from ...ops.token_merge import alternate_destinations, bipartite_merge, grid_destinations
 from ...runtime.exact import exact_attention
-from ..base import Method, ParamSpec
+from ..base import Method, Paper, ParamSpec
 from .token_merge_wiring import wire
 
 MODES = ("merge", "prune")
@@ -40,6 +40,8 @@ MODES = ("merge", "prune")
 
 class TokenMerge(Method):
     name = "token_merge"
+    paper = Paper('Token Merging: Your ViT But Faster; Token Merging for Fast Stable Diffusion', 2022, "https://arxiv.org/abs/2210.09461")
+    deviations = ()
     family = "tokens"
     summary = ("ToMe / ToMeSD: similar tokens merge by bipartite soft matching (encoders: r per layer between attention "
                "and MLP, proportional attention, [CLS] kept; diffusion: a ratio merged around each self-attention and "

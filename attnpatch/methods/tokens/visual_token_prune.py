@@ -19,7 +19,7 @@ import torch
 from ...errors import PatchError
 from ...ops.attention_weights import attention_weights
 from ...runtime.exact import exact_attention, visible_keys
-from ..base import Method, ParamSpec
+from ..base import Method, Paper, ParamSpec
 from ..wiring import model_parts, named_inputs, sites_within
 
 MODES = ("rank", "row")
@@ -70,6 +70,8 @@ def drop_columns(value: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
 
 class VisualTokenPrune(Method):
     name = "visual_token_prune"
+    paper = Paper('[CLS] Attention is All You Need for Training-Free Visual Token Pruning (FasterVLM)', 2024, "https://arxiv.org/abs/2412.01818")
+    deviations = ()
     family = "tokens"
     summary = ("FasterVLM / FoPru for Llava-style VLMs: rank image tokens by the vision tower's [CLS] attention at the "
                "feature layer and pass only a ratio of them (by rank or by grid row, in order) to the language model.")
