@@ -54,8 +54,10 @@ def base_model(model: nn.Module) -> nn.Module:
 def patched_owner(model: nn.Module) -> nn.Module | None:
     """The module that holds the patch state for `model`: the model itself, the patched model a wrapper
     (peft) holds, or the patched model an inner module belongs to; None when nothing around it is patched."""
-    if model.__dict__.get(RECORD_ATTR):
+    if getattr(model, "__dict__", {}).get(RECORD_ATTR):
         return model
+    if not isinstance(model, nn.Module):  # a stand-in object (a test's, an evaluation harness's): nothing inside
+        return None
     for module in model.modules():  # a wrapper around the patched model
         if module.__dict__.get(RECORD_ATTR):
             return module
