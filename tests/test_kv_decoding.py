@@ -5,6 +5,8 @@ method's paper keeps.
 - H2O: the attention each entry received, summed over every query since it arrived (the running sum),
   evicts the lowest outside the recent window;
 - TOVA: the newest query's attention, averaged over the layer's heads, re-scored at every step;
+- both with evict_every > 1: held entries pile up and the eviction every k-th step cuts to the budget
+  (H2O's sum still counts every step's query; TOVA scores with the evicting step's query);
 - StreamingLLM: the first `sinks` real tokens and the newest (budget - sinks), whatever the scores
   (its ring over the window's slots is what runs here);
 - SnapKV, Knorm, KeyDiff: the prompt compressed once, then every decoded token kept;
@@ -76,7 +78,7 @@ def evict_lowest(held_positions: list[int], score: dict, budget: int, sinks: int
     return held_positions
 
 
-def h2o_reference(budget: int, recent_ratio: float):
+def h2o_reference(budget: int, recent_ratio: float, evict_every: int = 1):
     q, k, _ = random_qkv()
     recent = int(budget * recent_ratio)
     states = []
@@ -98,11 +100,13 @@ def h2o_reference(budget: int, recent_ratio: float):
                 running[t] = 0.0
                 for p, a in zip(kept, attention.tolist()):
                     running[p] += a  # the running sum: every query since the entry arrived
-                states[b][h] = (evict_lowest(kept, running, budget, 0, max(recent, 1)), running)
+                if (t - L + 1) % evict_every == 0:  # every evict_every-th step, down to the budget
+                    kept = evict_lowest(kept, running, budget, 0, max(recent, 1))
+                states[b][h] = (kept, running)
         yield [[kept for kept, _ in heads] for heads in states]
 
 
-def tova_reference(budget: int):
+def tova_reference(budget: int, evict_every: int = 1):
     q, k, _ = random_qkv()
     rows = []
     for b in range(B):
@@ -112,8 +116,10 @@ def tova_reference(budget: int):
     for t in range(L, L + STEPS):
         for b in range(B):
             kept = rows[b] + [t]
-            score = dict(zip(kept, step_attention(q, k, b, t, kept).mean(0).tolist()))  # this query only
-            rows[b] = evict_lowest(kept, score, budget, 0, 1)
+            if (t - L + 1) % evict_every == 0:  # scored when it evicts: the attention of this step's query only
+                score = dict(zip(kept, step_attention(q, k, b, t, kept).mean(0).tolist()))
+                kept = evict_lowest(kept, score, budget, 0, 1)
+            rows[b] = kept
         yield [[kept] * HKV for kept in rows]
 
 
@@ -130,8 +136,10 @@ def streaming_reference(budget: int, sinks: int):
     ("h2o", {"budget": 9, "recent_ratio": 0.34}, lambda: h2o_reference(9, 0.34)),
     ("h2o", {"budget": 8, "recent_ratio": 0.0}, lambda: h2o_reference(8, 0.0)),
     ("tova", {"budget": 7}, lambda: tova_reference(7)),
+    ("h2o", {"budget": 9, "recent_ratio": 0.34, "evict_every": 3}, lambda: h2o_reference(9, 0.34, evict_every=3)),
+    ("tova", {"budget": 7, "evict_every": 4}, lambda: tova_reference(7, evict_every=4)),
     ("streaming", {"budget": 8, "sinks": 2}, lambda: streaming_reference(8, 2)),
-], ids=["h2o", "h2o-no-recent", "tova", "streaming"])
+], ids=["h2o", "h2o-no-recent", "tova", "h2o-every-3", "tova-every-4", "streaming"])
 def test_held_cache_keeps_what_the_papers_rule_keeps_at_every_step(method, params, reference):
     for step, (got, expected) in enumerate(zip(run_method(method, params), reference(), strict=True)):
         assert got == expected, f"{method}: step {step} holds {got}, the reference {expected}"
