@@ -145,12 +145,14 @@ def test_held_cache_keeps_what_the_papers_rule_keeps_at_every_step(method, param
         assert got == expected, f"{method}: step {step} holds {got}, the reference {expected}"
 
 
-@pytest.mark.parametrize("method,params", [("snapkv", {"budget": 10, "window": 4, "kernel": 1}),
-                                           ("knorm", {"budget": 6}), ("keydiff", {"budget": 7})])
-def test_compress_once_methods_keep_every_decoded_token(method, params):
+@pytest.mark.parametrize("method,params,kept", [("snapkv", {"budget": 10, "window": 4, "kernel": 1}, 10),
+                                                ("knorm", {"budget": 6}, 6), ("keydiff", {"budget": 7}, 7),
+                                                # layer 0 of 4 with spread 0.5: 1.5x the mean budget of 8
+                                                ("pyramidkv", {"budget": 8, "window": 2, "spread": 0.5}, 12)])
+def test_compress_once_methods_keep_every_decoded_token(method, params, kept):
     steps = list(run_method(method, params))
     prompt_kept = steps[0]
-    assert all(len(kept) == params["budget"] for row in prompt_kept for kept in row)
+    assert all(len(row_kept) == kept for row in prompt_kept for row_kept in row)
     for step, got in enumerate(steps):
         assert got == [[kept + list(range(L, L + step)) for kept in row] for row in prompt_kept], step
 
