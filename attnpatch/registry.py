@@ -46,11 +46,17 @@ def _builtin_methods() -> list[type[Method]]:
 
 
 def load_plugins() -> list[str]:
-    """Register the methods of installed packages' `attnpatch.methods` entry points (run once on first
+    """Register the methods of installed packages' `attnpatch.methods` entry points (done once on first
     use; call again after installing a plugin in a running session). A plugin that fails to load or
-    takes a built-in's name is skipped with a warning, so one broken package cannot break attnpatch.
-    Returns the names registered."""
-    _discover()
+    takes a name already registered is skipped with a warning, so one broken package cannot break
+    attnpatch. Returns the names registered."""
+    if not _discovered:
+        _discover()  # which loads them
+        return sorted(name for name, cls in _REGISTRY.items() if cls not in _BUILTINS)
+    return _load_entry_points()
+
+
+def _load_entry_points() -> list[str]:
     added = []
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         where = f"entry point {entry.name!r} = {entry.value!r} (package {getattr(entry.dist, 'name', '?')})"
@@ -65,7 +71,7 @@ def load_plugins() -> list[str]:
                     added.append(cls.name)
         except Exception as error:  # noqa: BLE001 - a broken plugin is reported, not fatal
             warnings.warn(f"attnpatch: skipped the method plugin {where}: {type(error).__name__}: {error}",
-                          stacklevel=2)
+                          stacklevel=3)
     return added
 
 
@@ -82,7 +88,7 @@ def _discover() -> None:
     for cls in builtins:
         register_method(cls)
         _BUILTINS.add(cls)
-    load_plugins()
+    _load_entry_points()
 
 
 def register_method(cls: type[Method]) -> type[Method]:
