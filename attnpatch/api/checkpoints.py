@@ -55,9 +55,10 @@ def _lora_merged_state_dict(model: nn.Module) -> dict | None:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
         return None
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.merged]
-    if not layers and not any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+    tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not tuners:
         return None
+    layers = [m for m in tuners if not m.merged]  # merged already (by the user): left as they are
     for layer in layers:
         layer.merge()
     try:

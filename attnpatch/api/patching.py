@@ -15,6 +15,7 @@ from ..errors import PatchError
 from ..methods.base import INTERVENTIONS_ATTR, Method, attnpatch_entries
 from ..methods.heads.prune import zero_head_patches
 from ..registry import get_method, resolve_params
+from ..runtime.wrappers import base_model
 
 RECORD_ATTR = "_attnpatch_record"
 
@@ -42,13 +43,6 @@ _PATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # the models that ho
 def _records(model: nn.Module) -> list[_AppliedPatch]:
     _PATCHED.add(model)
     return model.__dict__.setdefault(RECORD_ATTR, [])
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The model a wrapper holds (a peft PeftModel's base model), or the model itself."""
-    while callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
-        model = model.get_base_model()
-    return model
 
 
 def patched_owner(model: nn.Module) -> nn.Module | None:

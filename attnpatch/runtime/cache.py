@@ -10,6 +10,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..errors import PatchError
+from .wrappers import base_model
 
 
 def find_cache(args, kwargs):
@@ -24,8 +25,7 @@ def find_cache(args, kwargs):
 def cache_kwargs(model, cache: Cache) -> dict:
     """{keyword: cache} for this model's forward and generate: `cache` from transformers 5.24,
     `past_key_values` before (5.24 still accepts it, with a deprecation warning)."""
-    while callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
-        model = model.get_base_model()  # a wrapper (peft) passes the keyword on to the model it holds
+    model = base_model(model)  # a wrapper (peft) passes the keyword on to the model it holds
     forward = inspect.signature(type(model).forward).parameters
     return {"cache" if "cache" in forward else "past_key_values": cache}
 
